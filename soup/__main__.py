@@ -1,0 +1,3 @@
+from soup.cli import main
+
+main()

@@ -1,0 +1,158 @@
+"""Checkpoints: fp32 weights in one safetensors file, with the soup metadata that later stages rely on.
+
+Metadata (JSON under the "soup" key) holds the resolved recipe, backbone id, class list, a fingerprint of
+the starting weights, and for soups the method and members. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from soup.errors import SoupError
+
+FORMAT = "soup/1"
+METADATA_KEY = "soup"
+INGREDIENT_FILE = "model.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise SoupError(f"cannot write {path}: {err.strerror or err}; choose a writable folder") from None
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise SoupError(f"cannot write {path}: {err.strerror or err}; nothing was changed there") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def fp32_state(state_dict: dict) -> dict[str, torch.Tensor]:
+    """Floating tensors as fp32 (AMP never leaks into a checkpoint); integer buffers untouched."""
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+            for k, v in state_dict.items()}
+
+
+def save_checkpoint(path: str | Path, state_dict: dict, meta: dict) -> Path:
+    meta = {"format": FORMAT, **meta}
+    with atomic_path(path) as tmp:
+        save_file(fp32_state(state_dict), str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+    return Path(path)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict
+
+    @property
+    def kind(self) -> str:
+        return self.meta.get("kind", "ingredient")
+
+    @property
+    def name(self) -> str:
+        if self.kind == "ingredient":
+            return f"{self.meta.get('name', '?')}/{self.meta.get('id', self.path.parent.name)}"
+        return self.path.stem
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def backbone(self) -> str:
+        return self.meta["backbone"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["start_fingerprint"]
+
+    @property
+    def recipe(self) -> dict:
+        return self.meta["recipe"]
+
+    def tensor_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        with _open(self.path) as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        with _open(self.path) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@contextlib.contextmanager
+def _open(path: Path):
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SoupError(f"{path}: not a readable safetensors file ({err}); re-create or remove it") from None
+    with handle as f:
+        yield f
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise SoupError(f"{path}: no such checkpoint file")
+    with _open(path) as f:
+        raw = (f.metadata() or {}).get(METADATA_KEY)
+    if raw is None:
+        raise SoupError(f"{path}: a safetensors file without soup metadata; only files written by "
+                        "`soup train` or `soup cook` can be souped (use model.weights to start from it)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise SoupError(f"{path}: soup metadata is not valid JSON; the file is damaged") from None
+    missing = [k for k in ("classes", "backbone", "start_fingerprint", "recipe") if k not in meta]
+    if missing:
+        raise SoupError(f"{path}: soup metadata lacks {', '.join(missing)}; the file is damaged")
+    return Checkpoint(path, meta)
+
+
+def is_soup_checkpoint(path: str | Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return METADATA_KEY in (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def find_checkpoints(paths: list[str | Path], kinds: set[str] | None = None) -> list[Checkpoint]:
+    """Checkpoints named, or found below named folders (sorted), optionally of some kinds only."""
+    found: list[Checkpoint] = []
+    for given in paths:
+        given = Path(given)
+        if given.is_dir():
+            for file in sorted(given.rglob("*.safetensors")):
+                if file.name.startswith(".") or not is_soup_checkpoint(file):
+                    continue
+                checkpoint = read_checkpoint(file)
+                if kinds is None or checkpoint.kind in kinds:
+                    found.append(checkpoint)
+        elif given.exists():
+            found.append(read_checkpoint(given))
+        else:
+            raise SoupError(f"{given}: no such checkpoint file or folder")
+    return found

@@ -1,0 +1,171 @@
+"""Evaluation: batched, no grad, AMP on GPU; top-1, top-5 and loss for checkpoints, soups and ensembles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader, Dataset
+
+from soup.backbones import model_from_checkpoint
+from soup.checkpoint import Checkpoint
+from soup.data import load_split
+from soup.errors import SoupError
+from soup.recipe import DataConfig, recipe_from_dict
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SoupError(f"train.device: unknown device {name!r}; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SoupError(f"train.device is {name} but CUDA is not available here; use train.device=auto")
+    return device
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a recipe's `amp` on a device (None: full precision)."""
+    if amp == "off":
+        return None
+    if device.type != "cuda":
+        return torch.bfloat16  # CPU autocast has no fp16 path worth having
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
+                shuffle: bool = False, generator: torch.Generator | None = None) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=num_workers > 0 and shuffle)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, list]:
+    """fp32 logits on the CPU for every item, and the items' labels (targets or ids), in loader order."""
+    model.eval()
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    logits, labels = [], []
+    for images, batch_labels in loader:
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(images)
+        logits.append(out.float().cpu())
+        labels.extend(batch_labels.tolist() if torch.is_tensor(batch_labels) else batch_labels)
+    return torch.cat(logits), labels
+
+
+def scores(logits: torch.Tensor, targets) -> dict:
+    targets = torch.as_tensor(targets)
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return {
+        "top1": (top[:, 0] == targets).float().mean().item(),
+        "top5": (top == targets[:, None]).any(dim=1).float().mean().item(),
+        "loss": F.cross_entropy(logits, targets).item(),
+        "n": len(targets),
+    }
+
+
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict:
+    logits, targets = predict(model, loader, device)
+    return scores(logits, targets)
+
+
+@dataclass
+class SplitData:
+    """One split's loader, shared by every checkpoint that reads its images the same way."""
+
+    loader: DataLoader
+    split: str
+    root: Path
+
+
+class Evaluator:
+    """Evaluates checkpoints on one split, building each data pipeline once."""
+
+    def __init__(self, split: str = "val", root: str | Path | None = None, device: torch.device | None = None,
+                 batch_size: int = 128, num_workers: int = 0):
+        self.split, self.root = split, root
+        self.device = device or resolve_device()
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self._data: dict[tuple, SplitData] = {}
+
+    def data_for(self, checkpoint: Checkpoint) -> SplitData:
+        cfg: DataConfig = recipe_from_dict(checkpoint.recipe).data
+        root = Path(self.root if self.root is not None else cfg.root)
+        key = (str(root), cfg.image_size, tuple(cfg.mean), tuple(cfg.std), cfg.holdout, cfg.holdout_seed,
+               tuple(checkpoint.classes))
+        if key not in self._data:
+            dataset = load_split(cfg, self.split, root=root, classes=checkpoint.classes)
+            self._data[key] = SplitData(make_loader(dataset, self.batch_size, self.num_workers, self.device),
+                                        self.split, root)
+        return self._data[key]
+
+    def logits(self, checkpoint: Checkpoint, state_dict: dict | None = None) -> tuple[torch.Tensor, list]:
+        model = model_from_checkpoint(checkpoint)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        return predict(model.to(self.device), self.data_for(checkpoint).loader, self.device)
+
+    def __call__(self, checkpoint: Checkpoint, state_dict: dict | None = None) -> dict:
+        logits, targets = self.logits(checkpoint, state_dict)
+        return scores(logits, targets)
+
+
+def selection_split(checkpoint: Checkpoint) -> str | None:
+    return (checkpoint.meta.get("selection") or {}).get("split")
+
+
+def eval_rows(checkpoints: list[Checkpoint], evaluator: Evaluator, ensemble: bool = False) -> list[dict]:
+    """One row per checkpoint (and one for the logit ensemble of the ingredients when asked)."""
+    rows, ingredient_logits, targets = [], [], None
+    for checkpoint in checkpoints:
+        logits, targets = evaluator.logits(checkpoint)
+        row = {
+            "name": checkpoint.name,
+            "path": str(checkpoint.path),
+            "kind": checkpoint.kind,
+            "members": len(checkpoint.meta.get("members", [])) or 1,
+            "split": evaluator.split,
+            "selection_set": selection_split(checkpoint) == evaluator.split,
+            **scores(logits, targets),
+        }
+        rows.append(row)
+        if checkpoint.kind == "ingredient":
+            ingredient_logits.append((checkpoint, logits))
+    if ensemble:
+        if len(ingredient_logits) < 2:
+            raise SoupError("--ensemble needs at least two ingredients among the checkpoints")
+        classes = ingredient_logits[0][0].classes
+        if any(c.classes != classes for c, _ in ingredient_logits):
+            raise SoupError("--ensemble: the ingredients have different class lists")
+        # The paper's reference: the ensemble costs one forward pass per ingredient, a soup only one.
+        mean_logits = torch.stack([lg for _, lg in ingredient_logits]).mean(0)
+        rows.append({"name": "ensemble (mean of logits)", "path": "", "kind": "ensemble",
+                     "members": len(ingredient_logits), "split": evaluator.split, "selection_set": False,
+                     **scores(mean_logits, targets)})
+    return rows
+
+
+def print_eval_table(rows: list[dict], split: str, console: Console, title: str | None = None) -> None:
+    table = Table(title=title or f"accuracy on {split}")
+    for column in ("checkpoint", "kind", "members", "top-1", "top-5", "loss", "images"):
+        table.add_column(column, justify="left" if column in ("checkpoint", "kind") else "right",
+                         no_wrap=True)
+    for row in rows:
+        mark = " *" if row["selection_set"] else ""
+        table.add_row(row["name"], row["kind"], str(row["members"]), f"{row['top1']:.2%}{mark}",
+                      f"{row['top5']:.2%}", f"{row['loss']:.3f}", str(row["n"]))
+    console.print(table)
+    if any(row["selection_set"] for row in rows):
+        console.print(f"* measured on {split}, the set that selected this soup: an optimistic figure; "
+                      "a split the soup never saw gives the honest one.")

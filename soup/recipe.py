@@ -1,0 +1,299 @@
+"""Recipes: YAML files validated strictly before any compute is spent.
+
+A misspelled key, a wrong type or a missing value is one `SoupError` naming the key, with a close match
+when there is one. Sweeps expand into one resolved recipe per ingredient.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import itertools
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from soup.errors import SoupError
+
+
+@dataclass
+class DataConfig:
+    root: str
+    image_size: int = 224
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Fraction of each train class kept out of training to select soups on; the same slice for every
+    # ingredient because it is drawn with holdout_seed, not the training seed.
+    holdout: float = 0.0
+    holdout_seed: int = 0
+    augment: Literal["none", "hflip", "crop_hflip"] = "none"
+    skip_bad_images: bool = False
+
+
+@dataclass
+class ModelConfig:
+    backbone: str
+    pretrained: bool = True
+    weights: Optional[str] = None
+    kwargs: dict = field(default_factory=dict)
+    freeze: float = 0.0
+    # Weights not loaded from a file (the head; the whole model when pretrained is false) are initialised
+    # from this seed, not the training seed, so that every ingredient of a sweep starts from the same
+    # weights: soups need a shared start.
+    init_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 5.0e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_drop_epoch: Optional[int] = None
+    lr_drop_factor: float = 0.1
+    amp: Literal["fp16", "bf16", "off"] = "fp16"
+    seed: int = 0
+    num_workers: int = 4
+    device: str = "auto"
+    compile: bool = False
+
+
+@dataclass
+class Recipe:
+    name: str
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _close_match(word: str, options, prefix: str = "") -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it, converted where YAML is ambiguous."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except SoupError:
+                pass
+        raise SoupError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `off`/`none`-like word as a boolean
+            value = next((c for c in (("on", "true") if value else ("off", "none", "false")) if c in choices),
+                         value)
+        if value not in choices:
+            hint = _close_match(str(value), [str(c) for c in choices])
+            raise SoupError(f"{where}: expected one of {', '.join(map(str, choices))}, got {value!r}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise SoupError(f"{where}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise SoupError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SoupError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SoupError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads `5e-3` (no dot) as a string; a user means the number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SoupError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise SoupError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r}")  # pragma: no cover - programming error
+
+
+def _build(cls, data: Any, where: str):
+    prefix = f"{where}." if where else ""
+    if not isinstance(data, dict):
+        raise SoupError(f"{where or 'recipe'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise SoupError(f"unknown key '{prefix}{key}'{_close_match(str(key), fields, prefix)}")
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = _coerce(data[name], hints[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SoupError(f"missing required key '{prefix}{name}'")
+    return cls(**values)
+
+
+def _check_values(recipe: Recipe) -> None:
+    d, m, t = recipe.data, recipe.model, recipe.train
+    checks = [
+        (d.image_size > 0, "data.image_size", "must be positive"),
+        (len(d.mean) == 3 and len(d.std) == 3, "data.mean/data.std", "need three values (RGB)"),
+        (all(s > 0 for s in d.std), "data.std", "must be positive"),
+        (0.0 <= d.holdout < 1.0, "data.holdout", "must be in [0, 1)"),
+        (0.0 <= m.freeze <= 1.0, "model.freeze", "must be in [0, 1]"),
+        (t.epochs >= 1, "train.epochs", "must be at least 1"),
+        (t.batch_size >= 1, "train.batch_size", "must be at least 1"),
+        (t.lr > 0, "train.lr", "must be positive"),
+        (t.num_workers >= 0, "train.num_workers", "must be 0 or more"),
+        (t.lr_drop_epoch is None or t.lr_drop_epoch >= 1, "train.lr_drop_epoch", "must be at least 1"),
+        (recipe.name and "/" not in recipe.name, "name", "must be a non-empty folder name without '/'"),
+    ]
+    for ok, key, why in checks:
+        if not ok:
+            raise SoupError(f"{key} {why}")
+    parse_backbone(m.backbone)
+
+
+def parse_backbone(spec: str) -> tuple[str, str, str]:
+    """`hub:<repo or dir>:<entry>` or `timm:<name>` -> (kind, source, entry)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "timm" and rest:
+        return "timm", "", rest
+    if kind == "hub":
+        source, _, entry = rest.rpartition(":")
+        if source and entry:
+            return "hub", source, entry
+    raise SoupError(
+        f"model.backbone: cannot read {spec!r}; write hub:<github owner/repo or local dir>:<entry> "
+        "(e.g. hub:facebookresearch/dinov2:dinov2_vitb14) or timm:<model name>"
+    )
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise SoupError(f"cannot set '{dotted}': '{'.'.join(keys[:depth + 1])}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=1e-3` -> ("train.lr", 1e-3); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SoupError(f"--set {text!r}: write key.path=value, e.g. --set train.epochs=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def recipe_from_dict(raw: dict, overrides: list[tuple[str, Any]] = ()) -> Recipe:
+    tree = copy.deepcopy(raw)
+    for key, value in overrides:
+        _set_path(tree, key, value)
+    recipe = _build(Recipe, tree, "")
+    _check_values(recipe)
+    for key, values in recipe.sweep.items():
+        if not isinstance(values, list) or not values:
+            raise SoupError(f"sweep.{key}: expected a non-empty list of values, got {values!r}")
+        if key.split(".")[0] == "sweep":
+            raise SoupError(f"sweep.{key}: a sweep cannot sweep itself")
+        # Validate every swept value now, not hours later when its ingredient starts.
+        for value in values:
+            probe = copy.deepcopy(tree)
+            probe.pop("sweep", None)
+            _set_path(probe, key, value)
+            try:
+                _check_values(_build(Recipe, probe, ""))
+            except SoupError as err:
+                raise SoupError(f"sweep.{key}={value!r}: {err}") from None
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | list[tuple[str, Any]] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise SoupError(f"recipe {path}: no such file; recipes/ holds the shipped ones")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SoupError(f"recipe {path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    parsed = [parse_override(o) if isinstance(o, str) else o for o in overrides]
+    try:
+        return recipe_from_dict(raw if raw is not None else {}, parsed)
+    except SoupError as err:
+        raise SoupError(f"recipe {path}: {err}") from None
+
+
+@dataclass
+class Ingredient:
+    index: int
+    id: str
+    recipe: Recipe
+    settings: dict
+
+
+def _slug(value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return "".join(c if c.isalnum() or c in ".-_" else "_" for c in text)
+
+
+def expand_sweep(recipe: Recipe) -> list[Ingredient]:
+    """One resolved recipe per combination of the sweep's values (in the order the sweep lists them)."""
+    base = recipe.to_dict()
+    base["sweep"] = {}
+    keys = list(recipe.sweep)
+    ingredients = []
+    for index, combo in enumerate(itertools.product(*(recipe.sweep[k] for k in keys))):
+        settings = dict(zip(keys, combo))
+        resolved = recipe_from_dict(base, list(settings.items()))
+        parts = [f"{index:02d}"] + [f"{k.split('.')[-1]}{_slug(v)}" for k, v in settings.items()]
+        ingredients.append(Ingredient(index, "-".join(parts), resolved, settings))
+    return ingredients

@@ -1,0 +1,112 @@
+"""Shared fixtures: generated sketches, tiny models, a local torch.hub directory. Nothing touches the network."""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from soup.recipe import recipe_from_dict
+from soup.sketches import generate_sketches
+
+CLASSES = ["circle", "cross", "square", "triangle"]
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test loudly."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="session")
+def sketch_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sketches")
+    generate_sketches(root, CLASSES, train_per_class=80, val_per_class=10, test_images=7, image_size=32, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_sketch_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("small_sketches")
+    generate_sketches(root, CLASSES, train_per_class=6, val_per_class=3, test_images=5, image_size=32, seed=3)
+    return root
+
+
+def tiny_recipe(root: Path, **sections) -> dict:
+    """A recipe for a tiny timm ResNet on 32 px sketches: seconds on a CPU."""
+    recipe = {
+        "name": "tiny",
+        "data": {"root": str(root), "image_size": 32},
+        "model": {"backbone": "timm:test_resnet", "pretrained": False},
+        "train": {"epochs": 1, "batch_size": 16, "optimizer": "adamw", "lr": 2e-3, "amp": "off",
+                  "num_workers": 0},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(recipe.get(section), dict):
+            recipe[section] = {**recipe[section], **values}
+        else:
+            recipe[section] = values
+    return recipe
+
+
+def tiny_vit_model(**extra) -> dict:
+    """DinoV2's ViT architecture from timm, shrunk (same code path as ViT-B/14)."""
+    return {"backbone": "timm:vit_small_patch14_dinov2", "pretrained": False,
+            "kwargs": {"img_size": 28, "depth": 4, "embed_dim": 32, "num_heads": 2}, **extra}
+
+
+HUBCONF = textwrap.dedent('''
+    """A local torch.hub repo whose entry point behaves like DinoV2's: features = normalised CLS token."""
+    dependencies = ["torch", "timm"]
+
+    import torch
+    import timm
+
+
+    class TinyDino(torch.nn.Module):
+        def __init__(self, img_size=518, embed_dim=32, depth=2):
+            super().__init__()
+            self.vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
+                                         img_size=img_size, embed_dim=embed_dim, depth=depth, num_heads=2,
+                                         dynamic_img_size=True)
+            self.embed_dim = embed_dim
+
+        def forward(self, x):
+            return self.vit.forward_features(x)[:, 0]
+
+
+    def tiny_dinov2(pretrained=True, **kwargs):
+        model = TinyDino(**kwargs)
+        if pretrained:
+            # What the real entry point does: fetch weights from the internet.
+            state = torch.hub.load_state_dict_from_url("https://dl.fbaipublicfiles.com/tiny_dinov2.pth")
+            model.load_state_dict(state)
+        return model
+''')
+
+
+@pytest.fixture(scope="session")
+def hub_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("hub") / "tiny_dinov2_repo"
+    directory.mkdir()
+    (directory / "hubconf.py").write_text(HUBCONF)
+    return directory
+
+
+@pytest.fixture
+def make_recipe():
+    def make(root, **sections):
+        return recipe_from_dict(tiny_recipe(root, **sections))
+    return make
+
+
+def state_close(a: dict, b: dict, atol=0.0) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=atol) for k in a)

@@ -1,0 +1,124 @@
+"""The user's path through the CLI: train -> cook -> eval -> submit, and the demo, via CliRunner."""
+
+import csv
+import json
+import os
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from soup.checkpoint import read_checkpoint
+from soup.cli import cli
+
+from conftest import CLASSES, tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, small_sketch_root):
+    """A working folder where `soup train` has made three ingredients under checkpoints/."""
+    work = tmp_path_factory.mktemp("work")
+    recipe = tiny_recipe(small_sketch_root, sweep={"train.seed": [0, 1, 2]})
+    (work / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        result = CliRunner().invoke(cli, ["train", "tiny.yaml"])
+        assert result.exit_code == 0, result.output
+        assert "val acc" in result.output
+        yield work
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture
+def runner(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    return CliRunner()
+
+
+def test_train_wrote_one_checkpoint_per_ingredient(workdir):
+    paths = sorted((workdir / "checkpoints" / "tiny").glob("*/model.safetensors"))
+    assert [p.parent.name for p in paths] == ["00-seed0", "01-seed1", "02-seed2"]
+
+
+def test_train_single_ingredient_and_out(runner, workdir):
+    result = runner.invoke(cli, ["train", "tiny.yaml", "--ingredient", "1", "--out", "elsewhere"])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (workdir / "elsewhere" / "tiny").iterdir()] == ["01-seed1"]
+
+
+def test_cook_greedy_then_eval_then_submit(runner, workdir, small_sketch_root):
+    result = runner.invoke(cli, ["cook", "--greedy"])
+    assert result.exit_code == 0, result.output
+    assert "greedy: start from" in result.output and "(the selection set)" in result.output
+    soup_path = workdir / "checkpoints" / "soups" / "greedy.safetensors"
+    soup = read_checkpoint(soup_path)
+    assert soup.kind == "greedy" and soup.meta["selection"]["split"] == "val"
+
+    result = runner.invoke(cli, ["cook", "--uniform", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(workdir / "checkpoints" / "soups" / "uniform.safetensors").meta["selection"] is None
+
+    result = runner.invoke(cli, ["eval", "--ensemble"])
+    assert result.exit_code == 0, result.output
+    assert "greedy" in result.output and "ensemble" in result.output and "*" in result.output
+    assert "the set that selected this soup" in result.output
+
+    result = runner.invoke(cli, ["eval", "--json"])
+    rows = json.loads(result.output)
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("ingredient") == 3 and "greedy" in kinds and "uniform" in kinds
+    greedy_row = next(r for r in rows if r["kind"] == "greedy")
+    assert greedy_row["selection_set"] is True and greedy_row["top1"] == pytest.approx(soup.meta["selection"]["top1"])
+    best = max(r["top1"] for r in rows if r["kind"] == "ingredient")
+    assert greedy_row["top1"] >= best  # on the selection set, by construction
+
+    result = runner.invoke(cli, ["submit", str(soup_path), "-o", "sub.csv"])
+    assert result.exit_code == 0, result.output
+    with open(workdir / "sub.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    test_files = sorted(p.stem for p in (small_sketch_root / "test_images" / "mistery_category").iterdir())
+    assert rows[0] == ["Id", "Category"]
+    assert [r[0] for r in rows[1:]] == test_files
+    assert all(r[1].isdigit() and 0 <= int(r[1]) < len(CLASSES) for r in rows[1:])
+
+
+def test_submit_accepts_any_image_extension(runner, workdir, tmp_path, small_sketch_root):
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path / "data"
+    shutil.copytree(small_sketch_root, root)
+    Image.new("L", (40, 30), 255).save(root / "test_images" / "mistery_category" / "img_99999.png")
+    (root / "test_images" / "mistery_category" / "notes.txt").write_text("not an image")
+    ingredient = next((workdir / "checkpoints" / "tiny").glob("*/model.safetensors"))
+    result = runner.invoke(cli, ["submit", str(ingredient), "--data", str(root), "-o", str(tmp_path / "s.csv")])
+    assert result.exit_code == 0, result.output
+    ids = [line.split(",")[0] for line in (tmp_path / "s.csv").read_text().splitlines()[1:]]
+    assert "img_99999" in ids and "notes" not in ids
+
+
+@pytest.mark.parametrize("args,message", [
+    (["cook", "nowhere"], "nowhere: no such checkpoint file or folder"),
+    (["submit", "missing.safetensors"], "missing.safetensors: no such checkpoint file"),
+    (["eval", "tiny.yaml"], "not a readable safetensors file"),
+    (["submit", "checkpoints/tiny/00-seed0/model.safetensors", "--data", "nodata"], "test_images/mistery_category: no such folder"),
+])
+def test_user_mistakes_are_one_line(runner, args, message):
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_demo_end_to_end_small(tmp_path):
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--small"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo" / "submission.csv").read_text().startswith("Id,Category\n")
+    assert "refused, as it should be" in result.output
+    greedy = read_checkpoint(tmp_path / "demo" / "checkpoints" / "soups" / "greedy.safetensors")
+    ingredient_scores = [s["top1"] for s in greedy.meta["steps"]]
+    assert greedy.meta["selection"]["split"] == "holdout"
+    assert greedy.meta["selection"]["top1"] >= max(ingredient_scores[:1])

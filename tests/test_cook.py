@@ -1,0 +1,167 @@
+import copy
+
+import pytest
+import torch
+from rich.console import Console
+from torch.optim.swa_utils import AveragedModel
+
+from soup.backbones import build_model, model_from_checkpoint
+from soup.checkpoint import find_checkpoints, read_checkpoint, save_checkpoint
+from soup.cook import METHODS, cook, greedy_soup, weighted_average
+from soup.errors import SoupError
+from soup.recipe import expand_sweep
+from soup.train import train_ingredient
+
+from conftest import CLASSES, tiny_vit_model
+
+quiet = Console(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def ingredients(tmp_path_factory, small_sketch_root):
+    """Three tiny ResNet ingredients (BatchNorm: integer buffers) from one start, different seeds/lrs."""
+    from conftest import tiny_recipe
+    from soup.recipe import recipe_from_dict
+
+    out = tmp_path_factory.mktemp("ingredients")
+    recipe = recipe_from_dict(tiny_recipe(small_sketch_root, train={"epochs": 1},
+                                          sweep={"train.seed": [0, 1, 2]}))
+    return [read_checkpoint(train_ingredient(i, out)) for i in expand_sweep(recipe)]
+
+
+def test_uniform_is_the_mean_and_matches_averaged_model(ingredients, tmp_path):
+    path = cook("uniform", ingredients, tmp_path / "u.safetensors", select_on=None, console=quiet)
+    soup = read_checkpoint(path)
+    state = soup.state_dict()
+    states = [c.state_dict() for c in ingredients]
+    for key, value in state.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, torch.stack([s[key] for s in states]).mean(0), atol=1e-6), key
+        else:  # integer buffers are copied from the first ingredient, never averaged
+            assert value.dtype == states[0][key].dtype and torch.equal(value, states[0][key]), key
+    models = [model_from_checkpoint(c) for c in ingredients]
+    averaged = AveragedModel(copy.deepcopy(models[0]))
+    for model in models:  # AveragedModel counts from zero: its first update copies
+        averaged.update_parameters(model)
+    for name, param in averaged.module.named_parameters():
+        assert torch.allclose(param, state[name], atol=1e-6), name
+    assert soup.kind == "uniform" and [m["weight"] for m in soup.meta["members"]] == pytest.approx([1 / 3] * 3)
+    assert soup.meta["selection"] is None and soup.classes == CLASSES
+    # A soup is a normal checkpoint: it rebuilds and predicts like an ingredient.
+    assert model_from_checkpoint(soup)(torch.zeros(1, 3, 32, 32)).shape == (1, len(CLASSES))
+
+
+def test_uniform_with_selection_records_it(ingredients, tmp_path):
+    soup = read_checkpoint(cook("uniform", ingredients, tmp_path / "u.safetensors", "val", console=quiet))
+    assert soup.meta["selection"]["split"] == "val" and 0 <= soup.meta["selection"]["top1"] <= 1
+
+
+def make_scalar_ingredients(tmp_path, values):
+    paths = []
+    for i, value in enumerate(values):
+        meta = {"kind": "ingredient", "name": "pico", "id": f"{i:02d}", "recipe": {}, "backbone": "timm:pico",
+                "classes": ["a"], "start_fingerprint": "same"}
+        state = {"w": torch.tensor([float(value)]), "steps": torch.tensor(i, dtype=torch.int64)}
+        paths.append(save_checkpoint(tmp_path / f"{i}" / "model.safetensors", state, meta))
+    return [read_checkpoint(p) for p in paths]
+
+
+def paper_greedy(values, score):
+    """The paper's rule, written out independently for the test."""
+    order = sorted(range(len(values)), key=lambda i: -score(values[i]))
+    kept = [order[0]]
+    best = score(values[order[0]])
+    for i in order[1:]:
+        trial = score(sum(values[j] for j in kept + [i]) / (len(kept) + 1))
+        if trial >= best:
+            kept.append(i)
+            best = trial
+    return kept, best
+
+
+@pytest.mark.parametrize("values", [[0.9, 1.4, 0.2, 1.1, 3.0], [1.0, 1.0, 1.0], [2.0, -1.0, 0.5, 1.6]])
+def test_greedy_follows_the_paper(tmp_path, values):
+    def score(w):  # held-out "accuracy" peaks at w = 1
+        return 1.0 - abs(w - 1.0) / 10
+
+    ingredients = make_scalar_ingredients(tmp_path, values)
+
+    def select(state):
+        return {"top1": score(state["w"].item())}
+
+    select.split = "val"
+    soup = greedy_soup(ingredients, select, quiet)
+    expected, expected_acc = paper_greedy(values, score)
+    assert [c.meta["id"] for c, _ in soup.members] == [f"{i:02d}" for i in expected]
+    mean = sum(values[i] for i in expected) / len(expected)
+    assert soup.state_dict["w"].item() == pytest.approx(mean)
+    assert score(soup.state_dict["w"].item()) == pytest.approx(expected_acc)
+    assert score(soup.state_dict["w"].item()) >= max(score(v) for v in values)
+    assert soup.state_dict["steps"].item() == expected[0]  # integers come from the first member
+
+
+def test_greedy_on_real_ingredients_never_below_best(ingredients, tmp_path):
+    soup = read_checkpoint(cook("greedy", ingredients, tmp_path / "g.safetensors", "val", console=quiet))
+    best = max(step["top1"] for step in soup.meta["steps"][:1])
+    assert soup.meta["selection"]["top1"] >= best
+    assert len(soup.meta["steps"]) == len(ingredients)
+    assert 1 <= len(soup.meta["members"]) <= len(ingredients)
+
+
+def test_greedy_needs_data(ingredients, tmp_path):
+    with pytest.raises(SoupError, match="--no-eval works with --uniform only"):
+        cook("greedy", ingredients, tmp_path / "g.safetensors", None, console=quiet)
+
+
+def test_streaming_average_reads_one_ingredient_at_a_time(tmp_path):
+    ingredients = make_scalar_ingredients(tmp_path, [1.0, 2.0, 6.0])
+    state = weighted_average([(c, 1 / 3) for c in ingredients])
+    assert state["w"].item() == pytest.approx(3.0) and state["steps"].dtype == torch.int64
+
+
+def test_incompatible_checkpoints_are_refused(ingredients, tmp_path):
+    base = ingredients[0]
+    state = base.state_dict()
+
+    def variant(name, meta_change=None, state_change=None):
+        meta = {**base.meta, **(meta_change or {})}
+        new_state = {**state, **(state_change or {})}
+        return read_checkpoint(save_checkpoint(tmp_path / name / "model.safetensors", new_state, meta))
+
+    other_classes = variant("classes", {"classes": list(reversed(CLASSES))})
+    with pytest.raises(SoupError, match=r"cannot soup .* with .*classes.*: same classes in a different order"):
+        cook("uniform", [base, other_classes], tmp_path / "x.safetensors", None, console=quiet)
+    other_shape = variant("shape", state_change={"head.bias": torch.zeros(7)})
+    with pytest.raises(SoupError, match=r"tensor head.bias differs in shape"):
+        cook("uniform", [base, other_shape], tmp_path / "x.safetensors", None, console=quiet)
+    other_start = variant("start", {"start_fingerprint": "0123456789abcdef"})
+    with pytest.raises(SoupError, match="different starting weights.*--force"):
+        cook("uniform", [base, other_start], tmp_path / "x.safetensors", None, console=quiet)
+    forced = cook("uniform", [base, other_start], tmp_path / "x.safetensors", None, force=True, console=quiet)
+    assert forced.exists()
+    with pytest.raises(SoupError, match="tensor head.bias differs"):
+        cook("uniform", [base, other_shape], tmp_path / "y.safetensors", None, force=True, console=quiet)
+    assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_soups_are_not_cooked_again(ingredients, tmp_path):
+    soup = read_checkpoint(cook("uniform", ingredients, tmp_path / "u.safetensors", None, console=quiet))
+    with pytest.raises(SoupError, match="is a uniform soup, not an ingredient"):
+        cook("uniform", [soup, ingredients[0]], tmp_path / "v.safetensors", None, console=quiet)
+    with pytest.raises(SoupError, match="listed twice"):
+        cook("uniform", [ingredients[0], ingredients[0]], tmp_path / "v.safetensors", None, console=quiet)
+
+
+def test_methods_are_registered_in_one_place():
+    assert {"uniform", "greedy"} <= set(METHODS)
+    assert METHODS["greedy"].needs_selection and not METHODS["uniform"].needs_selection
+
+
+def test_soup_can_start_a_new_run(ingredients, tmp_path):
+    soup = cook("uniform", ingredients, tmp_path / "u.safetensors", None, console=quiet)
+    from soup.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({**ingredients[0].recipe, "model": {**ingredients[0].recipe["model"],
+                                                                   "weights": str(soup)}})
+    model = build_model(recipe.model, CLASSES, 32)
+    assert torch.equal(model.head.weight, read_checkpoint(soup).state_dict()["head.weight"])
