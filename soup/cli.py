@@ -42,7 +42,10 @@ def cli():
 @click.option("--ingredient", type=int, default=None, metavar="K",
               help="Train only the K-th sweep combination (for schedulers running them in parallel).")
 @click.option("--list", "list_only", is_flag=True, help="List the sweep's ingredients and exit.")
-def train(recipe_path, overrides, out, ingredient, list_only):
+@click.option("--resume", is_flag=True, help="Continue unfinished ingredients from their saved state; skip "
+              "finished ones.")
+@click.option("--no-cache", is_flag=True, help="Turn the fast data paths off (decode every image every epoch).")
+def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
     """Fine-tune the ingredients of RECIPE (one per sweep combination)."""
     from soup.recipe import load_recipe
     from soup.train import ingredient_table, select_ingredients, train_recipe
@@ -53,7 +56,7 @@ def train(recipe_path, overrides, out, ingredient, list_only):
             settings = ", ".join(f"{k}={v}" for k, v in item.settings.items()) or "(no sweep)"
             click.echo(f"{item.index}\t{item.id}\t{settings}")
         return
-    results = train_recipe(recipe, out, ingredient, console)
+    results = train_recipe(recipe, out, ingredient, console, resume=resume, use_cache=not no_cache)
     console.print(ingredient_table(recipe.name, results))
 
 

@@ -51,12 +51,12 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
         generate_sketches(target_root, TARGET_CLASSES, per_class, max(10, per_class // 6), 40, seed=2)
     ckpts = out / "checkpoints"
     pretrain = recipe_from_dict(_recipe("pretrain", pretrain_root, epochs + 1))
-    [(_, start)] = train_recipe(pretrain, ckpts, console=console)
+    [(_, start)] = train_recipe(pretrain, ckpts, console=console, resume=True)
 
     console.rule("2. ingredients: fine-tuned from the same start")
     finetune = _recipe("sketch_soup", target_root, epochs, weights=str(start), freeze=0.5)
     finetune["sweep"] = {"train.seed": seeds, "train.lr": lrs}
-    train_recipe(recipe_from_dict(finetune), ckpts, console=console)
+    train_recipe(recipe_from_dict(finetune), ckpts, console=console, resume=True)
     ingredients = find_checkpoints([ckpts / "sketch_soup"], kinds={"ingredient"})
 
     console.rule("3. soups, selected on the held-out slice of train")
@@ -76,7 +76,7 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
 
     console.rule("5. soups need a shared start")
     stranger_recipe = _recipe("stranger", target_root, epochs, init_seed=7)
-    [(_, stranger)] = train_recipe(recipe_from_dict(stranger_recipe), ckpts, console=console)
+    [(_, stranger)] = train_recipe(recipe_from_dict(stranger_recipe), ckpts, console=console, resume=True)
     pair = [ingredients[0], read_checkpoint(stranger)]
     try:
         cook("uniform", pair, ckpts / "stranger" / "refused.safetensors", None, console=console)

@@ -5,3 +5,9 @@ class SoupError(Exception):
     """A user-facing error: what went wrong, where, and how to fix it, in one line."""
 
     exit_code = 2
+
+
+class Interrupted(SoupError):
+    """Ctrl-C or SIGTERM: the run stopped cleanly, its saved state intact."""
+
+    exit_code = 130
