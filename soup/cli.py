@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from soup.errors import SoupError
+from soup.errors import SoupError, one_line
 
 console = Console(highlight=False)
 
@@ -20,7 +20,7 @@ class SoupGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SoupError as err:
-            click.echo(f"soup: error: {err}", err=True)
+            click.echo(f"soup: error: {one_line(err)}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("soup: interrupted", err=True)

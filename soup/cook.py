@@ -140,6 +140,17 @@ def first_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, bool] | None:
     return None
 
 
+def check_finite(ingredients: list[Checkpoint]) -> None:
+    """A NaN or infinity in one ingredient would poison the whole average: refuse it by name."""
+    for checkpoint in ingredients:
+        with safe_open(str(checkpoint.path), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise SoupError(f"{checkpoint.path}: tensor {key} holds NaN or infinite values; retrain "
+                                    "this ingredient (lower lr) or leave it out of the soup")
+
+
 def check_compatible(ingredients: list[Checkpoint], force: bool, console: Console) -> None:
     reference = ingredients[0]
     for other in ingredients[1:]:
@@ -172,6 +183,7 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     if len({c.path.resolve() for c in ingredients}) != len(ingredients):
         raise SoupError("the same ingredient is listed twice; a soup counts each ingredient once")
     check_compatible(ingredients, force, console)
+    check_finite(ingredients)
     spec = METHODS[method]
     if spec.needs_selection and select_on is None:
         raise SoupError(f"the {method} soup needs held-out data; --no-eval works with --uniform only")

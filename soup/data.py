@@ -8,6 +8,9 @@ The class list is the sorted folder names of train_images/, stored in every chec
 from __future__ import annotations
 
 import math
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -32,7 +35,11 @@ def is_image_file(path: Path) -> bool:
 def load_rgb(path: str) -> Image.Image:
     """Read any image as RGB; transparent parts become white paper, not black."""
     try:
-        with Image.open(path) as image:
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that; a bomb must stop the run, not stall it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             image.load()
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")
@@ -40,7 +47,7 @@ def load_rgb(path: str) -> Image.Image:
                 paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
                 return Image.alpha_composite(paper, image.convert("RGBA")).convert("RGB")
             return image.convert("RGB")
-    except Image.DecompressionBombError as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise SoupError(f"{path}: image too large to decode safely ({err}); resize or remove it") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise SoupError(
@@ -72,12 +79,31 @@ def find_classes(folder: Path) -> list[str]:
     return classes
 
 
-class SketchFolder(ImageFolder):
-    """ImageFolder that reads every image as RGB and names the file when one cannot be read."""
+def _unreadable(path: str) -> bool:
+    try:
+        load_rgb(path)
+        return False
+    except SoupError:
+        return True
 
-    def __init__(self, folder: Path, transform, classes: list[str]):
+
+class SketchFolder(ImageFolder):
+    """ImageFolder that reads every image as RGB and names the file when one cannot be read.
+
+    With `skip_bad=True` every image is decoded once up front and unreadable ones are dropped (listed in
+    `skipped`), so that batches, data order and resume stay exactly reproducible."""
+
+    def __init__(self, folder: Path, transform, classes: list[str], skip_bad: bool = False):
         self._expected = classes
         super().__init__(str(folder), transform=transform, loader=load_rgb)
+        self.skipped: list[str] = []
+        if skip_bad:
+            with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
+                bad = list(pool.map(_unreadable, (path for path, _ in self.samples)))
+            self.skipped = [path for (path, _), is_bad in zip(self.samples, bad) if is_bad]
+            self.samples = [sample for sample, is_bad in zip(self.samples, bad) if not is_bad]
+            self.imgs = self.samples
+            self.targets = [target for _, target in self.samples]
 
     def find_classes(self, directory):
         classes = find_classes(Path(directory))
@@ -118,14 +144,15 @@ def load_split(cfg: DataConfig, split: str, root: str | Path | None = None, trai
         raise SoupError(f"unknown split {split!r}; choose train, val or holdout")
     root = Path(root if root is not None else cfg.root)
     classes = classes if classes is not None else class_list(root)
-    folder = SketchFolder(root / SPLIT_FOLDERS[split], build_transform(cfg, train=train), classes)
+    folder = SketchFolder(root / SPLIT_FOLDERS[split], build_transform(cfg, train=train), classes,
+                          skip_bad=cfg.skip_bad_images)
     if split == "val":
         return folder
     if split == "holdout" and cfg.holdout <= 0:
         raise SoupError("split 'holdout' needs data.holdout > 0 in the recipe (e.g. data.holdout: 0.05)")
     kept, held = holdout_indices(folder.targets, cfg.holdout, cfg.holdout_seed)
     subset = Subset(folder, held if split == "holdout" else kept)
-    subset.classes = folder.classes
+    subset.classes, subset.skipped = folder.classes, folder.skipped
     return subset
 
 

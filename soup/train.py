@@ -178,6 +178,18 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def resume_hint_on_interrupt(ingredient_id: str, saved_epochs: list[int]):
+    """Ctrl-C (or SIGTERM) anywhere in training: one line saying what is saved and how to go on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        done = (f"its state after epoch {saved_epochs[0]} is saved" if saved_epochs[0]
+                else "no epoch had finished, so nothing was saved")
+        raise Interrupted(f"{ingredient_id}: interrupted; {done}; run the same command with --resume to "
+                          "continue") from None
+
+
 def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", console: Console | None = None,
                      resume: bool = False, use_cache: bool = True) -> Path:
     """Fine-tune one ingredient; returns the path of its checkpoint."""
@@ -200,6 +212,9 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
     classes = class_list(recipe.data.root)
     train_set = load_split(recipe.data, "train", train=True, classes=classes)
     val_set = load_split(recipe.data, "val", classes=classes)
+    skipped = train_set.skipped + val_set.skipped
+    if skipped:
+        console.print(f"[yellow]skipped {len(skipped)} unreadable images[/] (data.skip_bad_images), e.g. {skipped[0]}")
     model = build_model(recipe.model, classes, recipe.data.image_size)
     start_fingerprint = fingerprint(model)
     frozen, backbone_total = freeze_prefix(model.backbone, recipe.model.freeze)
@@ -232,34 +247,31 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
         _set_rng_state(state["rng"])
         console.print(f"  resumed after epoch {first_epoch}")
 
-    with ingredient_lock(run_dir), sigterm_as_interrupt(), _progress(console) as progress:
+    saved_epochs = [first_epoch]
+    with (resume_hint_on_interrupt(ingredient.id, saved_epochs), ingredient_lock(run_dir),
+          sigterm_as_interrupt(), _progress(console) as progress):
         epochs = progress.add_task("epochs", total=t.epochs, completed=first_epoch, status="")
         for epoch in range(first_epoch, t.epochs):
             model.train()
             batches = progress.add_task(f"epoch {epoch + 1}", total=pipeline.steps_per_epoch, status="")
             started, seen, loss_sum = time.perf_counter(), 0, 0.0
-            try:
-                for step, (inputs, targets) in enumerate(pipeline.train_batches(epoch)):
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss = F.cross_entropy(step_model(inputs), targets)
-                    if not torch.isfinite(loss):
-                        kept = (f"its last good state (after epoch {epoch}) is kept in {state_path}"
-                                if epoch > first_epoch or state_path.exists() else "nothing was saved")
-                        raise SoupError(
-                            f"{ingredient.id}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                            f"(lr {optimizer.param_groups[0]['lr']:g}, amp {t.amp}); lower train.lr or set "
-                            f"train.amp=off; {kept}")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    seen += len(targets)
-                    loss_sum += loss.item() * len(targets)
-                    progress.update(batches, advance=1, status=f"loss {loss_sum / seen:.3f}")
-            except KeyboardInterrupt:
-                done = f"after epoch {epoch}" if epoch else "before the first epoch ended"
-                raise Interrupted(f"{ingredient.id}: interrupted in epoch {epoch + 1}; the state {done} is saved "
-                                "in its folder: run the same command with --resume to continue") from None
+            for step, (inputs, targets) in enumerate(pipeline.train_batches(epoch)):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = F.cross_entropy(step_model(inputs), targets)
+                if not torch.isfinite(loss):
+                    kept = (f"its last good state (after epoch {epoch}) is kept in {state_path}"
+                            if epoch > first_epoch or state_path.exists() else "nothing was saved")
+                    raise SoupError(
+                        f"{ingredient.id}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                        f"(lr {optimizer.param_groups[0]['lr']:g}, amp {t.amp}); lower train.lr or set "
+                        f"train.amp=off; {kept}")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                seen += len(targets)
+                loss_sum += loss.item() * len(targets)
+                progress.update(batches, advance=1, status=f"loss {loss_sum / seen:.3f}")
             seconds = time.perf_counter() - started
             progress.remove_task(batches)
             lr = optimizer.param_groups[0]["lr"]
@@ -271,6 +283,7 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
                           f"val acc {val['top1']:.2%}  ({seen / seconds:,.0f} img/s)")
             progress.update(epochs, advance=1, status=f"val {val['top1']:.2%}")
             save_state(state_path, model, optimizer, scaler, schedule, epoch + 1, history, meta)
+            saved_epochs[0] = epoch + 1
 
         meta = {
             "kind": "ingredient",
@@ -289,7 +302,7 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
         metrics = {k: meta[k] for k in ("name", "id", "settings", "seed", "backbone", "start_fingerprint",
                                         "val_acc", "val_history")}
         metrics.update(trainable_params=trainable, total_params=total, device=str(device), amp=str(amp_dtype),
-                       data_path=pipeline.description)
+                       data_path=pipeline.description, skipped_images=skipped)
         write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         state_path.unlink(missing_ok=True)  # the checkpoint holds everything now; the state is large
     return final
