@@ -24,6 +24,12 @@ METADATA_KEY = "soup"
 INGREDIENT_FILE = "model.safetensors"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes."""
@@ -36,6 +42,9 @@ def atomic_path(path: str | Path):
         raise SoupError(f"cannot write {path}: {err.strerror or err}; choose a writable folder") from None
     try:
         yield Path(tmp)
+        # Temp files are 0600 (mkstemp, and safetensors writes its own); a shared output folder needs a
+        # normal file's permissions (umask applies), so that whoever cooks can read what every job wrote.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as err:
         raise SoupError(f"cannot write {path}: {err.strerror or err}; nothing was changed there") from None

@@ -47,17 +47,21 @@ def cli():
 @click.option("--no-cache", is_flag=True, help="Turn the fast data paths off (decode every image every epoch).")
 def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
     """Fine-tune the ingredients of RECIPE (one per sweep combination)."""
+    from soup.distributed import is_main
     from soup.recipe import load_recipe
     from soup.train import ingredient_table, select_ingredients, train_recipe
 
     recipe = load_recipe(recipe_path, list(overrides))
+    main = is_main()  # under torchrun, rank 0 alone prints
     if list_only:
         for item in select_ingredients(recipe, ingredient):
             settings = ", ".join(f"{k}={v}" for k, v in item.settings.items()) or "(no sweep)"
-            click.echo(f"{item.index}\t{item.id}\t{settings}")
+            if main:
+                click.echo(f"{item.index}\t{item.id}\t{settings}")
         return
     results = train_recipe(recipe, out, ingredient, console, resume=resume, use_cache=not no_cache)
-    console.print(ingredient_table(recipe.name, results))
+    if main:
+        console.print(ingredient_table(recipe.name, results))
 
 
 def _method_options(fn):
@@ -66,8 +70,11 @@ def _method_options(fn):
 
     for name in reversed(list(METHODS)):
         is_default = name == "uniform"
-        fn = click.option(f"--{name}", "method", flag_value=name, default=is_default,
-                          help=f"Cook a {name} soup" + (" (default)." if is_default else "."))(fn)
+        summary = " ".join((METHODS[name].fn.__doc__ or "").split("\n\n")[0].split())
+        # Only the default method's flag may carry a default: click lets the last one processed win.
+        extra = {"default": True} if is_default else {}
+        fn = click.option(f"--{name}", "method", flag_value=name, **extra,
+                          help=(summary or f"Cook a {name} soup.") + (" The default." if is_default else ""))(fn)
     return fn
 
 
@@ -80,16 +87,44 @@ def _method_options(fn):
               help="Data root (default: the ingredients' recipe's data.root).")
 @click.option("--select-on", type=click.Choice(["val", "holdout"]), default="val", show_default=True,
               help="Held-out set that selects and checks the soup (holdout: the recipe's data.holdout slice).")
-@click.option("--no-eval", is_flag=True, help="Average without data (uniform only).")
+@click.option("--no-eval", is_flag=True, help="Average without data (uniform, stock, interpolate with one alpha).")
 @click.option("--force", is_flag=True, help="Allow ingredients with different starting weights.")
-def cook(method, paths, output, data_root, select_on, no_eval, force):
-    """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/)."""
+@click.option("--alpha", default=None, metavar="A|START:STOP:STEP",
+              help="--interpolate: weight of B (0.5 by default), or a sweep such as 0:1:0.1 that keeps the best.")
+@click.option("--per-layer", is_flag=True, help="--learned: one coefficient per ingredient and tensor.")
+@click.option("--plot", "plot_path", is_flag=False, flag_value="soups.png", default=None, metavar="[PNG]",
+              help="Also write a picture of ingredients, greedy path and soups (default: soups.png beside "
+              "the soup).")
+def cook(method, paths, output, data_root, select_on, no_eval, force, alpha, per_layer, plot_path):
+    """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
+
+    --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
     from soup.checkpoint import find_checkpoints
     from soup.cook import cook as cook_soup
 
     ingredients = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None)
+    _report_sweeps(ingredients, list(paths) or [Path("checkpoints")])
     output = output or Path("checkpoints") / "soups" / f"{method}.safetensors"
-    cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, console)
+    options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None)) if v is not None}
+    path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, console,
+                     options=options)
+    if plot_path:
+        from soup.plot import plot_checkpoints
+
+        png = path.parent / plot_path if plot_path == "soups.png" else Path(plot_path)
+        soups = [c for c in find_checkpoints([path.parent]) if c.kind != "ingredient"]
+        plot_checkpoints([c for c in ingredients if c.kind == "ingredient"] + soups, png, select_on, data_root,
+                         console)
+
+
+def _report_sweeps(ingredients, paths) -> None:
+    """After a sweep ran as separate jobs, say which ingredients are not finished; cook goes on with the
+    rest. Only folders are surveyed: files named one by one are a deliberate choice."""
+    from soup.sweeps import report, sweep_status
+
+    folders = [Path(p) for p in paths if Path(p).is_dir()]
+    if folders:
+        report(sweep_status(ingredients, folders), console)
 
 
 @cli.command(name="eval")
@@ -97,7 +132,8 @@ def cook(method, paths, output, data_root, select_on, no_eval, force):
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
               help="Data root (default: each checkpoint's recipe's data.root).")
 @click.option("--split", type=click.Choice(["val", "holdout", "train"]), default="val", show_default=True)
-@click.option("--ensemble", is_flag=True, help="Add the logit ensemble of the ingredients.")
+@click.option("--ensemble", is_flag=True, help="Add the ensemble of the ingredients (of all checkpoints when "
+              "fewer than two are ingredients): mean of logits, or of probabilities across architectures.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def eval_command(paths, data_root, split, ensemble, as_json):
     """Evaluate checkpoints side by side (default: everything under checkpoints/)."""
@@ -114,20 +150,83 @@ def eval_command(paths, data_root, split, ensemble, as_json):
         print_eval_table(rows, split, console)
 
 
+@cli.command(name="inspect")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--line", nargs=2, type=click.Path(path_type=Path), default=None, metavar="A B",
+              help="Also measure held-out accuracy along the straight line from A to B (a dip: a loss barrier).")
+@click.option("--points", default=5, show_default=True, help="Points on the --line, endpoints included.")
+@click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
+              help="Data root for --line (default: the recipe's data.root).")
+@click.option("--split", type=click.Choice(["val", "holdout"]), default="val", show_default=True,
+              help="Held-out set for --line.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect_command(paths, line, points, data_root, split, as_json):
+    """Diagnose checkpoints before and after cooking: shared start, distances and cosines between their
+    fine-tuning deltas, what each soup tried (default: every ingredient under checkpoints/)."""
+    from soup.checkpoint import find_checkpoints, read_checkpoint
+    from soup.diagnose import describe_soup, loss_line, pair_geometry, print_inspection
+
+    checkpoints = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None)
+    if not checkpoints:
+        raise SoupError("no checkpoints found; train with `soup train RECIPE` or name checkpoint files")
+    report = pair_geometry(checkpoints)
+    if line:
+        report["line"] = loss_line(read_checkpoint(line[0]), read_checkpoint(line[1]), points, split, data_root)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for checkpoint in checkpoints:
+        if checkpoint.kind != "ingredient":
+            describe_soup(checkpoint, console)
+    print_inspection(report, console)
+
+
+@cli.command(name="plot")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="soups.png",
+              show_default=True)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
+              help="Data root (default: each checkpoint's recipe's data.root).")
+@click.option("--split", type=click.Choice(["val", "holdout", "train"]), default="val", show_default=True)
+def plot_command(output, paths, data_root, split):
+    """Picture of held-out accuracy: ingredients (sorted), the greedy path, every soup, and the ensemble
+    (default: everything under checkpoints/). Needs matplotlib: pip install 'soup[plot]'."""
+    from soup.checkpoint import find_checkpoints
+    from soup.plot import plot_checkpoints
+
+    checkpoints = find_checkpoints(list(paths) or ["checkpoints"])
+    if not checkpoints:
+        raise SoupError("no checkpoints found; train with `soup train RECIPE` or name checkpoint files")
+    plot_checkpoints(checkpoints, output, split, data_root, console)
+
+
 @cli.command()
-@click.argument("checkpoint_path", metavar="CKPT", type=click.Path(path_type=Path))
+@click.argument("checkpoint_paths", metavar="CKPT...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
               help="Data root holding test_images/mistery_category/ (default: the recipe's data.root).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="submission.csv",
               show_default=True)
-def submit(checkpoint_path, data_root, output):
+@click.option("--ensemble", is_flag=True, help="Average several checkpoints (architectures may differ, classes "
+              "may not); the members are listed in <output>.json.")
+def submit(checkpoint_paths, data_root, output, ensemble):
     """Write Id,Category predictions for the test images."""
     from soup.checkpoint import read_checkpoint
-    from soup.submit import predict_test, write_submission
+    from soup.submit import predict_test, predict_test_ensemble, write_provenance, write_submission
 
-    ids, categories = predict_test(read_checkpoint(checkpoint_path), data_root)
+    checkpoints = [read_checkpoint(p) for p in checkpoint_paths]
+    if len(checkpoints) > 1 and not ensemble:
+        raise SoupError(f"{len(checkpoints)} checkpoints given; add --ensemble to average them, or name one")
+    if ensemble:
+        ids, categories, provenance = predict_test_ensemble(checkpoints, data_root)
+    else:
+        (checkpoint,) = checkpoints
+        ids, categories = predict_test(checkpoint, data_root)
+        provenance = {"kind": checkpoint.kind, "members": [{"name": checkpoint.name, "path": str(checkpoint.path),
+                                                            "kind": checkpoint.kind, "backbone": checkpoint.backbone}]}
     write_submission(output, ids, categories)
-    console.print(f"wrote {output}: {len(ids)} predictions")
+    sidecar = write_provenance(output, provenance)
+    what = f"the ensemble ({provenance['combined']}) of {len(checkpoints)} checkpoints" if ensemble else "1 checkpoint"
+    console.print(f"wrote {output}: {len(ids)} predictions from {what}; provenance in {sidecar}")
 
 
 @cli.command()

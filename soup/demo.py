@@ -2,10 +2,12 @@
 
 1. Pretrain a small backbone on eight shape classes: the stand-in for DinoV2's pretrained weights.
 2. Fine-tune several ingredients from it on eight other shapes (seeds x learning rates, half frozen).
-3. Cook uniform and greedy soups, selected on a held-out slice of train, never on val.
-4. Evaluate ingredients, soups and their ensemble on the selection set and on val; write a submission.
-5. Show that the shared start matters: a model trained from another start is refused, and forcing it in
-   gives a soup that collapses.
+3. Cook every soup that costs no extra training (uniform, greedy, learned, Model Stock, and a WiSE-FT
+   interpolation from the start to the greedy soup), selected on a held-out slice of train, never on val.
+4. Evaluate ingredients, soups and their ensemble on the selection set and on val; draw them (with
+   matplotlib installed); write a submission.
+5. Show that the shared start matters: `soup inspect` says the starts differ, cooking refuses, and forcing
+   it in gives a soup that collapses.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 from rich.console import Console
 
 from soup.checkpoint import find_checkpoints, read_checkpoint
-from soup.cook import cook
+from soup.cook import METHODS, cook
+from soup.diagnose import pair_geometry, print_inspection
 from soup.errors import SoupError
 from soup.evaluate import Evaluator, eval_rows, print_eval_table
 from soup.recipe import recipe_from_dict
@@ -61,7 +64,11 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
 
     console.rule("3. soups, selected on the held-out slice of train")
     soups = {method: cook(method, ingredients, ckpts / "soups" / f"{method}.safetensors", "holdout",
-                          console=console) for method in ("uniform", "greedy")}
+                          console=console) for method in METHODS if method != "interpolate"}
+    # WiSE-FT from the starting weights (with the trained head) to the greedy soup, alpha chosen on holdout.
+    soups["interpolate"] = cook("interpolate", [read_checkpoint(soups["greedy"])],
+                                ckpts / "soups" / "interpolate.safetensors", "holdout", console=console,
+                                options={"alpha": "0:1:0.25"})
 
     console.rule("4. ingredients vs soups")
     everything = ingredients + [read_checkpoint(p) for p in soups.values()]
@@ -70,6 +77,7 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
                          ("val", "on val: never used for training or selection")):
         tables[split] = eval_rows(everything, Evaluator(split), ensemble=True)
         print_eval_table(tables[split], split, console, title=f"accuracy {title}")
+    picture = _plot(tables["val"], read_checkpoint(soups["greedy"]), out / "soups.png", console)
     ids, categories = predict_test(read_checkpoint(soups["greedy"]))
     submission = write_submission(out / "submission.csv", ids, categories)
     console.print(f"wrote {submission}: {len(ids)} predictions from the greedy soup")
@@ -78,6 +86,7 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
     stranger_recipe = _recipe("stranger", target_root, epochs, init_seed=7)
     [(_, stranger)] = train_recipe(recipe_from_dict(stranger_recipe), ckpts, console=console, resume=True)
     pair = [ingredients[0], read_checkpoint(stranger)]
+    print_inspection(pair_geometry(pair), console)
     try:
         cook("uniform", pair, ckpts / "stranger" / "refused.safetensors", None, console=console)
     except SoupError as err:
@@ -86,4 +95,17 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
                   console=console)
     forced_rows = eval_rows(pair + [read_checkpoint(forced)], Evaluator("val"))
     print_eval_table(forced_rows, "val", console, title="a forced soup of two different starts, on val")
-    return {"soups": soups, "submission": submission, "tables": tables, "forced": forced_rows}
+    return {"soups": soups, "submission": submission, "tables": tables, "forced": forced_rows, "plot": picture}
+
+
+def _plot(rows: list[dict], greedy, path: Path, console: Console) -> Path | None:
+    from soup.plot import draw
+
+    steps = {"name": greedy.name, "steps": greedy.meta["steps"], "split": greedy.meta["selection"]["split"]}
+    try:
+        draw(rows, steps, path)
+    except SoupError as err:  # matplotlib is an optional extra: the demo goes on without the picture
+        console.print(f"[yellow]no picture[/]: {err}")
+        return None
+    console.print(f"wrote {path}: ingredients, greedy path, soups and ensemble on val")
+    return path

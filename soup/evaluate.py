@@ -36,9 +36,9 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return None
     if device.type != "cuda":
         return torch.bfloat16  # CPU autocast has no fp16 path worth having
-    if amp == "bf16" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+    # bf16 has fp32's range: no grad scaler, no overflow, and as fast as fp16 on the GPUs that have it.
+    # fp16 (with the scaler) only where bf16 is missing (pre-Ampere).
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
@@ -125,9 +125,26 @@ def selection_split(checkpoint: Checkpoint) -> str | None:
     return (checkpoint.meta.get("selection") or {}).get("split")
 
 
+def ensemble_logits(members: list[tuple[Checkpoint, torch.Tensor]]) -> tuple[torch.Tensor, str]:
+    """The ensemble's logits and how they were combined. One architecture: the mean of logits (the paper's
+    reference). Several: the mean of probabilities, since each architecture scales its logits its own way;
+    returned as log-probabilities, so top-k are the ensemble's and the loss is its NLL."""
+    first = members[0][0]
+    for checkpoint, _ in members[1:]:
+        if checkpoint.classes != first.classes:
+            raise SoupError(f"--ensemble: {checkpoint.path} and {first.path} have different class lists; an "
+                            "ensemble needs the same classes in the same order")
+    backbones = list(dict.fromkeys(c.backbone for c, _ in members))
+    if len(backbones) == 1:
+        return torch.stack([lg for _, lg in members]).mean(0), "mean of logits"
+    probabilities = torch.stack([lg.softmax(dim=1) for _, lg in members]).mean(0)
+    return probabilities.clamp_min(1e-12).log(), f"mean of probabilities, {len(backbones)} architectures"
+
+
 def eval_rows(checkpoints: list[Checkpoint], evaluator: Evaluator, ensemble: bool = False) -> list[dict]:
-    """One row per checkpoint (and one for the logit ensemble of the ingredients when asked)."""
-    rows, ingredient_logits, targets = [], [], None
+    """One row per checkpoint, and with `ensemble` one for the ensemble of the ingredients (of every
+    checkpoint when fewer than two are ingredients, e.g. a DinoV2 soup and a SwinV2 soup)."""
+    rows, all_logits, targets = [], [], None
     for checkpoint in checkpoints:
         logits, targets = evaluator.logits(checkpoint)
         row = {
@@ -140,27 +157,31 @@ def eval_rows(checkpoints: list[Checkpoint], evaluator: Evaluator, ensemble: boo
             **scores(logits, targets),
         }
         rows.append(row)
-        if checkpoint.kind == "ingredient":
-            ingredient_logits.append((checkpoint, logits))
+        all_logits.append((checkpoint, logits, targets))
     if ensemble:
-        if len(ingredient_logits) < 2:
-            raise SoupError("--ensemble needs at least two ingredients among the checkpoints")
-        classes = ingredient_logits[0][0].classes
-        if any(c.classes != classes for c, _ in ingredient_logits):
-            raise SoupError("--ensemble: the ingredients have different class lists")
-        # The paper's reference: the ensemble costs one forward pass per ingredient, a soup only one.
-        mean_logits = torch.stack([lg for _, lg in ingredient_logits]).mean(0)
-        rows.append({"name": "ensemble (mean of logits)", "path": "", "kind": "ensemble",
-                     "members": len(ingredient_logits), "split": evaluator.split, "selection_set": False,
-                     **scores(mean_logits, targets)})
+        members = [m for m in all_logits if m[0].kind == "ingredient"]
+        members = members if len(members) >= 2 else all_logits
+        if len(members) < 2:
+            raise SoupError("--ensemble needs at least two checkpoints (ingredients, or soups of one class list)")
+        for checkpoint, _, member_targets in members[1:]:
+            if member_targets != members[0][2]:
+                raise SoupError(f"--ensemble: {checkpoint.path} and {members[0][0].path} read different "
+                                f"{evaluator.split} images; pass --data ROOT so that all read the same ones")
+        # The paper's reference: the ensemble costs one forward pass per member, a soup only one.
+        combined, how = ensemble_logits([(c, lg) for c, lg, _ in members])
+        rows.append({"name": f"ensemble ({how})", "path": "", "kind": "ensemble", "members": len(members),
+                     "member_names": [c.name for c, _, _ in members], "split": evaluator.split,
+                     "selection_set": False, **scores(combined, members[0][2])})
     return rows
 
 
 def print_eval_table(rows: list[dict], split: str, console: Console, title: str | None = None) -> None:
     table = Table(title=title or f"accuracy on {split}")
-    for column in ("checkpoint", "kind", "members", "top-1", "top-5", "loss", "images"):
-        table.add_column(column, justify="left" if column in ("checkpoint", "kind") else "right",
-                         no_wrap=True)
+    # Figures never wrap or shrink; a long checkpoint name folds onto a second line instead.
+    table.add_column("checkpoint", overflow="fold")
+    for column in ("kind", "members", "top-1", "top-5", "loss", "images"):
+        table.add_column(column, justify="left" if column == "kind" else "right", no_wrap=True,
+                         min_width=len(column))
     for row in rows:
         mark = " *" if row["selection_set"] else ""
         table.add_row(row["name"], row["kind"], str(row["members"]), f"{row['top1']:.2%}{mark}",

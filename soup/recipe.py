@@ -278,6 +278,7 @@ class Ingredient:
     id: str
     recipe: Recipe
     settings: dict
+    sweep_ids: list[str] = field(default_factory=list)  # every ingredient of its sweep, itself included
 
 
 def _slug(value: Any) -> str:
@@ -296,4 +297,7 @@ def expand_sweep(recipe: Recipe) -> list[Ingredient]:
         resolved = recipe_from_dict(base, list(settings.items()))
         parts = [f"{index:02d}"] + [f"{k.split('.')[-1]}{_slug(v)}" for k, v in settings.items()]
         ingredients.append(Ingredient(index, "-".join(parts), resolved, settings))
+    ids = [item.id for item in ingredients]
+    for item in ingredients:
+        item.sweep_ids = ids
     return ingredients

@@ -3,26 +3,63 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import torch
 
 from soup.backbones import model_from_checkpoint
-from soup.checkpoint import Checkpoint, atomic_path
+from soup.checkpoint import Checkpoint, atomic_path, write_text_atomic
 from soup.data import TestImages, build_transform
-from soup.evaluate import make_loader, predict, resolve_device
+from soup.errors import SoupError
+from soup.evaluate import ensemble_logits, make_loader, predict, resolve_device
 from soup.recipe import recipe_from_dict
 
 
-def predict_test(checkpoint: Checkpoint, data_root: str | Path | None = None,
-                 device: torch.device | None = None, batch_size: int = 128) -> tuple[list[str], list[int]]:
-    """(ids, class indices) for the test images, with the same preprocessing as evaluation."""
+def test_logits(checkpoint: Checkpoint, data_root: str | Path | None = None,
+                device: torch.device | None = None, batch_size: int = 128) -> tuple[list[str], torch.Tensor]:
+    """(ids, logits) for the test images, with the same preprocessing as evaluation."""
     device = device or resolve_device()
     cfg = recipe_from_dict(checkpoint.recipe).data
     images = TestImages(data_root if data_root is not None else cfg.root, build_transform(cfg))
     model = model_from_checkpoint(checkpoint).to(device)
     logits, ids = predict(model, make_loader(images, batch_size, 0, device), device)
+    return ids, logits
+
+
+def predict_test(checkpoint: Checkpoint, data_root: str | Path | None = None,
+                 device: torch.device | None = None, batch_size: int = 128) -> tuple[list[str], list[int]]:
+    """(ids, class indices) for the test images."""
+    ids, logits = test_logits(checkpoint, data_root, device, batch_size)
     return ids, logits.argmax(dim=1).tolist()
+
+
+def predict_test_ensemble(checkpoints: list[Checkpoint], data_root: str | Path | None = None,
+                          device: torch.device | None = None) -> tuple[list[str], list[int], dict]:
+    """(ids, class indices, provenance) of the ensemble of `checkpoints`, which may differ in architecture
+    but not in class list (see `ensemble_logits`)."""
+    if len(checkpoints) < 2:
+        raise SoupError("--ensemble needs at least two checkpoints")
+    members, ids = [], None
+    for checkpoint in checkpoints:
+        member_ids, logits = test_logits(checkpoint, data_root, device)
+        if ids is not None and member_ids != ids:
+            raise SoupError(f"--ensemble: {checkpoint.path} reads other test images than {checkpoints[0].path}; "
+                            "pass --data ROOT so that all read the same ones")
+        ids = member_ids
+        members.append((checkpoint, logits))
+    combined, how = ensemble_logits(members)
+    provenance = {"kind": "ensemble", "combined": how, "classes": checkpoints[0].classes,
+                  "members": [{"name": c.name, "path": str(c.path), "kind": c.kind, "backbone": c.backbone}
+                              for c in checkpoints]}
+    return ids, combined.argmax(dim=1).tolist(), provenance
+
+
+def write_provenance(submission: str | Path, provenance: dict) -> Path:
+    """A sidecar `<submission>.json`: the CSV itself stays exactly the Id,Category rows Kaggle expects."""
+    path = Path(f"{submission}.json")
+    write_text_atomic(path, json.dumps(provenance, indent=2) + "\n")
+    return path
 
 
 def write_submission(path: str | Path, ids: list[str], categories: list[int]) -> Path:

@@ -8,6 +8,7 @@ each epoch depends only on (seed, epoch), and RNG states travel with the state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -27,6 +28,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from soup import distributed
 from soup.backbones import build_model, fingerprint, freeze_prefix
 from soup.checkpoint import INGREDIENT_FILE, atomic_path, read_checkpoint, save_checkpoint, write_text_atomic
 from soup.data import class_list, load_split
@@ -45,9 +47,12 @@ def seed_everything(seed: int) -> None:
 
 def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
     t = recipe.train
+    params = list(params)
+    # One fused kernel per step instead of a loop over tensors; only where every tensor is on a GPU.
+    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **fused)
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, **fused)
 
 
 def lr_factor(recipe: Recipe, epoch: int) -> float:
@@ -58,19 +63,26 @@ def lr_factor(recipe: Recipe, epoch: int) -> float:
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled order of epoch `epoch`: a function of (seed, epoch) only, so a resumed run sees the
-    same batches as an uninterrupted one."""
+    same batches as an uninterrupted one. Under torchrun each rank trains on
+    `distributed.rank_slice(epoch_order(...), rank, size)`, its share of this one global order."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
 class EpochSampler(Sampler[int]):
-    def __init__(self, n: int, seed: int):
+    """The epoch order, or under torchrun this rank's share of it; one process sees the whole order."""
+
+    def __init__(self, n: int, seed: int, rank: int | None = None, world_size: int | None = None):
+        current = distributed.world()
+        self.rank = current.rank if rank is None else rank
+        self.world_size = current.size if world_size is None else world_size
         self.n, self.seed, self.epoch = n, seed, 0
 
     def __iter__(self) -> Iterator[int]:
-        return iter(epoch_order(self.n, self.seed, self.epoch))
+        return iter(distributed.rank_slice(epoch_order(self.n, self.seed, self.epoch), self.rank,
+                                           self.world_size))
 
     def __len__(self) -> int:
-        return self.n
+        return distributed.rank_count(self.n, self.world_size)
 
 
 @dataclass
@@ -104,6 +116,14 @@ def plain_pipeline(recipe: Recipe, model: nn.Module, train_set: Dataset, val_set
 
 def build_pipeline(recipe: Recipe, model: nn.Module, train_set: Dataset, val_set: Dataset,
                    device: torch.device, use_cache: bool = True) -> Pipeline:
+    """The fastest exact pipeline (soup.cache: frozen-prefix features or decoded images); the plain one
+    with --no-cache, with random augmentation, or for data the caches do not cover."""
+    if use_cache:
+        from soup.cache import fast_pipeline
+
+        pipeline = fast_pipeline(recipe, model, train_set, val_set, device)
+        if pipeline is not None:
+            return pipeline
     return plain_pipeline(recipe, model, train_set, val_set, device)
 
 
@@ -192,13 +212,27 @@ def resume_hint_on_interrupt(ingredient_id: str, saved_epochs: list[int]):
 
 def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", console: Console | None = None,
                      resume: bool = False, use_cache: bool = True) -> Path:
-    """Fine-tune one ingredient; returns the path of its checkpoint."""
+    """Fine-tune one ingredient; returns the path of its checkpoint.
+
+    Under torchrun (inside `distributed.session`, which `train_recipe` opens) every rank runs this with
+    DDP on its share of each global batch; rank 0 alone prints and writes files."""
+    w = distributed.world()
+    if w.distributed and not distributed.initialized():
+        raise RuntimeError("train_ingredient under torchrun needs a process group: call it inside "
+                           "soup.distributed.session() (train_recipe does)")
     console = console or Console()
+    if not w.main:
+        console = Console(quiet=True)  # N processes, one voice: rank 0's
     recipe, t = ingredient.recipe, ingredient.recipe.train
     run_dir = Path(out) / recipe.name / ingredient.id
     final, state_path = run_dir / INGREDIENT_FILE, run_dir / STATE_FILE
     if final.exists():
         if resume:
+            # A shared --out may hold this name and id from another version of the recipe (e.g. other
+            # epochs: ids only name swept values); skipping it would cook a stranger into the soup.
+            if read_checkpoint(final).meta.get("recipe") != recipe.to_dict():
+                raise SoupError(f"{final} was trained from a different version of this recipe; rename the "
+                                "recipe (name:) or use another --out, or delete that ingredient to retrain it")
             console.print(f"[bold]{recipe.name}/{ingredient.id}[/]: finished already, skipped")
             return final
         raise SoupError(f"{final} exists: this ingredient is trained; use --resume to skip finished "
@@ -206,7 +240,8 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
     if state_path.exists() and not resume:
         raise SoupError(f"{state_path} holds an unfinished run of this ingredient; add --resume to continue "
                         "it, or delete it to start over")
-    device = resolve_device(t.device)
+    device = distributed.rank_device(resolve_device(t.device), w)
+    rank_batch = distributed.per_rank_batch(t.batch_size, w)
     seed_everything(t.seed)
 
     classes = class_list(recipe.data.root)
@@ -218,6 +253,7 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
     model = build_model(recipe.model, classes, recipe.data.image_size)
     start_fingerprint = fingerprint(model)
     frozen, backbone_total = freeze_prefix(model.backbone, recipe.model.freeze)
+    model, synced_bn = distributed.sync_batchnorm(model, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     console.print(f"[bold]{recipe.name}/{ingredient.id}[/]: {trainable:,} of {total:,} parameters train "
@@ -229,9 +265,19 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(recipe, epoch))
     amp_dtype = autocast_dtype(t.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    pipeline = build_pipeline(recipe, model, train_set, val_set, device, use_cache)
-    step_model = torch.compile(pipeline.model) if t.compile else pipeline.model
+    # Each rank's pipeline batches its share of the global batch; checkpoints keep the recipe as written.
+    rank_recipe = (dataclasses.replace(recipe, train=dataclasses.replace(t, batch_size=rank_batch))
+                   if w.distributed else recipe)
+    pipeline = build_pipeline(rank_recipe, model, train_set, val_set, device, use_cache)
+    train_module = distributed.wrap(pipeline.model, device)  # DDP for the step only; saves use `model`
+    step_model = torch.compile(train_module) if t.compile else train_module
     console.print(f"  data path: {pipeline.description}")
+    if w.distributed:
+        bn = ("BatchNorm synchronised across ranks" if synced_bn else
+              "BatchNorm statistics per rank (no SyncBatchNorm on CPU)"
+              if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else "")
+        console.print(f"  data parallel: {w.size} processes x {rank_batch} images = global batch {t.batch_size}"
+                      f" ({distributed.backend()}){'; ' + bn if bn else ''}")
 
     meta = {"recipe": recipe.to_dict(), "start_fingerprint": start_fingerprint}
     history, first_epoch = [], 0
@@ -248,10 +294,16 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
         console.print(f"  resumed after epoch {first_epoch}")
 
     saved_epochs = [first_epoch]
-    with (resume_hint_on_interrupt(ingredient.id, saved_epochs), ingredient_lock(run_dir),
+    # Rank 0 holds the lock for the whole group: the other ranks would find it taken.
+    lock = ingredient_lock(run_dir) if w.main else contextlib.nullcontext()
+    with (resume_hint_on_interrupt(ingredient.id, saved_epochs), lock,
           sigterm_as_interrupt(), _progress(console) as progress):
         epochs = progress.add_task("epochs", total=t.epochs, completed=first_epoch, status="")
         for epoch in range(first_epoch, t.epochs):
+            if w.distributed:
+                # Per-rank streams (augmentation differs across ranks), drawn from (seed, rank, epoch) so a
+                # resumed run is reproducible although state.pt holds rank 0's RNG state only.
+                seed_everything((t.seed * 1_000_003 + w.rank * 10_007 + epoch) % 2**32)
             model.train()
             batches = progress.add_task(f"epoch {epoch + 1}", total=pipeline.steps_per_epoch, status="")
             started, seen, loss_sum = time.perf_counter(), 0, 0.0
@@ -274,15 +326,26 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
                 progress.update(batches, advance=1, status=f"loss {loss_sum / seen:.3f}")
             seconds = time.perf_counter() - started
             progress.remove_task(batches)
+            if w.distributed:
+                seen, loss_sum = distributed.all_sum([seen, loss_sum], device)  # the global epoch's figures
+                if seen != distributed.rank_count(len(train_set), w.size) * w.size:
+                    # A data path that does not shard feeds every rank the whole epoch: N times the work,
+                    # and DDP averaging over batches that are not the global ones.
+                    raise RuntimeError(f"data path {pipeline.description!r}: the ranks trained on {seen:.0f} "
+                                       f"images together, not one epoch of {len(train_set)}; draw each rank's "
+                                       "order as distributed.rank_slice(epoch_order(...), rank, size)")
             lr = optimizer.param_groups[0]["lr"]
             schedule.step()
-            val = pipeline.evaluate()
+            # Rank 0 scores the whole val set and tells the others: all ranks hold the same weights, and
+            # the data path (and any cache of it) stays unsharded for val.
+            val = distributed.from_main(pipeline.evaluate() if w.main else None)
             history.append({"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "val_top1": val["top1"],
                             "val_top5": val["top5"], "val_loss": val["loss"], "images_per_s": seen / seconds})
             console.print(f"  epoch {epoch + 1}/{t.epochs}  lr {lr:.2g}  train loss {loss_sum / seen:.3f}  "
                           f"val acc {val['top1']:.2%}  ({seen / seconds:,.0f} img/s)")
             progress.update(epochs, advance=1, status=f"val {val['top1']:.2%}")
-            save_state(state_path, model, optimizer, scaler, schedule, epoch + 1, history, meta)
+            if w.main:
+                save_state(state_path, model, optimizer, scaler, schedule, epoch + 1, history, meta)
             saved_epochs[0] = epoch + 1
 
         meta = {
@@ -297,14 +360,19 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
             "seed": t.seed,
             "val_history": history,
             "val_acc": history[-1]["val_top1"],
+            # The whole sweep, so that `soup cook` can name the ingredients not (yet) trained.
+            "sweep_ids": ingredient.sweep_ids or [ingredient.id],
         }
-        save_checkpoint(final, model.state_dict(), meta)
-        metrics = {k: meta[k] for k in ("name", "id", "settings", "seed", "backbone", "start_fingerprint",
-                                        "val_acc", "val_history")}
-        metrics.update(trainable_params=trainable, total_params=total, device=str(device), amp=str(amp_dtype),
-                       data_path=pipeline.description, skipped_images=skipped)
-        write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        state_path.unlink(missing_ok=True)  # the checkpoint holds everything now; the state is large
+        if w.main:
+            save_checkpoint(final, model.state_dict(), meta)
+            metrics = {k: meta[k] for k in ("name", "id", "settings", "seed", "backbone", "start_fingerprint",
+                                            "val_acc", "val_history")}
+            metrics.update(trainable_params=trainable, total_params=total, device=str(device),
+                           amp=str(amp_dtype), data_path=pipeline.description, skipped_images=skipped,
+                           processes=w.size)
+            write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            state_path.unlink(missing_ok=True)  # the checkpoint holds everything now; the state is large
+        distributed.barrier()  # the other ranks return once the checkpoint they return exists
     return final
 
 
@@ -325,8 +393,10 @@ def train_recipe(recipe: Recipe, out: str | Path = "checkpoints", index: int | N
     console = console or Console()
     ingredients = select_ingredients(recipe, index)
     class_list(recipe.data.root)  # fail on a bad data folder before any model is built
-    return [(ingredient, train_ingredient(ingredient, out, console, resume, use_cache))
-            for ingredient in ingredients]
+    # Under torchrun one process group serves the whole sweep (nccl on CUDA, gloo on CPU); else a no-op.
+    with distributed.session(resolve_device(ingredients[0].recipe.train.device)):
+        return [(ingredient, train_ingredient(ingredient, out, console, resume, use_cache))
+                for ingredient in ingredients]
 
 
 def ingredient_table(name: str, results: list[tuple[Ingredient, Path]]) -> Table:

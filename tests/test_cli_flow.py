@@ -56,6 +56,9 @@ def test_cook_greedy_then_eval_then_submit(runner, workdir, small_sketch_root):
     soup = read_checkpoint(soup_path)
     assert soup.kind == "greedy" and soup.meta["selection"]["split"] == "val"
 
+    result = runner.invoke(cli, ["cook", "--no-eval", "-o", "plain.safetensors"])  # uniform is the default
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(workdir / "plain.safetensors").kind == "uniform"
     result = runner.invoke(cli, ["cook", "--uniform", "--no-eval"])
     assert result.exit_code == 0, result.output
     assert read_checkpoint(workdir / "checkpoints" / "soups" / "uniform.safetensors").meta["selection"] is None
@@ -122,3 +125,7 @@ def test_demo_end_to_end_small(tmp_path):
     ingredient_scores = [s["top1"] for s in greedy.meta["steps"]]
     assert greedy.meta["selection"]["split"] == "holdout"
     assert greedy.meta["selection"]["top1"] >= max(ingredient_scores[:1])
+    for method in ("learned", "stock", "interpolate"):  # the demo's table shows every soup method
+        soup = read_checkpoint(tmp_path / "demo" / "checkpoints" / "soups" / f"{method}.safetensors")
+        assert soup.kind == method and soup.meta["selection"]["split"] == "holdout"
+    assert "other start: no soup" in result.output
