@@ -12,11 +12,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rich.console import Console
 
-from soup.checkpoint import find_checkpoints, read_checkpoint
+from soup.checkpoint import find_checkpoints, read_checkpoint, write_text_atomic
 from soup.cook import METHODS, cook
 from soup.diagnose import pair_geometry, print_inspection
 from soup.errors import SoupError
@@ -46,6 +47,13 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
     out = Path(out)
     per_class, epochs = (30, 2) if small else (150, 5)
     seeds, lrs = ([0, 1], [2e-3]) if small else ([0, 1, 2], [2e-3, 1e-3])
+
+    # A rerun reuses what an earlier run of the same size finished (--resume); another size would mix.
+    marker = out / "demo.json"
+    size = {"small": small}
+    if marker.exists() and json.loads(marker.read_text()) != size:
+        raise SoupError(f"{out} holds a demo of another size; remove it or choose another --out")
+    write_text_atomic(marker, json.dumps(size) + "\n")
 
     console.rule("1. data and a pretrained start")
     pretrain_root, target_root = out / "data_pretrain", out / "data"
