@@ -613,12 +613,18 @@ def _eval_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cuda" else None  # as soup.evaluate.predict
 
 
-@torch.no_grad()
 def score_rows(model: nn.Module, store: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, load,
                device: torch.device, batch_size: int) -> dict:
     """soup.evaluate.evaluate over cached inputs: same batches' arithmetic, same scores."""
     from soup.evaluate import scores
 
+    return scores(logits_rows(model, store, rows, load, device, batch_size), targets[rows])
+
+
+@torch.no_grad()
+def logits_rows(model: nn.Module, store: torch.Tensor, rows: torch.Tensor, load, device: torch.device,
+                batch_size: int) -> torch.Tensor:
+    """fp32 logits on the CPU for `rows` of a cached store, in order (as soup.evaluate.predict)."""
     was_training = model.training
     model.eval()
     dtype, logits = _eval_dtype(device), []
@@ -629,7 +635,7 @@ def score_rows(model: nn.Module, store: torch.Tensor, targets: torch.Tensor, row
                 logits.append(model(x).float().cpu())
     finally:
         model.train(was_training)
-    return scores(torch.cat(logits), targets[rows])
+    return torch.cat(logits)
 
 
 # ---------------------------------------------------------------------------------------- pipelines
@@ -760,11 +766,17 @@ class CachedScorer:
 
     def __call__(self) -> dict:
         """Scores of the weights now loaded in the model."""
+        from soup.evaluate import scores
+
+        return scores(*self.logits())
+
+    def logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of the weights now loaded in the model, in the split's order."""
         if self.features is not None and self.prefix_unchanged():
-            return score_rows(self.suffix, self.features.tokens, self.features.targets,
-                              self.features.positions(self.rows),
-                              _to_float(self.device), self.device, self.batch_size)
+            rows = self.features.positions(self.rows)
+            return (logits_rows(self.suffix, self.features.tokens, rows, _to_float(self.device), self.device,
+                                self.batch_size), self.features.targets[rows])
         if self._decoded is None:
             self._decoded = self._decode()
-        return score_rows(self.model, self._decoded.images, self._decoded.targets, self.rows, self.normalize,
-                          self.device, self.batch_size)
+        return (logits_rows(self.model, self._decoded.images, self.rows, self.normalize, self.device,
+                            self.batch_size), self._decoded.targets[self.rows])

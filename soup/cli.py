@@ -135,7 +135,8 @@ def _report_sweeps(ingredients, paths) -> None:
 @click.option("--ensemble", is_flag=True, help="Add the ensemble of the ingredients (of all checkpoints when "
               "fewer than two are ingredients): mean of logits, or of probabilities across architectures.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def eval_command(paths, data_root, split, ensemble, as_json):
+@click.option("--no-cache", is_flag=True, help="Decode every image for every checkpoint (no soup.cache).")
+def eval_command(paths, data_root, split, ensemble, as_json, no_cache):
     """Evaluate checkpoints side by side (default: everything under checkpoints/)."""
     from soup.checkpoint import find_checkpoints
     from soup.evaluate import Evaluator, eval_rows, print_eval_table
@@ -143,7 +144,7 @@ def eval_command(paths, data_root, split, ensemble, as_json):
     checkpoints = find_checkpoints(list(paths) or ["checkpoints"])
     if not checkpoints:
         raise SoupError("no checkpoints found; train with `soup train RECIPE` or name checkpoint files")
-    rows = eval_rows(checkpoints, Evaluator(split, data_root), ensemble)
+    rows = eval_rows(checkpoints, Evaluator(split, data_root, use_cache=not no_cache), ensemble)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

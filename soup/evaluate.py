@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,11 +94,13 @@ class Evaluator:
     """Evaluates checkpoints on one split, building each data pipeline once."""
 
     def __init__(self, split: str = "val", root: str | Path | None = None, device: torch.device | None = None,
-                 batch_size: int = 128, num_workers: int = 0):
+                 batch_size: int = 128, num_workers: int = 0, use_cache: bool = True):
         self.split, self.root = split, root
         self.device = device or resolve_device()
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.use_cache = use_cache
         self._data: dict[tuple, SplitData] = {}
+        self._scorers: dict[tuple, object] = {}
 
     def data_for(self, checkpoint: Checkpoint) -> SplitData:
         cfg: DataConfig = recipe_from_dict(checkpoint.recipe).data
@@ -110,7 +113,30 @@ class Evaluator:
                                         self.split, root)
         return self._data[key]
 
+    def _scorer(self, checkpoint: Checkpoint):
+        """A cached scorer shared by every checkpoint of one architecture, start and freeze: images are
+        decoded once per split and, for a frozen ViT prefix, its features computed once (soup.cache)."""
+        from soup.cache import CacheUnavailable, CachedScorer
+
+        recipe = recipe_from_dict(checkpoint.recipe)
+        data = self.data_for(checkpoint)
+        key = (id(data), checkpoint.backbone, json.dumps(recipe.model.kwargs, sort_keys=True),
+               checkpoint.fingerprint, recipe.model.freeze)
+        if key not in self._scorers:
+            try:
+                model = model_from_checkpoint(checkpoint).to(self.device)
+                self._scorers[key] = CachedScorer(model, data.loader.dataset, recipe.model.freeze, self.device,
+                                                  self.batch_size, self.num_workers)
+            except CacheUnavailable:
+                self._scorers[key] = None
+        return self._scorers[key]
+
     def logits(self, checkpoint: Checkpoint, state_dict: dict | None = None) -> tuple[torch.Tensor, list]:
+        scorer = self._scorer(checkpoint) if self.use_cache else None
+        if scorer is not None:
+            scorer.model.load_state_dict(state_dict if state_dict is not None else checkpoint.state_dict())
+            logits, targets = scorer.logits()
+            return logits, targets.tolist()
         model = model_from_checkpoint(checkpoint)
         if state_dict is not None:
             model.load_state_dict(state_dict)

@@ -290,3 +290,28 @@ def test_cli_reports_the_path_and_no_cache_turns_it_off(small_sketch_root, tmp_p
     assert fast.exit_code == 0 and plain.exit_code == 0, fast.output + plain.output
     assert "data path: prefix cache: 2 blocks" in " ".join(fast.output.split())
     assert "data path: plain" in plain.output
+
+
+def test_eval_through_the_caches_matches_plain_eval(small_sketch_root, tmp_path):
+    """`soup eval` shares decoded images / prefix features across checkpoints; the figures stay the same."""
+    from conftest import tiny_recipe, tiny_vit_model
+
+    from soup.checkpoint import read_checkpoint
+    from soup.cook import cook
+    from soup.evaluate import Evaluator, eval_rows
+    from soup.recipe import expand_sweep, recipe_from_dict
+    from soup.train import train_ingredient
+
+    recipe = recipe_from_dict(tiny_recipe(small_sketch_root, model=tiny_vit_model(freeze=0.5),
+                                          data={"image_size": 28}, sweep={"train.seed": [0, 1]}))
+    ingredients = [read_checkpoint(train_ingredient(i, tmp_path, use_cache=False)) for i in expand_sweep(recipe)]
+    soup = read_checkpoint(cook("uniform", ingredients, tmp_path / "u.safetensors", None))
+    everything = ingredients + [soup]
+    cached_eval = Evaluator("val")
+    cached = eval_rows(everything, cached_eval, ensemble=True)
+    plain = eval_rows(everything, Evaluator("val", use_cache=False), ensemble=True)
+    assert any(s is not None and s.features is not None for s in cached_eval._scorers.values())
+    for a, b in zip(cached, plain):
+        assert a["name"] == b["name"] and a["n"] == b["n"]
+        assert abs(a["top1"] - b["top1"]) <= 1 / a["n"] + 1e-9  # bf16 prefix features: at most one flip
+        assert a["loss"] == pytest.approx(b["loss"], abs=0.02)
