@@ -280,6 +280,9 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
     train_module = distributed.wrap(pipeline.model, device)  # DDP for the step only; saves use `model`
     step_model = torch.compile(train_module) if t.compile else train_module
     console.print(f"  data path: {pipeline.description}")
+    # The recipe's amp names a wish; say what this device makes of it (bf16 where supported, no scaler).
+    precision = "fp32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast"
+    console.print(f"  precision: {precision}{' + grad scaler' if scaler.is_enabled() else ''} (train.amp: {t.amp})")
     if w.distributed:
         bn = ("BatchNorm synchronised across ranks" if synced_bn else
               "BatchNorm statistics per rank (no SyncBatchNorm on CPU)"
