@@ -8,12 +8,11 @@ safetensors files one at a time, so memory stays near one model however many ing
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-
-import contextlib
-import math
 
 import torch
 import torch.nn.functional as F

@@ -6,13 +6,13 @@ from rich.console import Console
 from torch.optim.swa_utils import AveragedModel
 
 from soup.backbones import build_model, model_from_checkpoint
-from soup.checkpoint import find_checkpoints, read_checkpoint, save_checkpoint
+from soup.checkpoint import read_checkpoint, save_checkpoint
 from soup.cook import METHODS, cook, greedy_soup, weighted_average
 from soup.errors import SoupError
 from soup.recipe import expand_sweep
 from soup.train import train_ingredient
 
-from conftest import CLASSES, tiny_vit_model
+from conftest import CLASSES
 
 quiet = Console(quiet=True)
 
