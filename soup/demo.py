@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from soup.checkpoint import find_checkpoints, read_checkpoint, write_text_atomic
 from soup.cook import METHODS, cook
@@ -98,7 +99,7 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
     try:
         cook("uniform", pair, ckpts / "stranger" / "refused.safetensors", None, console=console)
     except SoupError as err:
-        console.print(f"[yellow]refused, as it should be[/]: {err}")
+        console.print(f"[yellow]refused, as it should be[/]: {escape(str(err))}")
     forced = cook("uniform", pair, ckpts / "stranger" / "forced.safetensors", None, force=True,
                   console=console)
     forced_rows = eval_rows(pair + [read_checkpoint(forced)], Evaluator("val"))
@@ -113,7 +114,7 @@ def _plot(rows: list[dict], greedy, path: Path, console: Console) -> Path | None
     try:
         draw(rows, steps, path)
     except SoupError as err:  # matplotlib is an optional extra: the demo goes on without the picture
-        console.print(f"[yellow]no picture[/]: {err}")
+        console.print(f"[yellow]no picture[/]: {escape(str(err))}")
         return None
     console.print(f"wrote {path}: ingredients, greedy path, soups and ensemble on val")
     return path
