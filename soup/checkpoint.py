@@ -12,6 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -119,6 +120,15 @@ def _open(path: Path):
         raise SoupError(f"{path}: not a readable safetensors file ({err}); re-create or remove it") from None
     with handle as f:
         yield f
+
+
+def tensors_across(checkpoints: list[Checkpoint]) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """(name, that tensor of every checkpoint) for each tensor name of the first: one name in memory at a
+    time, however many checkpoints."""
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(_open(c.path)) for c in checkpoints]
+        for key in files[0].keys():
+            yield key, [f.get_tensor(key) for f in files]
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

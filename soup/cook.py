@@ -22,7 +22,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from soup.backbones import build_model, fingerprint, model_from_checkpoint
-from soup.checkpoint import Checkpoint, save_checkpoint
+from soup.checkpoint import Checkpoint, save_checkpoint, tensors_across
 from soup.data import load_split
 from soup.errors import SoupError
 from soup.evaluate import evaluate, make_loader, resolve_device
@@ -212,18 +212,15 @@ def learned_soup(ingredients: list[Checkpoint], select: Selector, console: Conso
     options = _kitchen(kitchen, ingredients, "learned").options
     device = select.device
     shared, stacked, integers = {}, {}, {}
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(safe_open(str(c.path), framework="pt")) for c in ingredients]
-        for key in files[0].keys():
-            tensors = [f.get_tensor(key) for f in files]
-            if not tensors[0].is_floating_point():
-                integers[key] = tensors[0].to(device)
-            elif all(torch.equal(tensors[0], t) for t in tensors[1:]):
-                # The frozen prefix is the same in every ingredient: one copy, not one per ingredient, which
-                # is what lets 8 ViT-B ingredients fit on one GPU.
-                shared[key] = tensors[0].float().to(device)
-            else:
-                stacked[key] = torch.stack([t.float() for t in tensors]).to(device)
+    for key, tensors in tensors_across(ingredients):
+        if not tensors[0].is_floating_point():
+            integers[key] = tensors[0].to(device)
+        elif all(torch.equal(tensors[0], t) for t in tensors[1:]):
+            # The frozen prefix is the same in every ingredient: one copy, not one per ingredient, which
+            # is what lets 8 ViT-B ingredients fit on one GPU.
+            shared[key] = tensors[0].float().to(device)
+        else:
+            stacked[key] = torch.stack([t.float() for t in tensors]).to(device)
     k = len(ingredients)
     columns = len(stacked) if options["per_layer"] else 1
     if not stacked:  # one ingredient, or identical ones: nothing to learn
@@ -284,24 +281,21 @@ def stock_soup(ingredients: list[Checkpoint], select: Selector | None, console: 
     start = _kitchen(kitchen, ingredients, "stock").start()
     k = len(ingredients)
     state, ratios, cosines = {}, {}, {}
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(safe_open(str(c.path), framework="pt")) for c in ingredients]
-        for key in files[0].keys():
-            tensors = [f.get_tensor(key) for f in files]
-            if not tensors[0].is_floating_point():
-                state[key] = tensors[0]
-                continue
-            origin = start[key].float()
-            deltas = torch.stack([t.float() - origin for t in tensors]).flatten(1)
-            unit = F.normalize(deltas.double(), dim=1)
-            gram = unit @ unit.T
-            cosine = ((gram.sum() - gram.diagonal().sum()) / (k * (k - 1))).item()
-            # A negative cosine would put the soup beyond the start, away from every ingredient: clamp to the
-            # start (t = 0). Zero deltas (frozen tensors) give cosine 0 and t = 0, i.e. the start they equal.
-            cosine = min(max(cosine, 0.0), 1.0)
-            ratio = k * cosine / (1 + (k - 1) * cosine)
-            state[key] = origin + ratio * deltas.mean(dim=0).view_as(origin)
-            ratios[key], cosines[key] = ratio, cosine
+    for key, tensors in tensors_across(ingredients):
+        if not tensors[0].is_floating_point():
+            state[key] = tensors[0]
+            continue
+        origin = start[key].float()
+        deltas = torch.stack([t.float() - origin for t in tensors]).flatten(1)
+        unit = F.normalize(deltas.double(), dim=1)
+        gram = unit @ unit.T
+        cosine = ((gram.sum() - gram.diagonal().sum()) / (k * (k - 1))).item()
+        # A negative cosine would put the soup beyond the start, away from every ingredient: clamp to the
+        # start (t = 0). Zero deltas (frozen tensors) give cosine 0 and t = 0, i.e. the start they equal.
+        cosine = min(max(cosine, 0.0), 1.0)
+        ratio = k * cosine / (1 + (k - 1) * cosine)
+        state[key] = origin + ratio * deltas.mean(dim=0).view_as(origin)
+        ratios[key], cosines[key] = ratio, cosine
     moved = [key for key in ratios if cosines[key] > 0]
     mean_ratio = sum(ratios[key] for key in moved) / max(1, len(moved))
     console.print(f"  stock: {len(moved)} tensors moved from the start; mean ratio toward the average "

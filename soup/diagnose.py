@@ -8,16 +8,14 @@ soup. Weights are read one tensor at a time, so this runs on ViT-B ingredients w
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from safetensors import safe_open
 
-from soup.checkpoint import Checkpoint
+from soup.checkpoint import Checkpoint, tensors_across
 from soup.cook import Selector, starting_weights, weighted_average
 from soup.errors import SoupError
 
@@ -31,18 +29,15 @@ def _grams(checkpoints: list[Checkpoint], origins: list[dict | None]) -> tuple[t
     n = len(checkpoints)
     raw = torch.zeros(n, n, dtype=torch.float64)
     delta = torch.zeros(n, n, dtype=torch.float64)
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(safe_open(str(c.path), framework="pt")) for c in checkpoints]
-        for key in files[0].keys():
-            weights = [f.get_tensor(key) for f in files]
-            if not weights[0].is_floating_point():
-                continue
-            matrix = torch.stack([w.double().flatten() for w in weights])
-            raw += matrix @ matrix.T
-            shifts = torch.stack([o[key].double().flatten() if o is not None else torch.zeros_like(matrix[0])
-                                  for o in origins])
-            moved = matrix - shifts
-            delta += moved @ moved.T
+    for key, weights in tensors_across(checkpoints):
+        if not weights[0].is_floating_point():
+            continue
+        matrix = torch.stack([w.double().flatten() for w in weights])
+        raw += matrix @ matrix.T
+        shifts = torch.stack([o[key].double().flatten() if o is not None else torch.zeros_like(matrix[0])
+                              for o in origins])
+        moved = matrix - shifts
+        delta += moved @ moved.T
     return raw, delta
 
 
