@@ -21,11 +21,10 @@ from safetensors import safe_open
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
-from soup.backbones import build_model, fingerprint, model_from_checkpoint
+from soup.backbones import build_model, fingerprint
 from soup.checkpoint import Checkpoint, save_checkpoint, tensors_across
-from soup.data import load_split
 from soup.errors import SoupError
-from soup.evaluate import evaluate, make_loader, resolve_device
+from soup.evaluate import Evaluator
 from soup.recipe import recipe_from_dict
 
 
@@ -95,36 +94,21 @@ def _kitchen(kitchen: Kitchen | None, ingredients: list[Checkpoint], method: str
 
 
 class Selector:
-    """Scores weights on the held-out set that selects the soup (one model and one loader, reused)."""
+    """Scores weights on the held-out set that selects the soup: an Evaluator bound to one template, so
+    the 2N-1 weight sets of a greedy soup share one model, one loader and the caches."""
 
     def __init__(self, template: Checkpoint, split: str = "val", root: str | Path | None = None,
                  device: torch.device | None = None, batch_size: int = 128, num_workers: int = 0,
                  use_cache: bool = True):
-        self.split = split
-        self.device = device or resolve_device()
-        recipe = recipe_from_dict(template.recipe)
-        data_cfg = recipe.data
-        self.root = str(root if root is not None else data_cfg.root)
-        dataset = load_split(data_cfg, split, root=self.root, classes=template.classes)
-        self.loader = make_loader(dataset, batch_size, num_workers, self.device)
-        self.model = model_from_checkpoint(template).to(self.device)
-        # Greedy scores 2N-1 weight sets on one split: decode its images once and, when the ingredients
-        # share a frozen ViT prefix, compute it once and score only the suffix (soup.cache).
-        self.cached = None
-        if use_cache:
-            from soup.cache import CacheUnavailable, CachedScorer
-
-            try:
-                self.cached = CachedScorer(self.model, dataset, recipe.model.freeze, self.device, batch_size,
-                                           num_workers)
-            except CacheUnavailable:
-                pass
+        self.template, self.split = template, split
+        self.evaluator = Evaluator(split, root, device, batch_size, num_workers, use_cache)
+        self.device = self.evaluator.device
+        data = self.evaluator.data_for(template)
+        self.root, self.loader = str(data.root), data.loader
+        self.model, self.cached = self.evaluator.model_for(template)
 
     def __call__(self, state_dict: dict[str, torch.Tensor]) -> dict:
-        self.model.load_state_dict(state_dict)
-        if self.cached is not None:
-            return self.cached()
-        return evaluate(self.model, self.loader, self.device)
+        return self.evaluator(self.template, state_dict)
 
 
 @contextlib.contextmanager

@@ -100,6 +100,7 @@ class Evaluator:
         self.batch_size, self.num_workers = batch_size, num_workers
         self.use_cache = use_cache
         self._data: dict[tuple, SplitData] = {}
+        self._models: dict[tuple, torch.nn.Module] = {}
         self._scorers: dict[tuple, object] = {}
 
     def data_for(self, checkpoint: Checkpoint) -> SplitData:
@@ -113,34 +114,39 @@ class Evaluator:
                                         self.split, root)
         return self._data[key]
 
-    def _scorer(self, checkpoint: Checkpoint):
-        """A cached scorer shared by every checkpoint of one architecture, start and freeze: images are
-        decoded once per split and, for a frozen ViT prefix, its features computed once (soup.cache)."""
-        from soup.cache import CacheUnavailable, CachedScorer
-
+    def model_for(self, checkpoint: Checkpoint) -> tuple[torch.nn.Module, object | None]:
+        """One model (and, with use_cache, one cached scorer) for every checkpoint of an architecture, start
+        and freeze: images are decoded once per split and, for a frozen ViT prefix, its features computed
+        once (soup.cache); each checkpoint only loads its weights into the shared model."""
         recipe = recipe_from_dict(checkpoint.recipe)
         data = self.data_for(checkpoint)
         key = (id(data), checkpoint.backbone, json.dumps(recipe.model.kwargs, sort_keys=True),
                checkpoint.fingerprint, recipe.model.freeze)
-        if key not in self._scorers:
-            try:
-                model = model_from_checkpoint(checkpoint).to(self.device)
-                self._scorers[key] = CachedScorer(model, data.loader.dataset, recipe.model.freeze, self.device,
-                                                  self.batch_size, self.num_workers)
-            except CacheUnavailable:
-                self._scorers[key] = None
-        return self._scorers[key]
+        if key not in self._models:
+            model = model_from_checkpoint(checkpoint).to(self.device)
+            self._models[key] = model
+            self._scorers[key] = None
+            if self.use_cache:
+                from soup.cache import CacheUnavailable, CachedScorer
+
+                try:
+                    self._scorers[key] = CachedScorer(model, data.loader.dataset, recipe.model.freeze,
+                                                      self.device, self.batch_size, self.num_workers)
+                except CacheUnavailable:
+                    pass
+        return self._models[key], self._scorers[key]
 
     def logits(self, checkpoint: Checkpoint, state_dict: dict | None = None) -> tuple[torch.Tensor, list]:
-        scorer = self._scorer(checkpoint) if self.use_cache else None
+        model, scorer = self.model_for(checkpoint)
+        try:
+            model.load_state_dict(state_dict if state_dict is not None else checkpoint.state_dict())
+        except RuntimeError as err:
+            raise SoupError(f"{checkpoint.path}: weights do not fit {checkpoint.backbone} "
+                            f"({str(err).splitlines()[0]})") from None
         if scorer is not None:
-            scorer.model.load_state_dict(state_dict if state_dict is not None else checkpoint.state_dict())
             logits, targets = scorer.logits()
             return logits, targets.tolist()
-        model = model_from_checkpoint(checkpoint)
-        if state_dict is not None:
-            model.load_state_dict(state_dict)
-        return predict(model.to(self.device), self.data_for(checkpoint).loader, self.device)
+        return predict(model, self.data_for(checkpoint).loader, self.device)
 
     def __call__(self, checkpoint: Checkpoint, state_dict: dict | None = None) -> dict:
         logits, targets = self.logits(checkpoint, state_dict)
