@@ -127,6 +127,16 @@ def _report_sweeps(ingredients, paths) -> None:
         report(sweep_status(ingredients, folders), console)
 
 
+def _checkpoints(paths, kinds: set[str] | None = None):
+    """The checkpoints named, or by default those under checkpoints/ (of `kinds` only, if given)."""
+    from soup.checkpoint import find_checkpoints
+
+    checkpoints = find_checkpoints(list(paths) or ["checkpoints"], kinds=None if paths else kinds)
+    if not checkpoints:
+        raise SoupError("no checkpoints found; train with `soup train RECIPE` or name checkpoint files")
+    return checkpoints
+
+
 @cli.command(name="eval")
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
@@ -138,12 +148,9 @@ def _report_sweeps(ingredients, paths) -> None:
 @click.option("--no-cache", is_flag=True, help="Decode every image for every checkpoint (no soup.cache).")
 def eval_command(paths, data_root, split, ensemble, as_json, no_cache):
     """Evaluate checkpoints side by side (default: everything under checkpoints/)."""
-    from soup.checkpoint import find_checkpoints
     from soup.evaluate import Evaluator, eval_rows, print_eval_table
 
-    checkpoints = find_checkpoints(list(paths) or ["checkpoints"])
-    if not checkpoints:
-        raise SoupError("no checkpoints found; train with `soup train RECIPE` or name checkpoint files")
+    checkpoints = _checkpoints(paths)
     rows = eval_rows(checkpoints, Evaluator(split, data_root, use_cache=not no_cache), ensemble)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -164,12 +171,10 @@ def eval_command(paths, data_root, split, ensemble, as_json, no_cache):
 def inspect_command(paths, line, points, data_root, split, as_json):
     """Diagnose checkpoints before and after cooking: shared start, distances and cosines between their
     fine-tuning deltas, what each soup tried (default: every ingredient under checkpoints/)."""
-    from soup.checkpoint import find_checkpoints, read_checkpoint
+    from soup.checkpoint import read_checkpoint
     from soup.diagnose import describe_soup, loss_line, pair_geometry, print_inspection
 
-    checkpoints = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None)
-    if not checkpoints:
-        raise SoupError("no checkpoints found; train with `soup train RECIPE` or name checkpoint files")
+    checkpoints = _checkpoints(paths, kinds={"ingredient"})
     report = pair_geometry(checkpoints)
     if line:
         report["line"] = loss_line(read_checkpoint(line[0]), read_checkpoint(line[1]), points, split, data_root)
@@ -192,12 +197,9 @@ def inspect_command(paths, line, points, data_root, split, as_json):
 def plot_command(output, paths, data_root, split):
     """Picture of held-out accuracy: ingredients (sorted), the greedy path, every soup, and the ensemble
     (default: everything under checkpoints/). Needs matplotlib: pip install 'soup[plot]'."""
-    from soup.checkpoint import find_checkpoints
     from soup.plot import plot_checkpoints
 
-    checkpoints = find_checkpoints(list(paths) or ["checkpoints"])
-    if not checkpoints:
-        raise SoupError("no checkpoints found; train with `soup train RECIPE` or name checkpoint files")
+    checkpoints = _checkpoints(paths)
     plot_checkpoints(checkpoints, output, split, data_root, console)
 
 
@@ -212,18 +214,10 @@ def plot_command(output, paths, data_root, split):
 def submit(checkpoint_paths, data_root, output, ensemble):
     """Write Id,Category predictions for the test images."""
     from soup.checkpoint import read_checkpoint
-    from soup.submit import predict_test, predict_test_ensemble, write_provenance, write_submission
+    from soup.submit import predict_submission, write_provenance, write_submission
 
     checkpoints = [read_checkpoint(p) for p in checkpoint_paths]
-    if len(checkpoints) > 1 and not ensemble:
-        raise SoupError(f"{len(checkpoints)} checkpoints given; add --ensemble to average them, or name one")
-    if ensemble:
-        ids, categories, provenance = predict_test_ensemble(checkpoints, data_root)
-    else:
-        (checkpoint,) = checkpoints
-        ids, categories = predict_test(checkpoint, data_root)
-        provenance = {"kind": checkpoint.kind, "members": [{"name": checkpoint.name, "path": str(checkpoint.path),
-                                                            "kind": checkpoint.kind, "backbone": checkpoint.backbone}]}
+    ids, categories, provenance = predict_submission(checkpoints, data_root, ensemble)
     write_submission(output, ids, categories)
     sidecar = write_provenance(output, provenance)
     what = f"the ensemble ({provenance['combined']}) of {len(checkpoints)} checkpoints" if ensemble else "1 checkpoint"

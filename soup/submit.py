@@ -50,9 +50,25 @@ def predict_test_ensemble(checkpoints: list[Checkpoint], data_root: str | Path |
         members.append((checkpoint, logits))
     combined, how = ensemble_logits(members)
     provenance = {"kind": "ensemble", "combined": how, "classes": checkpoints[0].classes,
-                  "members": [{"name": c.name, "path": str(c.path), "kind": c.kind, "backbone": c.backbone}
-                              for c in checkpoints]}
+                  "members": [_member(c) for c in checkpoints]}
     return ids, combined.argmax(dim=1).tolist(), provenance
+
+
+def predict_submission(checkpoints: list[Checkpoint], data_root: str | Path | None = None,
+                       ensemble: bool = False) -> tuple[list[str], list[int], dict]:
+    """(ids, class indices, provenance) from one checkpoint, or from the ensemble of several."""
+    if len(checkpoints) > 1 and not ensemble:
+        raise SoupError(f"{len(checkpoints)} checkpoints given; add --ensemble to average them, or name one")
+    if ensemble:
+        return predict_test_ensemble(checkpoints, data_root)
+    (checkpoint,) = checkpoints
+    ids, categories = predict_test(checkpoint, data_root)
+    return ids, categories, {"kind": checkpoint.kind, "members": [_member(checkpoint)]}
+
+
+def _member(checkpoint: Checkpoint) -> dict:
+    return {"name": checkpoint.name, "path": str(checkpoint.path), "kind": checkpoint.kind,
+            "backbone": checkpoint.backbone}
 
 
 def write_provenance(submission: str | Path, provenance: dict) -> Path:
