@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU checks of benchmarks/RESULTS.md in one call, for a lent GPU machine with torch preinstalled and no
+# network: run from the repository root. Logs go to $OUT (or ./gpu_logs). Each step has its own time limit so
+# one slow step cannot eat the others; a step that fails or times out is reported and the next one runs.
+#   bash benchmarks/gpu_session.sh [STEP ...]      # steps: env tests one sweep compile augment (default: all but augment)
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOGS="${OUT:-gpu_logs}"
+mkdir -p "$LOGS"
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(env tests one sweep compile)
+
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  local started=$SECONDS
+  echo "=== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log" | grep -E "device:|data path|prefix cache|precision|img/s|speedup|passed|failed|error|Error" 
+  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started)) s"
+}
+
+for s in "${STEPS[@]}"; do
+  case $s in
+    env) step env 60 bash -c 'nvidia-smi; lscpu | grep -E "Model name|^CPU\(s\)"; lscpu | grep -o -E "avx2|avx512f|avx512_bf16|amx_bf16" | sort -u | tr "\n" " "; echo;
+            python3 -c "import torch, timm, torchvision; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"timm\", timm.__version__, \"torchvision\", torchvision.__version__, torch.cuda.get_device_name())"' ;;
+    tests) step tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider ;;
+    one) step one 150 python3 benchmarks/train_speed.py --data /tmp/soup_bench_vitb ;;
+    sweep) step sweep 200 python3 benchmarks/train_speed.py --sweep 8 --data /tmp/soup_bench_vitb ;;
+    compile) step compile 200 python3 benchmarks/train_speed.py --sweep 8 --compile --data /tmp/soup_bench_vitb ;;
+    augment) step augment 200 python3 benchmarks/train_speed.py --augment randaugment --data /tmp/soup_bench_vitb ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
