@@ -120,7 +120,9 @@ class Evaluator:
 
                 try:
                     self._scorers[key] = CachedScorer(model, data.loader.dataset, recipe.model.freeze,
-                                                      self.device, self.batch_size, self.num_workers)
+                                                      self.device, self.batch_size, self.num_workers,
+                                                      {"backbone": checkpoint.backbone,
+                                                       "kwargs": recipe.model.kwargs})
                 except CacheUnavailable:
                     pass
         return self._models[key], self._scorers[key]
