@@ -179,7 +179,8 @@ def main() -> None:
           f"freeze {args.freeze}; {args.classes} classes; {args.epochs} epochs x batch {args.batch_size}; "
           f"amp {args.amp}; workers {args.workers}; ingredients {args.sweep}", flush=True)
     dtype, why = choose_autocast(args.amp, args.device)
-    print(f"soup's precision: {'fp32' if dtype is None else dtype} ({why})", flush=True)
+    chosen = "fp32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
+    print(f"soup's precision: {chosen} ({why})", flush=True)
 
     runs = max(1, min(args.seed_runs, args.sweep))
     extrapolated = f" (measured {runs} of {args.sweep} ingredients)" if runs < args.sweep else ""
