@@ -35,6 +35,7 @@ from torchvision.datasets import ImageFolder  # noqa: E402
 
 from soup import cache  # noqa: E402
 from soup.backbones import build_model, freeze_prefix  # noqa: E402
+from soup.precision import choose_autocast, cpu_flags_line  # noqa: E402
 from soup.recipe import recipe_from_dict  # noqa: E402
 from soup.sketches import generate_sketches  # noqa: E402
 from soup.train import train_recipe  # noqa: E402
@@ -173,10 +174,13 @@ def main() -> None:
     raw = recipe_for(args, root, args.sweep)
     recipe = recipe_from_dict({**raw, "sweep": {}})
     name = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
-            else f"CPU ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})")
+            else f"CPU ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}; {cpu_flags_line()})")
     print(f"device: {name}; torch {torch.__version__}; {raw['model']['backbone']} {raw['model']['kwargs']}, "
           f"freeze {args.freeze}; {args.classes} classes; {args.epochs} epochs x batch {args.batch_size}; "
           f"amp {args.amp}; workers {args.workers}; ingredients {args.sweep}", flush=True)
+    dtype, why = choose_autocast(args.amp, args.device)
+    chosen = "fp32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
+    print(f"soup's precision: {chosen} ({why})", flush=True)
 
     runs = max(1, min(args.seed_runs, args.sweep))
     extrapolated = f" (measured {runs} of {args.sweep} ingredients)" if runs < args.sweep else ""

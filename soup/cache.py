@@ -12,11 +12,14 @@ Two caches, both used only where they change no result beyond bf16 rounding:
   Training then runs only the suffix (blocks k.. + norm + head) every epoch of every ingredient of a
   sweep, and evaluation (also greedy soup selection) runs only the suffix.
 
-The prefix runs in eval mode when cached, so it is used only when the prefix holds no dropout, drop-path
-or batch norm (then train and eval mode compute the same function; DinoV2 has none by default).
+The prefix runs in eval mode when cached, so it is used only when running it shows that train and eval
+mode compute the same function (no dropout, drop-path, patch dropout or batch norm; DinoV2 has none by
+default). Features are keyed by the prefix's weights, the model's spec and kwargs, and its output on a
+fixed probe input, so two models that compute differently never share them.
 
 A stale or corrupt store is detected by its header (magic, key, shape, dtype), its size and a CRC of its
-bytes, and rebuilt; the key covers file names, sizes and mtimes, image size and colour conversion.
+bytes, and rebuilt; the key covers file names, sizes, mtimes and a hash of each file's first and last
+64 KiB, image size and colour conversion.
 """
 
 from __future__ import annotations
@@ -36,13 +39,16 @@ import numpy as np
 import PIL
 import torch
 import torchvision
+from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
+from soup.cache_files import clean_stale_temps, edge_digests, unwritable, writer_lock
 from soup.checkpoint import atomic_path
 from soup.data import load_rgb
 from soup.errors import SoupError
+from soup.prefix_probe import mode, output_digest, probe_images, train_mode_difference
 
 CACHE_VERSION = 1
 MAGIC = b"SOUPCACHE1\n"
@@ -103,16 +109,17 @@ def open_store(path: Path, key: str) -> np.ndarray | None:
 def create_store(path: Path, key: str, shape: tuple, dtype, fill: Callable[[np.ndarray], None]) -> np.ndarray:
     """Write a store atomically: `fill` writes the array in place, then the header seals it."""
     dtype = np.dtype(dtype)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.truncate(HEADER_BYTES + math.prod(shape) * dtype.itemsize)
+    # The writer's lock outlives the rename, so no later run takes this file for a killed one's leftover.
+    with contextlib.ExitStack() as writing, atomic_path(path) as tmp:
+        f = writing.enter_context(writer_lock(tmp))
+        f.truncate(HEADER_BYTES + math.prod(shape) * dtype.itemsize)
         array = np.memmap(tmp, dtype=dtype, mode="r+", offset=HEADER_BYTES, shape=shape)
         fill(array)
         array.flush()
         crc = _crc(array)
         del array
-        with open(tmp, "r+b") as f:
-            f.write(_header(key, shape, dtype, crc))
+        f.write(_header(key, shape, dtype, crc))
+        f.flush()
     for stale in path.parent.glob(f"{path.name.rsplit('-', 1)[0]}-*.bin"):
         if stale != path:  # same folder and size, older file list: never read again
             stale.unlink(missing_ok=True)
@@ -120,21 +127,35 @@ def create_store(path: Path, key: str, shape: tuple, dtype, fill: Callable[[np.n
 
 
 def cache_dir(root: Path) -> Path:
-    """`$SOUP_CACHE_DIR`, else `<data root>/.soup_cache`, else (read-only data) `~/.cache/soup`."""
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV])
-    for candidate in (Path(root) / ".soup_cache", Path.home() / ".cache" / "soup"):
-        try:
-            candidate.mkdir(parents=True, exist_ok=True)
-            if os.access(candidate, os.W_OK):
-                return candidate
-        except OSError:
-            continue
-    raise CacheUnavailable(f"no writable cache folder under {root} or ~/.cache/soup")
+    """`$SOUP_CACHE_DIR`, else `<data root>/.soup_cache`, else (read-only data) `~/.cache/soup`: the first
+    one writable, cleared of store temporaries a killed run left. An unwritable `$SOUP_CACHE_DIR` is
+    one warning line, not a failed run."""
+    chosen = os.environ.get(CACHE_DIR_ENV)
+    refused = unwritable(Path(chosen)) if chosen else None
+    if chosen and refused is None:
+        candidate = Path(chosen)
+    else:
+        candidate = next((c for c in (Path(root) / ".soup_cache", Path.home() / ".cache" / "soup")
+                          if unwritable(c) is None), None)
+    if refused and chosen not in _WARNED:
+        _WARNED.add(chosen)
+        instead = f"caching in {candidate} instead" if candidate else "no cache folder is writable: plain path"
+        _warn(f"{CACHE_DIR_ENV}={chosen} is not writable ({refused}); {instead}")
+    if candidate is None:
+        raise CacheUnavailable(f"no writable cache folder under {root} or ~/.cache/soup")
+    clean_stale_temps(candidate)
+    return candidate
+
+
+_WARNED: set[str] = set()  # one warning per folder and process, not one per store
+
+
+def _warn(message: str) -> None:
+    Console(stderr=True, highlight=False).print(f"[yellow]warning[/]: {message}", soft_wrap=True)
 
 
 def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _available_ram() -> int:
@@ -233,9 +254,10 @@ def _resize_of(folder: Dataset, size: int):
 def decoded_key(folder: Dataset, size: int) -> str:
     root = Path(folder.root)
     files = []
-    for path, target in folder.samples:
+    digests = edge_digests([path for path, _ in folder.samples])
+    for (path, target), digest in zip(folder.samples, digests):
         stat = os.stat(path)
-        files.append([os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns, target])
+        files.append([os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns, digest, target])
     return _hash({"version": CACHE_VERSION, "size": size, "mode": "RGB, alpha on white (soup.data.load_rgb)",
                   "resize": repr(_resize_of(folder, size)), "pil": PIL.__version__,
                   "torchvision": torchvision.__version__,
@@ -259,9 +281,10 @@ def decoded_images(folder: Dataset, size: int, num_workers: int = 0, key: str | 
             workers = min(num_workers, os.cpu_count() or 1)
             loader = DataLoader(_Decode(paths, _resize_of(folder, size)), batch_size=64, num_workers=workers)
             start = 0
-            for batch in loader:
-                out[start:start + len(batch)] = batch.numpy()
-                start += len(batch)
+            with torch.random.fork_rng(devices=[]):  # a DataLoader draws a seed: cold or warm, same run
+                for batch in loader:
+                    out[start:start + len(batch)] = batch.numpy()
+                    start += len(batch)
 
         array, built = create_store(path, key, (len(paths), 3, size, size), np.uint8, fill), True
     store = DecodedImages(torch.from_numpy(array), torch.tensor([t for _, t in folder.samples]), key, path, built)
@@ -313,9 +336,6 @@ def _fits_on_device(nbytes: int, device: torch.device, share: float) -> bool:
 
 # ---------------------------------------------------------------------------------- ViT prefix split
 
-STOCHASTIC_ATTRS = ("drop_prob", "sample_drop_ratio")
-
-
 def _blocks(backbone: nn.Module) -> list[nn.Module]:
     """The transformer blocks in order; DinoV2's chunked layout (BlockChunk lists padded with Identity)
     flattened."""
@@ -340,6 +360,7 @@ class ViTSplit(nn.Module):
         super().__init__()
         self.backbone, self.kind, self.k = backbone, kind, k
         self.blocks = _blocks(backbone)
+        self.probe = ""  # prefix_probe.output_digest on the probe images (find_prefix sets it)
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         b = self.backbone
@@ -396,22 +417,9 @@ def vit_kind(backbone: nn.Module) -> str | None:
     return None
 
 
-def stochastic(modules: list[nn.Module]) -> str | None:
-    """What makes the modules compute differently in train and eval mode (None: nothing)."""
-    for top in modules:
-        for module in top.modules():
-            if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-                return f"dropout {module.p}"
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                return "batch norm"
-            for attr in STOCHASTIC_ATTRS:
-                if isinstance(getattr(module, attr, None), (int, float)) and getattr(module, attr) > 0:
-                    return f"{attr} {getattr(module, attr)}"
-    return None
-
-
-def find_prefix(backbone: nn.Module) -> tuple[ViTSplit | None, str]:
-    """The largest frozen block prefix of a ViT (from requires_grad flags), or (None, why not).
+def find_prefix(backbone: nn.Module, size: int | None = None) -> tuple[ViTSplit | None, str]:
+    """The largest frozen block prefix of a ViT (from requires_grad flags) that computes the same in train
+    and eval mode on `size`-px probe images (default: the patch embedding's size), or (None, why not).
 
     A partly frozen block k runs in the suffix with its frozen tensors: still exact, just less cached."""
     kind = vit_kind(backbone)
@@ -429,10 +437,17 @@ def find_prefix(backbone: nn.Module) -> tuple[ViTSplit | None, str]:
     if k == 0:
         return None, "no whole block is frozen"
     split.k = k
-    why = stochastic(split.prefix_modules())
+    images = probe_images(size or _embed_size(backbone), next(backbone.parameters()).device)
+    why = train_mode_difference(split.prefix, split.prefix_modules(), images)
     if why:
-        return None, f"the frozen prefix has {why} (not exact in eval mode)"
+        return None, f"the frozen prefix {why}: features cached in eval mode would not train the same"
+    split.probe = output_digest(split.prefix, split.prefix_modules(), images)
     return split, ""
+
+
+def _embed_size(backbone: nn.Module) -> int:
+    size = getattr(backbone.patch_embed, "img_size", None) or 224
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def prefix_fingerprint(split: ViTSplit) -> str:
@@ -452,24 +467,10 @@ def prefix_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
-
-@contextlib.contextmanager
-def eval_mode(modules: list[nn.Module]):
-    """Eval mode for these modules only, restored afterwards (the training loop owns the model's mode)."""
-    saved = [(m, m.training) for top in modules for m in top.modules()]
-    for module, _ in saved:
-        module.training = False
-    try:
-        yield
-    finally:
-        for module, training in saved:
-            module.training = training
-
-
 def split_matches(split: ViTSplit, images: torch.Tensor) -> bool:
     """suffix(prefix(x)) == backbone(x) in fp32: guards against a ViT variant whose forward does more
     than the split knows (then the cache is not used)."""
-    with torch.no_grad(), eval_mode([split.backbone]), torch.autocast(images.device.type, enabled=False):
+    with torch.no_grad(), mode([split.backbone], False), torch.autocast(images.device.type, enabled=False):
         full = split.backbone(images)
         parts = split.suffix(split.prefix(images))
     return (torch.is_tensor(full) and full.shape == parts.shape
@@ -498,7 +499,7 @@ class PrefixFeatures:
         return rows if self.lookup is None else self.lookup[rows]
 
 
-# key -> features for one prefix (fingerprint, device) at a time: a new start or k frees the old ones.
+# key -> features for one prefix (weights, k, model, device) at a time: a new one frees the old ones.
 _FEATURES: OrderedDict[str, PrefixFeatures] = OrderedDict()
 _FEATURES_FAMILY: list = [None]
 
@@ -516,16 +517,19 @@ def _placement(nbytes: int, device: torch.device) -> str:
 
 def prefix_features(split: ViTSplit, folder: Dataset, transform: tuple, device: torch.device,
                     batch_size: int, num_workers: int = 0, dkey: str | None = None,
-                    rows: list[int] | None = None) -> PrefixFeatures | None:
+                    rows: list[int] | None = None, config: dict | None = None) -> PrefixFeatures | None:
     """The prefix's tokens for every image of `folder` (or only its `rows`, e.g. a small holdout slice
-    of train, unless the whole folder's are at hand), computed once per (prefix weights, k, decoded
-    store); None when the split does not reproduce the backbone (then nothing is cached)."""
+    of train, unless the whole folder's are at hand), computed once per (prefix weights, k, model
+    `config` (backbone spec and kwargs), probe output, decoded store); None when the split does not
+    reproduce the backbone (then nothing is cached)."""
     size, mean, std = transform
     dkey = dkey or decoded_key(folder, size)
     fp = prefix_fingerprint(split)
     dtype = prefix_dtype(device)
-    base = {"version": CACHE_VERSION, "prefix": fp, "kind": split.kind, "k": split.k, "size": size,
-            "mean": mean, "std": std, "decoded": dkey, "dtype": str(dtype)}
+    probe = split.probe or output_digest(split.prefix, split.prefix_modules(), probe_images(size, device))
+    family = {"prefix": fp, "probe": probe, "model": config or {}, "kind": split.kind, "k": split.k}
+    base = {"version": CACHE_VERSION, **family, "size": size, "mean": mean, "std": std, "decoded": dkey,
+            "dtype": str(dtype)}
     whole = _hash(base)
     if rows is not None and sorted(set(rows)) == list(range(len(folder.samples))):
         rows = None
@@ -534,9 +538,9 @@ def prefix_features(split: ViTSplit, folder: Dataset, transform: tuple, device: 
         if known in _FEATURES:
             cached = _FEATURES[known]
             return PrefixFeatures(cached.tokens, cached.targets, known, cached.where, False, cached.lookup)
-    if _FEATURES_FAMILY[0] != (fp, str(device)):
+    if _FEATURES_FAMILY[0] != (_hash(family), str(device)):
         _FEATURES.clear()
-        _FEATURES_FAMILY[0] = (fp, str(device))
+        _FEATURES_FAMILY[0] = (_hash(family), str(device))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     images = decoded_images(folder, size, num_workers, dkey)
@@ -553,7 +557,7 @@ def prefix_features(split: ViTSplit, folder: Dataset, transform: tuple, device: 
 
     def run(start: int) -> torch.Tensor:
         x = normalize(source[start:start + batch_size])
-        with (torch.no_grad(), eval_mode(split.prefix_modules()),
+        with (torch.no_grad(), mode(split.prefix_modules(), False),
               torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)):
             return split.prefix(x).to(torch.bfloat16)
 
@@ -683,10 +687,12 @@ def _fast_pipeline(recipe, model: nn.Module, train_set: Dataset, val_set: Datase
     train_rows, val_rows = torch.as_tensor(train_idx, dtype=torch.long), torch.as_tensor(val_idx, dtype=torch.long)
     eval_batch = t.batch_size * 2
 
-    split, why = find_prefix(model.backbone)
+    split, why = find_prefix(model.backbone, transform[0])
     if split is not None:
-        train_f = prefix_features(split, train_folder, transform, device, eval_batch, t.num_workers)
-        val_f = (prefix_features(split, val_folder, transform, device, eval_batch, t.num_workers)
+        config = {"backbone": recipe.model.backbone, "kwargs": recipe.model.kwargs}
+        train_f = prefix_features(split, train_folder, transform, device, eval_batch, t.num_workers,
+                                  config=config)
+        val_f = (prefix_features(split, val_folder, transform, device, eval_batch, t.num_workers, config=config)
                  if train_f is not None else None)
         if train_f is not None and val_f is not None:
             suffix = SuffixModel(model, split)
@@ -727,7 +733,7 @@ class CachedScorer:
     freeze, and their averages), else a full forward over the decoded images."""
 
     def __init__(self, model: nn.Module, dataset: Dataset, freeze: float, device: torch.device,
-                 batch_size: int, num_workers: int = 0):
+                 batch_size: int, num_workers: int = 0, config: dict | None = None):
         from soup.backbones import freeze_prefix
 
         folder, idx = unwrap(dataset)
@@ -746,12 +752,13 @@ class CachedScorer:
         flags = [p.requires_grad for p in model.backbone.parameters()]
         freeze_prefix(model.backbone, freeze)  # the k the ingredients trained with
         try:
-            split, why = find_prefix(model.backbone)
+            split, why = find_prefix(model.backbone, size)
         finally:
             for p, flag in zip(model.backbone.parameters(), flags):
                 p.requires_grad_(flag)
         if split is not None:
-            features = prefix_features(split, folder, transform, device, batch_size, num_workers, dkey, idx)
+            features = prefix_features(split, folder, transform, device, batch_size, num_workers, dkey, idx,
+                                       config)
             if features is not None:
                 self.split, self.features = split, features
                 self.suffix = SuffixModel(model, split)

@@ -13,12 +13,13 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from soup.errors import SoupError
 from soup.recipe import DataConfig
@@ -41,6 +42,9 @@ def load_rgb(path: str) -> Image.Image:
             image = Image.open(path)
         with image:
             image.load()
+            if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+                # 16-bit grey: convert("RGB") clips every value above 255 to white; keep the top 8 bits.
+                image = Image.fromarray((np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")
             if image.mode in ("RGBA", "LA", "PA"):
@@ -79,6 +83,42 @@ def find_classes(folder: Path) -> list[str]:
     return classes
 
 
+def _folder_id(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)  # follows symlinks: the folder a link leads to
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def list_images(directory: str, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """(path, class index) of every image under each class folder, in torchvision's ImageFolder order.
+
+    Symlinked folders are followed, except into a folder already read or one above a class folder (a
+    loop, a class folder, a second link to the same place): ImageFolder follows those too, so one loop
+    repeats a class ~40x under a wrong label and two hang the run."""
+    seen = {_folder_id(directory)}
+    for name in class_to_idx:
+        path = Path(directory, name).resolve()
+        seen.update(_folder_id(str(p)) for p in (path, *path.parents))
+    samples = []
+    for name in sorted(class_to_idx):
+        found = []
+        for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
+            kept = []
+            for sub in sorted(dirs):  # sorted: which of two links to one folder is read never varies
+                folder = _folder_id(os.path.join(root, sub))
+                if folder is not None and folder not in seen:
+                    seen.add(folder)
+                    kept.append(sub)
+            dirs[:] = kept
+            found.append((root, files))
+        samples += [(os.path.join(root, file), class_to_idx[name])
+                    for root, files in sorted(found, key=lambda item: item[0]) for file in sorted(files)
+                    if has_file_allowed_extension(file, IMG_EXTENSIONS)]
+    return samples
+
+
 def _unreadable(path: str) -> bool:
     try:
         load_rgb(path)
@@ -104,6 +144,10 @@ class SketchFolder(ImageFolder):
             self.samples = [sample for sample, is_bad in zip(self.samples, bad) if not is_bad]
             self.imgs = self.samples
             self.targets = [target for _, target in self.samples]
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return list_images(str(directory), class_to_idx)
 
     def find_classes(self, directory):
         classes = find_classes(Path(directory))

@@ -31,17 +31,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a recipe's `amp` on a device (None: full precision)."""
-    if amp == "off":
-        return None
-    if device.type != "cuda":
-        return torch.bfloat16  # CPU autocast has no fp16 path worth having
-    # bf16 has fp32's range: no grad scaler, no overflow, and as fast as fp16 on the GPUs that have it.
-    # fp16 (with the scaler) only where bf16 is missing (pre-Ampere).
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-
-
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
                 shuffle: bool = False, generator: torch.Generator | None = None) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
@@ -131,7 +120,9 @@ class Evaluator:
 
                 try:
                     self._scorers[key] = CachedScorer(model, data.loader.dataset, recipe.model.freeze,
-                                                      self.device, self.batch_size, self.num_workers)
+                                                      self.device, self.batch_size, self.num_workers,
+                                                      {"backbone": checkpoint.backbone,
+                                                       "kwargs": recipe.model.kwargs})
                 except CacheUnavailable:
                     pass
         return self._models[key], self._scorers[key]

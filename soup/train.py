@@ -33,7 +33,8 @@ from soup.backbones import build_model, fingerprint, freeze_prefix
 from soup.checkpoint import INGREDIENT_FILE, atomic_path, read_checkpoint, save_checkpoint, write_text_atomic
 from soup.data import class_list, load_split
 from soup.errors import Interrupted, SoupError
-from soup.evaluate import autocast_dtype, evaluate, make_loader, resolve_device
+from soup.evaluate import evaluate, make_loader, resolve_device
+from soup.precision import choose_autocast
 from soup.recipe import Ingredient, Recipe, expand_sweep
 
 STATE_FILE = "state.pt"
@@ -271,7 +272,7 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
     model.to(device)
     optimizer = make_optimizer(recipe, [p for p in model.parameters() if p.requires_grad])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(recipe, epoch))
-    amp_dtype = autocast_dtype(t.amp, device)
+    amp_dtype, amp_why = choose_autocast(t.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # Each rank's pipeline batches its share of the global batch; checkpoints keep the recipe as written.
     rank_recipe = (dataclasses.replace(recipe, train=dataclasses.replace(t, batch_size=rank_batch))
@@ -280,9 +281,9 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
     train_module = distributed.wrap(pipeline.model, device)  # DDP for the step only; saves use `model`
     step_model = torch.compile(train_module) if t.compile else train_module
     console.print(f"  data path: {pipeline.description}")
-    # The recipe's amp names a wish; say what this device makes of it (bf16 where supported, no scaler).
+    # The recipe's amp names a wish; say what this device makes of it, and why.
     precision = "fp32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast"
-    console.print(f"  precision: {precision}{' + grad scaler' if scaler.is_enabled() else ''} (train.amp: {t.amp})")
+    console.print(f"  precision: {precision}{' + grad scaler' if scaler.is_enabled() else ''} ({amp_why})")
     if w.distributed:
         bn = ("BatchNorm synchronised across ranks" if synced_bn else
               "BatchNorm statistics per rank (no SyncBatchNorm on CPU)"
