@@ -22,10 +22,15 @@ Interface:
   generator)` mixes normalised float images and returns soft targets (rows sum to 1) with the label
   smoothing folded in; `classification_loss(logits, targets, label_smoothing)` takes either kind.
 
-Per-sample randomness: torchvision v2 transforms draw their parameters once per call, so the flip is
-batched (one mask, one `torch.where`) and crops and policies run image by image, torchvision's own code
-for each. Their draws come from the global CPU RNG, so each batch runs them inside `fork_rng`, seeded
-from `generator`: reproducible, and training's own RNG stream (dropout, ...) is left where it was.
+Per-sample randomness: torchvision v2 transforms draw their parameters once per call, so every image
+draws its own here, with torchvision's own sampling, and the work is batched: the flip is one mask and
+one `torch.where`; the crops are torchvision's RandomResizedCrop boxes resampled in one bilinear
+`roi_align`; a policy's ops are drawn image by image, then each op is applied once to all the images
+that drew it (RandAugment: at most 2 x 23 batched calls whatever the batch size). The draws use the
+global CPU RNG, so each batch makes them inside `fork_rng` seeded from `generator`: reproducible, and
+training's own RNG stream (dropout, ...) is left where it was. The policies' replay relies on
+torchvision's `_apply_image_or_video_transform` (tests/test_augment.py checks it against the public
+transforms, image by image).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from soup.recipe import TrainConfig
@@ -68,6 +74,12 @@ class DeviceAugment:
         self.crop = (v2.RandomResizedCrop(image_size, scale=CROP_SCALE, antialias=True)
                      if augment == "crop_hflip" else None)
         self.policy = POLICIES[augment]() if augment in POLICIES else None
+        self._sampler, self._drawn = None, []
+        if self.policy is not None:
+            # A twin of the policy that runs torchvision's own draws but records each op it would apply
+            # instead of touching pixels (torchvision calls this method for every op it applies).
+            self._sampler = POLICIES[augment]()
+            self._sampler._apply_image_or_video_transform = self._record
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (
@@ -77,21 +89,56 @@ class DeviceAugment:
         if self.augment == "none":
             return images
         flips = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
-        # Flip first, then crop and policy: flips commute with both in distribution (crop offsets and
-        # policy signs are symmetric), so this matches the PIL path's crop, flip, policy order.
+        # Flip first: flips commute in distribution with crops and policies (crop offsets and policy
+        # signs are symmetric), so this equals the PIL path's crop, flip, policy. A new tensor from here.
         images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
-        steps = [step for step in (self.crop, self.policy) if step is not None]
-        if not steps:
+        if self.crop is None and self.policy is None:
             return images
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_fork_seed(generator))
-            return torch.stack([_apply(steps, image) for image in images])
+            if self.crop is not None:
+                images = self._crops(images)
+            if self.policy is not None:
+                images = self._policies(images)
+        return images
 
+    def _crops(self, images: torch.Tensor) -> torch.Tensor:
+        """torchvision's RandomResizedCrop box per image, all resampled in one bilinear `roi_align`
+        (the per-image resize differs by at most one level of 255, rounding)."""
+        boxes = []
+        for row in range(len(images)):
+            box = self.crop.make_params([images[row]])
+            left, top = box["left"], box["top"]
+            boxes.append([row, left, top, left + box["width"], top + box["height"]])
+        rois = torch.tensor(boxes, dtype=torch.float32, device=images.device)
+        out = roi_align(images.float(), rois, output_size=self.image_size, spatial_scale=1.0, sampling_ratio=1,
+                        aligned=True)
+        return out.round_().clamp_(0, 255).to(torch.uint8)
 
-def _apply(steps, image: torch.Tensor) -> torch.Tensor:
-    for step in steps:
-        image = step(image)
-    return image
+    def _record(self, image, transform_id, magnitude, interpolation, fill):
+        self._drawn.append((transform_id, magnitude))
+        return image
+
+    def _policies(self, images: torch.Tensor) -> torch.Tensor:
+        """Each image draws its own ops (the policy's own sampling, per image); then every op is applied
+        once to all the images that drew it at that position: at most a few dozen batched calls per batch
+        instead of one call per op per image."""
+        blank = torch.zeros((), dtype=torch.uint8).expand(images.shape[1:])  # shape only, no memory
+        drawn = []
+        for _ in range(len(images)):
+            self._drawn = []
+            self._sampler(blank)
+            drawn.append(self._drawn)
+        for slot in range(max(map(len, drawn))):
+            groups: dict[tuple, list[int]] = {}
+            for row, ops in enumerate(drawn):
+                if slot < len(ops) and ops[slot][0] != "Identity":
+                    groups.setdefault(ops[slot], []).append(row)
+            for (op, magnitude), rows in groups.items():
+                index = torch.tensor(rows, device=images.device)
+                images[index] = self.policy._apply_image_or_video_transform(
+                    images[index], op, magnitude, interpolation=self.policy.interpolation, fill=self.policy._fill)
+        return images
 
 
 class Mixer:

@@ -132,3 +132,30 @@ def test_loss_with_label_smoothing_and_soft_targets():
     assert not torch.isclose(smoothed, plain)
     soft = F.one_hot(targets, 4).float() * 0.9 + 0.1 / 4  # what a Mixer hands over for a pure image
     assert torch.isclose(classification_loss(logits, soft, label_smoothing=0.1), smoothed)
+
+
+@pytest.mark.parametrize("augment", sorted(POLICIES))
+def test_batched_policy_equals_torchvisions_transform_image_by_image(augment):
+    aug = DeviceAugment(augment, 24)
+    images = noise(32, 24, seed=1)
+    torch.manual_seed(3)
+    batched = aug._policies(images.clone())
+    torch.manual_seed(3)  # the same draws, in the same order, through the public transform
+    one_by_one = torch.stack([aug.policy(image) for image in images])
+    assert torch.equal(batched, one_by_one)
+
+
+def test_batched_crops_equal_torchvisions_boxes_resized_one_by_one():
+    aug = DeviceAugment("crop_hflip", 24)
+    images = noise(16, aug.store_size, seed=2)
+    torch.manual_seed(4)
+    batched = aug._crops(images)
+    torch.manual_seed(4)
+    boxes = [aug.crop.make_params([image]) for image in images]
+    one_by_one = torch.stack([v2.functional.resized_crop(image, b["top"], b["left"], b["height"], b["width"],
+                                                         [24, 24], antialias=False)
+                              for image, b in zip(images, boxes)])
+    difference = (batched.int() - one_by_one.int()).abs()
+    # Inside, the same bilinear resampling up to rounding; on the border roi_align reads the stored pixels
+    # just outside the box where resized_crop repeats the box's edge.
+    assert difference[..., 1:-1, 1:-1].max() <= 1 and difference.float().mean() < 0.5
