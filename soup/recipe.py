@@ -21,7 +21,8 @@ import yaml
 from soup import search
 from soup.errors import SoupError
 
-AUGMENTS = ("none", "hflip", "crop_hflip", "randaugment", "trivialaugment", "autoaugment")
+Augment = Literal["none", "hflip", "crop_hflip", "randaugment", "trivialaugment", "autoaugment"]
+AUGMENTS = typing.get_args(Augment)
 
 
 @dataclass
@@ -35,7 +36,7 @@ class DataConfig:
     holdout: float = 0.0
     holdout_seed: int = 0
     # Training only; see soup.augment for what each one does.
-    augment: Literal["none", "hflip", "crop_hflip", "randaugment", "trivialaugment", "autoaugment"] = "none"
+    augment: Augment = "none"
     skip_bad_images: bool = False
 
 
@@ -299,12 +300,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _check_settings(tree: dict, settings: dict) -> None:
     """Validate the recipe `tree` with `settings` (dotted key -> value) set, as an ingredient gets it."""
-    probe = copy.deepcopy(tree)
-    probe.pop("sweep", None)
-    probe.pop("search", None)
+    resolved = copy.deepcopy(tree)
+    resolved.pop("sweep", None)
+    resolved.pop("search", None)
     for key, value in settings.items():
-        _set_path(probe, key, value)
-    _check_values(_build(Recipe, probe, ""))
+        _set_path(resolved, key, value)
+    _check_values(_build(Recipe, resolved, ""))
 
 
 def recipe_from_dict(raw: dict, overrides: list[tuple[str, Any]] = ()) -> Recipe:
