@@ -21,6 +21,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from soup.augment import CROP_SCALE, POLICIES
 from soup.errors import SoupError
 from soup.recipe import DataConfig
 
@@ -63,9 +64,11 @@ def build_transform(cfg: DataConfig, train: bool = False) -> transforms.Compose:
     size = cfg.image_size
     steps = [transforms.Resize((size, size), antialias=True)]
     if train and cfg.augment == "crop_hflip":
-        steps = [transforms.RandomResizedCrop(size, scale=(0.8, 1.0), antialias=True)]
-    if train and cfg.augment in ("hflip", "crop_hflip"):
+        steps = [transforms.RandomResizedCrop(size, scale=CROP_SCALE, antialias=True)]
+    if train and cfg.augment != "none":  # soup.augment lists what each one does
         steps.append(transforms.RandomHorizontalFlip())
+    if train and cfg.augment in POLICIES:
+        steps.append(POLICIES[cfg.augment]())
     steps += [transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)]
     return transforms.Compose(steps)
 

@@ -18,7 +18,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from soup import search
 from soup.errors import SoupError
+
+Augment = Literal["none", "hflip", "crop_hflip", "randaugment", "trivialaugment", "autoaugment"]
+AUGMENTS = typing.get_args(Augment)
 
 
 @dataclass
@@ -31,8 +35,19 @@ class DataConfig:
     # ingredient because it is drawn with holdout_seed, not the training seed.
     holdout: float = 0.0
     holdout_seed: int = 0
-    augment: Literal["none", "hflip", "crop_hflip"] = "none"
+    # Training only; see soup.augment for what each one does.
+    augment: Augment = "none"
     skip_bad_images: bool = False
+
+
+@dataclass
+class ProbeConfig:
+    """Train the head alone on the frozen backbone before the ingredients start from it (LP-FT)."""
+
+    epochs: int
+    lr: float
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    batch_size: Optional[int] = None  # null: train.batch_size
 
 
 @dataclass
@@ -46,6 +61,7 @@ class ModelConfig:
     # from this seed, not the training seed, so that every ingredient of a sweep starts from the same
     # weights: soups need a shared start.
     init_seed: int = 0
+    probe: Optional[ProbeConfig] = None
 
 
 @dataclass
@@ -63,6 +79,24 @@ class TrainConfig:
     num_workers: int = 4
     device: str = "auto"
     compile: bool = False
+    label_smoothing: float = 0.0
+    schedule: Literal["step", "cosine"] = "step"  # step: lr_drop_epoch/lr_drop_factor; cosine: to min_lr
+    warmup_epochs: float = 0.0  # linear warm-up, per step, for either schedule
+    min_lr: float = 0.0
+    layer_decay: Optional[float] = None  # ViTs: block i's lr scaled by layer_decay^(depth - i)
+    grad_clip: Optional[float] = None  # max global gradient norm
+    ema: Optional[float] = None  # decay of an exponential moving average of the trained weights
+    mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
+    cutmix: float = 0.0
+
+
+@dataclass
+class SearchConfig:
+    """A random search: `trials` draws of the `space` (dotted key -> distribution, see soup.search)."""
+
+    trials: int
+    space: dict
+    seed: int = 0
 
 
 @dataclass
@@ -72,6 +106,7 @@ class Recipe:
     model: ModelConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: dict = field(default_factory=dict)
+    search: Optional[SearchConfig] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,6 +118,8 @@ def _close_match(word: str, options, prefix: str = "") -> str:
 
 
 def _type_name(tp) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
@@ -105,6 +142,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
         for arg in args:
             if arg is type(None):
                 continue
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return _build(arg, value, where)  # its own errors name the inner key
             try:
                 return _coerce(value, arg, where)
             except SoupError:
@@ -184,12 +223,39 @@ def _check_values(recipe: Recipe) -> None:
         (t.lr > 0, "train.lr", "must be positive"),
         (t.num_workers >= 0, "train.num_workers", "must be 0 or more"),
         (t.lr_drop_epoch is None or t.lr_drop_epoch >= 1, "train.lr_drop_epoch", "must be at least 1"),
+        *_training_checks(t),
+        *_probe_checks(m.probe),
         (recipe.name and "/" not in recipe.name, "name", "must be a non-empty folder name without '/'"),
     ]
     for ok, key, why in checks:
         if not ok:
             raise SoupError(f"{key} {why}")
     parse_backbone(m.backbone)
+
+
+def _training_checks(t: TrainConfig) -> list[tuple[bool, str, str]]:
+    return [
+        (0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)"),
+        (t.warmup_epochs >= 0, "train.warmup_epochs", "must be 0 or more"),
+        (t.warmup_epochs < t.epochs, "train.warmup_epochs", "must be less than train.epochs"),
+        (t.min_lr >= 0, "train.min_lr", "must be 0 or more"),
+        (t.schedule != "cosine" or t.min_lr <= t.lr, "train.min_lr", "must be at most train.lr"),
+        (t.layer_decay is None or 0.0 < t.layer_decay <= 1.0, "train.layer_decay", "must be in (0, 1] or null"),
+        (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive or null"),
+        (t.ema is None or 0.0 < t.ema < 1.0, "train.ema", "must be a decay in (0, 1) (e.g. 0.999) or null"),
+        (t.mixup >= 0, "train.mixup", "must be 0 (off) or a positive alpha"),
+        (t.cutmix >= 0, "train.cutmix", "must be 0 (off) or a positive alpha"),
+    ]
+
+
+def _probe_checks(probe: ProbeConfig | None) -> list[tuple[bool, str, str]]:
+    if probe is None:
+        return []
+    return [
+        (probe.epochs >= 1, "model.probe.epochs", "must be at least 1"),
+        (probe.lr > 0, "model.probe.lr", "must be positive"),
+        (probe.batch_size is None or probe.batch_size >= 1, "model.probe.batch_size", "must be at least 1"),
+    ]
 
 
 def parse_backbone(spec: str) -> tuple[str, str, str]:
@@ -232,6 +298,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _check_settings(tree: dict, settings: dict) -> None:
+    """Validate the recipe `tree` with `settings` (dotted key -> value) set, as an ingredient gets it."""
+    resolved = copy.deepcopy(tree)
+    resolved.pop("sweep", None)
+    resolved.pop("search", None)
+    for key, value in settings.items():
+        _set_path(resolved, key, value)
+    _check_values(_build(Recipe, resolved, ""))
+
+
 def recipe_from_dict(raw: dict, overrides: list[tuple[str, Any]] = ()) -> Recipe:
     tree = copy.deepcopy(raw)
     for key, value in overrides:
@@ -241,17 +317,17 @@ def recipe_from_dict(raw: dict, overrides: list[tuple[str, Any]] = ()) -> Recipe
     for key, values in recipe.sweep.items():
         if not isinstance(values, list) or not values:
             raise SoupError(f"sweep.{key}: expected a non-empty list of values, got {values!r}")
-        if key.split(".")[0] == "sweep":
-            raise SoupError(f"sweep.{key}: a sweep cannot sweep itself")
+        if key.split(".")[0] in search.SECTIONS:
+            raise SoupError(f"sweep.{key}: a sweep cannot sweep itself or the search")
         # Validate every swept value now, not hours later when its ingredient starts.
         for value in values:
-            probe = copy.deepcopy(tree)
-            probe.pop("sweep", None)
-            _set_path(probe, key, value)
             try:
-                _check_values(_build(Recipe, probe, ""))
+                _check_settings(tree, {key: value})
             except SoupError as err:
                 raise SoupError(f"sweep.{key}={value!r}: {err}") from None
+    if recipe.search is not None:
+        s = recipe.search
+        search.check(s.space, s.trials, s.seed, recipe.sweep, lambda settings: _check_settings(tree, settings))
     return recipe
 
 
@@ -277,8 +353,9 @@ class Ingredient:
     index: int
     id: str
     recipe: Recipe
-    settings: dict
+    settings: dict  # every value set for this ingredient: its grid values, then its drawn ones
     sweep_ids: list[str] = field(default_factory=list)  # every ingredient of its sweep, itself included
+    drawn: dict = field(default_factory=dict)  # the values the random search drew for it (sorted keys)
 
 
 def _slug(value: Any) -> str:
@@ -287,16 +364,24 @@ def _slug(value: Any) -> str:
 
 
 def expand_sweep(recipe: Recipe) -> list[Ingredient]:
-    """One resolved recipe per combination of the sweep's values (in the order the sweep lists them)."""
+    """One resolved recipe per ingredient: every combination of the sweep's values (in the order the sweep
+    lists them), times every trial of the search when there is one (trial-major, so that raising
+    search.trials appends ingredients and keeps the ids of those already there)."""
     base = recipe.to_dict()
-    base["sweep"] = {}
+    base["sweep"], base["search"] = {}, None
     keys = list(recipe.sweep)
+    grid = [dict(zip(keys, combo)) for combo in itertools.product(*(recipe.sweep[k] for k in keys))]
+    s = recipe.search
+    trials = search.draw_trials(s.space, s.trials, s.seed) if s is not None else [{}]
     ingredients = []
-    for index, combo in enumerate(itertools.product(*(recipe.sweep[k] for k in keys))):
-        settings = dict(zip(keys, combo))
-        resolved = recipe_from_dict(base, list(settings.items()))
+    for index, (drawn, combo) in enumerate(itertools.product(trials, grid)):
+        settings = {**combo, **drawn}
+        try:
+            resolved = recipe_from_dict(base, list(settings.items()))
+        except SoupError as err:  # values valid one by one, not together (e.g. train.min_lr > train.lr)
+            raise SoupError(f"ingredient {index} ({search.describe(settings)}): {err}") from None
         parts = [f"{index:02d}"] + [f"{k.split('.')[-1]}{_slug(v)}" for k, v in settings.items()]
-        ingredients.append(Ingredient(index, "-".join(parts), resolved, settings))
+        ingredients.append(Ingredient(index, "-".join(parts), resolved, settings, drawn=drawn))
     ids = [item.id for item in ingredients]
     for item in ingredients:
         item.sweep_ids = ids
