@@ -158,6 +158,13 @@ def uniform_soup(ingredients: list[Checkpoint], select: Selector | None, console
     return Soup(weighted_average(members), members)
 
 
+def _judged(select, state_dict: dict) -> tuple[dict, Predictions | None]:
+    """Scores and per-image predictions; a bare scoring function (a stand-in selector) has no per-image
+    predictions, and then no interval is given."""
+    judged = getattr(select, "judged", None)
+    return judged(state_dict) if judged else (select(state_dict), None)
+
+
 @soup_method("greedy", needs_selection=True)
 def greedy_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
                 kitchen: Kitchen | None = None) -> Soup:
@@ -165,7 +172,7 @@ def greedy_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
     one if the average with it does not lower held-out accuracy."""
     scored = []
     for checkpoint in ingredients:
-        result, outcome = select.judged(checkpoint.state_dict())
+        result, outcome = _judged(select, checkpoint.state_dict())
         console.print(f"  {checkpoint.name}: {result['top1']:.2%} on {select.split}")
         scored.append((result["top1"], checkpoint, outcome))
     scored.sort(key=lambda item: -item[0])  # stable: ties keep the order given
@@ -175,16 +182,16 @@ def greedy_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
     console.print(f"  greedy: start from {best.name} ({best_acc:.2%})")
     for _, candidate, _ in scored[1:]:
         trial = weighted_average([(c, 1.0 / (len(kept) + 1)) for c in kept + [candidate]])
-        result, outcome = select.judged(trial)
+        result, outcome = _judged(select, trial)
         acc = result["top1"]
         keep = acc >= best_acc
         # The gain over the soup so far on the same images: an interval holding 0 means a tie within noise.
-        gain = difference(outcome, best_outcome)
-        steps.append({"candidate": candidate.name, "top1": acc, "kept": keep, "gain": gain})
+        gain = difference(outcome, best_outcome) if outcome is not None else None
+        steps.append({"candidate": candidate.name, "top1": acc, "kept": keep, **({"gain": gain} if gain else {})})
         verdict = "[green]kept[/]" if keep else "[red]left out[/]"
-        noise = " (a tie within noise)" if gain["low"] is not None and gain["low"] <= 0 <= gain["high"] else ""
-        console.print(f"  greedy: + {candidate.name} -> {acc:.2%} on {select.split}, gain "
-                      f"{describe_difference(gain, p=False)}: {verdict}{noise}")
+        noise = " (a tie within noise)" if gain and gain["low"] is not None and gain["low"] <= 0 <= gain["high"] else ""
+        said = f", gain {describe_difference(gain, p=False)}" if gain else ""
+        console.print(f"  greedy: + {candidate.name} -> {acc:.2%} on {select.split}{said}: {verdict}{noise}")
         if keep:
             kept.append(candidate)
             best_acc, best_outcome = acc, outcome

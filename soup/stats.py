@@ -34,7 +34,8 @@ def resample_counts(n: int, resamples: int = RESAMPLES, seed: int = SEED) -> Ite
 
 def bootstrap_means(values: torch.Tensor, resamples: int = RESAMPLES, seed: int = SEED) -> torch.Tensor:
     """(resamples, rows): the mean of each row of `values` (rows, n) over each resample of its n images."""
-    values = torch.as_tensor(values).double().reshape(-1, values.shape[-1])
+    values = torch.as_tensor(values).double()
+    values = values.reshape(-1, values.shape[-1])
     n = values.shape[1]
     if n == 0:
         raise ValueError("bootstrap over no images")
@@ -54,7 +55,8 @@ def intervals(correct: torch.Tensor, ref: int | None = None, resamples: int = RE
     """Bootstrap intervals for every row of `correct` (rows, n) booleans, from one shared set of
     resamples: "low"/"high" of each row's accuracy and, with a reference row `ref`, "diff_low"/"diff_high"
     of each row's accuracy minus the reference's on the same resampled images (a paired interval)."""
-    correct = torch.as_tensor(correct).reshape(-1, correct.shape[-1])
+    correct = torch.as_tensor(correct)
+    correct = correct.reshape(-1, correct.shape[-1])
     means = bootstrap_means(correct, resamples, seed)
     low, high = percentile_interval(means, level)
     out = {"low": low.tolist(), "high": high.tolist()}
