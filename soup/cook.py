@@ -22,9 +22,9 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from soup.backbones import build_model, fingerprint
+from soup.calibrate import calibration_record, print_calibration
 from soup.checkpoint import Checkpoint, save_checkpoint, tensors_across
 from soup.errors import SoupError
-from soup.calibrate import calibration_record, print_calibration
 from soup.evaluate import Evaluator, Predictions, predictions, scores
 from soup.recipe import recipe_from_dict
 from soup.report import describe_difference, difference, versus_best
