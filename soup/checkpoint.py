@@ -72,6 +72,16 @@ def save_checkpoint(path: str | Path, state_dict: dict, meta: dict) -> Path:
     return Path(path)
 
 
+def rewrite_metadata(path: str | Path, meta: dict) -> Path:
+    """Replace a checkpoint's soup metadata, atomically; every tensor is written back exactly as read
+    (same bytes, same dtype), so only the metadata changes."""
+    with _open(Path(path)) as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps({"format": FORMAT, **meta})})
+    return Path(path)
+
+
 @dataclass
 class Checkpoint:
     path: Path

@@ -95,7 +95,9 @@ def _method_options(fn):
 @click.option("--plot", "plot_path", is_flag=False, flag_value="soups.png", default=None, metavar="[PNG]",
               help="Also write a picture of ingredients, greedy path and soups (default: soups.png beside "
               "the soup).")
-def cook(method, paths, output, data_root, select_on, no_eval, force, alpha, per_layer, plot_path):
+@click.option("--calibrate", is_flag=True, help="Also fit the soup's temperature on the selection set and "
+              "store it in its metadata (see soup calibrate).")
+def cook(method, paths, output, data_root, select_on, no_eval, force, alpha, per_layer, plot_path, calibrate):
     """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
@@ -107,7 +109,7 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, alpha, per
     output = output or Path("checkpoints") / "soups" / f"{method}.safetensors"
     options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None)) if v is not None}
     path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, console,
-                     options=options)
+                     options=options, calibrate=calibrate)
     if plot_path:
         from soup.plot import plot_checkpoints
 
@@ -144,18 +146,46 @@ def _checkpoints(paths, kinds: set[str] | None = None):
 @click.option("--split", type=click.Choice(["val", "holdout", "train"]), default="val", show_default=True)
 @click.option("--ensemble", is_flag=True, help="Add the ensemble of the ingredients (of all checkpoints when "
               "fewer than two are ingredients): mean of logits, or of probabilities across architectures.")
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (with intervals, comparisons "
+              "and --per-class).")
 @click.option("--no-cache", is_flag=True, help="Decode every image for every checkpoint (no soup.cache).")
-def eval_command(paths, data_root, split, ensemble, as_json, no_cache):
+@click.option("--bootstrap", "resamples", type=click.IntRange(min=0), default=1000, show_default=True,
+              metavar="N", help="Bootstrap resamples over images for the 95% intervals (0: no intervals).")
+@click.option("--compare", "compare", default=None, metavar="REF",
+              help="Show each row's difference to REF (a row's name, or best: the best ingredient on the "
+              "split; the default when soups are present) with a paired interval and McNemar p.")
+@click.option("--per-class", "per_class", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Also show the best row's K worst classes and K most confused class pairs.")
+def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples, compare, per_class):
     """Evaluate checkpoints side by side (default: everything under checkpoints/)."""
-    from soup.evaluate import Evaluator, eval_rows, print_eval_table
+    from soup.evaluate import Evaluator, evaluate_rows
+    from soup.report import add_per_class, add_statistics, default_reference, print_eval_table, print_per_class
 
     checkpoints = _checkpoints(paths)
-    rows = eval_rows(checkpoints, Evaluator(split, data_root, use_cache=not no_cache), ensemble)
+    evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root, use_cache=not no_cache), ensemble)
+    rows = add_statistics(evaluated, resamples, compare or default_reference([r for r, _ in evaluated]))
+    best = add_per_class(evaluated, per_class) if per_class else None
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-    else:
-        print_eval_table(rows, split, console)
+        return
+    print_eval_table(rows, split, console)
+    if best:
+        print_per_class(*best, console)
+
+
+@cli.command()
+@click.argument("paths", metavar="CKPT...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--split", type=click.Choice(["val", "holdout"]), default=None,
+              help="Split to fit on (default: the soup's selection split, else val).")
+@click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
+              help="Data root (default: the checkpoint's recipe's data.root).")
+def calibrate(paths, split, data_root):
+    """Fit a temperature for each checkpoint (LBFGS on NLL) and store it in its metadata; the weights are
+    untouched and top-1 never changes. soup eval and soup submit --ensemble use it."""
+    from soup.calibrate import calibrate_paths
+    from soup.evaluate import Evaluator
+
+    calibrate_paths(paths, split, lambda chosen: Evaluator(chosen, data_root), console)
 
 
 @cli.command(name="inspect")
@@ -194,13 +224,20 @@ def inspect_command(paths, line, points, data_root, split, as_json):
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
               help="Data root (default: each checkpoint's recipe's data.root).")
 @click.option("--split", type=click.Choice(["val", "holdout", "train"]), default="val", show_default=True)
-def plot_command(output, paths, data_root, split):
+@click.option("--reliability", "reliability_path", is_flag=False, flag_value="reliability.png", default=None,
+              metavar="[PNG]", help="Also draw a reliability diagram, one line per row (default: "
+              "reliability.png beside the picture).")
+def plot_command(output, paths, data_root, split, reliability_path):
     """Picture of held-out accuracy: ingredients (sorted), the greedy path, every soup, and the ensemble
     (default: everything under checkpoints/). Needs matplotlib: pip install 'soup[plot]'."""
     from soup.plot import plot_checkpoints
 
     checkpoints = _checkpoints(paths)
-    plot_checkpoints(checkpoints, output, split, data_root, console)
+    if reliability_path == "reliability.png":
+        reliability_path = Path(output).parent / reliability_path
+    if reliability_path is not None and Path(reliability_path).resolve() == Path(output).resolve():
+        raise SoupError(f"--reliability {reliability_path} is also the -o picture; name another file")
+    plot_checkpoints(checkpoints, output, split, data_root, console, reliability_path)
 
 
 @cli.command()

@@ -22,10 +22,12 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from soup.backbones import build_model, fingerprint
+from soup.calibrate import calibration_record, print_calibration
 from soup.checkpoint import Checkpoint, save_checkpoint, tensors_across
 from soup.errors import SoupError
-from soup.evaluate import Evaluator
+from soup.evaluate import Evaluator, Predictions, predictions, scores
 from soup.recipe import recipe_from_dict
+from soup.report import describe_difference, difference, versus_best
 
 
 @dataclass
@@ -110,6 +112,14 @@ class Selector:
     def __call__(self, state_dict: dict[str, torch.Tensor]) -> dict:
         return self.evaluator(self.template, state_dict)
 
+    def logits(self, state_dict: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
+        return self.evaluator.logits(self.template, state_dict)
+
+    def judged(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, Predictions]:
+        """The scores and the per-image predictions, so that two weight sets can be compared pairwise."""
+        logits, targets = self.logits(state_dict)
+        return scores(logits, targets), predictions(logits, targets, self.template.classes)
+
 
 @contextlib.contextmanager
 def _tensors(source: Checkpoint | dict):
@@ -148,6 +158,13 @@ def uniform_soup(ingredients: list[Checkpoint], select: Selector | None, console
     return Soup(weighted_average(members), members)
 
 
+def _judged(select, state_dict: dict) -> tuple[dict, Predictions | None]:
+    """Scores and per-image predictions; a bare scoring function (a stand-in selector) has no per-image
+    predictions, and then no interval is given."""
+    judged = getattr(select, "judged", None)
+    return judged(state_dict) if judged else (select(state_dict), None)
+
+
 @soup_method("greedy", needs_selection=True)
 def greedy_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
                 kitchen: Kitchen | None = None) -> Soup:
@@ -155,24 +172,29 @@ def greedy_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
     one if the average with it does not lower held-out accuracy."""
     scored = []
     for checkpoint in ingredients:
-        result = select(checkpoint.state_dict())
+        result, outcome = _judged(select, checkpoint.state_dict())
         console.print(f"  {checkpoint.name}: {result['top1']:.2%} on {select.split}")
-        scored.append((result["top1"], checkpoint))
+        scored.append((result["top1"], checkpoint, outcome))
     scored.sort(key=lambda item: -item[0])  # stable: ties keep the order given
-    best_acc, best = scored[0]
+    best_acc, best, best_outcome = scored[0]
     kept = [best]
     steps = [{"candidate": best.name, "top1": best_acc, "kept": True}]
     console.print(f"  greedy: start from {best.name} ({best_acc:.2%})")
-    for _, candidate in scored[1:]:
+    for _, candidate, _ in scored[1:]:
         trial = weighted_average([(c, 1.0 / (len(kept) + 1)) for c in kept + [candidate]])
-        acc = select(trial)["top1"]
+        result, outcome = _judged(select, trial)
+        acc = result["top1"]
         keep = acc >= best_acc
-        steps.append({"candidate": candidate.name, "top1": acc, "kept": keep})
+        # The gain over the soup so far on the same images: an interval holding 0 means a tie within noise.
+        gain = difference(outcome, best_outcome) if outcome is not None else None
+        steps.append({"candidate": candidate.name, "top1": acc, "kept": keep, **({"gain": gain} if gain else {})})
         verdict = "[green]kept[/]" if keep else "[red]left out[/]"
-        console.print(f"  greedy: + {candidate.name} -> {acc:.2%} on {select.split}: {verdict}")
+        noise = " (a tie within noise)" if gain and gain["low"] is not None and gain["low"] <= 0 <= gain["high"] else ""
+        said = f", gain {describe_difference(gain, p=False)}" if gain else ""
+        console.print(f"  greedy: + {candidate.name} -> {acc:.2%} on {select.split}{said}: {verdict}{noise}")
         if keep:
             kept.append(candidate)
-            best_acc = acc
+            best_acc, best_outcome = acc, outcome
     members = [(c, 1.0 / len(kept)) for c in kept]
     return Soup(weighted_average(members), members, steps)
 
@@ -399,9 +421,10 @@ def check_compatible(ingredients: list[Checkpoint], force: bool, console: Consol
 
 def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on: str | None = "val",
          data_root: str | Path | None = None, force: bool = False, console: Console | None = None,
-         device: torch.device | None = None, options: dict | None = None) -> Path:
+         device: torch.device | None = None, options: dict | None = None, calibrate: bool = False) -> Path:
     """Cook one soup with `method` and write it as a normal checkpoint with its provenance. `options` are
-    the method's own (e.g. alpha for interpolate, per_layer for learned); others are refused."""
+    the method's own (e.g. alpha for interpolate, per_layer for learned); others are refused. `calibrate`
+    fits the soup's temperature on the selection split and stores it in the metadata."""
     console = console or Console()
     if method not in METHODS:
         raise SoupError(f"unknown soup method {method!r}; choose from {', '.join(METHODS)}")
@@ -426,16 +449,25 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     if spec.needs_selection and select_on is None:
         without = " or ".join(f"--{m}" for m, s in METHODS.items() if not s.needs_selection)
         raise SoupError(f"the {method} soup needs held-out data; --no-eval works with {without} only")
+    if calibrate and select_on is None:
+        raise SoupError("--calibrate fits a temperature on held-out data; drop --no-eval")
     select = Selector(ingredients[0], select_on, data_root, device) if select_on else None
     console.print(f"[bold]{method} soup[/] of {len(ingredients)} ingredients" +
                   (f", selected on {select_on}" if select else ", without data"))
     soup = spec.fn(ingredients, select, console, Kitchen(ingredients[0], dict(options or {})))
-    selection = None
+    selection, extra = None, {}
     if select is not None:
-        result = select(soup.state_dict)
+        logits, targets = select.logits(soup.state_dict)
+        result = scores(logits, targets)
         selection = {"split": select_on, "root": select.root, **result}
         console.print(f"  {method} soup: {result['top1']:.2%} on {select_on} (the selection set) with "
                       f"{len(soup.members)} of {len(ingredients)} ingredients")
+        if calibrate:
+            extra["calibration"] = calibration_record(logits, targets, select_on)
+            print_calibration(f"{method} soup", extra["calibration"], console)
+        if method == "greedy" and select_on == "holdout":
+            extra["versus_best"] = versus_best(soup.state_dict, soup.members[0][0], "val", data_root,
+                                               select.device, console)
     reference = ingredients[0]
     meta = {
         "kind": method,
@@ -449,6 +481,7 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
         "steps": soup.steps,
         "selection": selection,
         **soup.extra,
+        **extra,
     }
     path = save_checkpoint(out, soup.state_dict, meta)
     console.print(f"  wrote {path}")

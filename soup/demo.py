@@ -22,8 +22,9 @@ from soup.checkpoint import find_checkpoints, read_checkpoint, write_text_atomic
 from soup.cook import METHODS, cook
 from soup.diagnose import pair_geometry, print_inspection
 from soup.errors import SoupError
-from soup.evaluate import Evaluator, eval_rows, print_eval_table
+from soup.evaluate import Evaluator, eval_rows, evaluate_rows
 from soup.recipe import recipe_from_dict
+from soup.report import add_statistics, default_reference, print_eval_table
 from soup.sketches import SHAPES, generate_sketches
 from soup.submit import predict_test, write_submission
 from soup.train import train_recipe
@@ -84,7 +85,8 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
     tables = {}
     for split, title in (("holdout", "on the held-out slice that selected the soups"),
                          ("val", "on val: never used for training or selection")):
-        tables[split] = eval_rows(everything, Evaluator(split), ensemble=True)
+        evaluated = evaluate_rows(everything, Evaluator(split), ensemble=True)
+        tables[split] = add_statistics(evaluated, compare=default_reference([r for r, _ in evaluated]))
         print_eval_table(tables[split], split, console, title=f"accuracy {title}")
     picture = _plot(tables["val"], read_checkpoint(soups["greedy"]), out / "soups.png", console)
     ids, categories = predict_test(read_checkpoint(soups["greedy"]))

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
 from soup.backbones import model_from_checkpoint
+from soup.calibrate import temperature_of
 from soup.checkpoint import Checkpoint
 from soup.data import load_split
 from soup.errors import SoupError
 from soup.recipe import DataConfig, recipe_from_dict
+from soup.stats import confidences, expected_calibration_error
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -164,22 +164,53 @@ def ensemble_logits(members: list[tuple[Checkpoint, torch.Tensor]]) -> tuple[tor
     return probabilities.clamp_min(1e-12).log(), f"mean of probabilities, {len(backbones)} architectures"
 
 
-def eval_rows(checkpoints: list[Checkpoint], evaluator: Evaluator, ensemble: bool = False) -> list[dict]:
-    """One row per checkpoint, and with `ensemble` one for the ensemble of the ingredients (of every
-    checkpoint when fewer than two are ingredients, e.g. a DinoV2 soup and a SwinV2 soup)."""
+@dataclass
+class Predictions:
+    """One row's per-image outcome, in the split's image order: rows reading the same images pair up."""
+
+    predicted: torch.Tensor  # (n,) class index
+    confidence: torch.Tensor  # (n,) its probability, after the row's temperature
+    targets: torch.Tensor  # (n,)
+    classes: list[str]
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.predicted == self.targets
+
+    def pairs_with(self, other: "Predictions") -> bool:
+        return self.classes == other.classes and torch.equal(self.targets, other.targets)
+
+
+def predictions(logits: torch.Tensor, targets, classes: list[str]) -> Predictions:
+    predicted, confidence = confidences(logits)
+    return Predictions(predicted, confidence, torch.as_tensor(targets), classes)
+
+
+def _row(logits: torch.Tensor, targets: list, classes: list[str], **fields) -> tuple[dict, Predictions]:
+    outcome = predictions(logits, targets, classes)
+    result = scores(logits, targets)
+    return {**fields, **result, "nll": result["loss"],
+            "ece": expected_calibration_error(outcome.confidence, outcome.correct)}, outcome
+
+
+def evaluate_rows(checkpoints: list[Checkpoint], evaluator: Evaluator,
+                  ensemble: bool = False) -> list[tuple[dict, Predictions]]:
+    """One (row, per-image predictions) per checkpoint, and with `ensemble` one for the ensemble of the
+    ingredients (of every checkpoint when fewer than two are ingredients, e.g. a DinoV2 soup and a SwinV2
+    soup). A checkpoint's stored temperature divides its logits first (top-1 unchanged, NLL/ECE not)."""
     rows, all_logits, targets = [], [], None
     for checkpoint in checkpoints:
         logits, targets = evaluator.logits(checkpoint)
-        row = {
-            "name": checkpoint.name,
-            "path": str(checkpoint.path),
-            "kind": checkpoint.kind,
-            "members": len(checkpoint.meta.get("members", [])) or 1,
-            "split": evaluator.split,
-            "selection_set": selection_split(checkpoint) == evaluator.split,
-            **scores(logits, targets),
-        }
-        rows.append(row)
+        temperature = temperature_of(checkpoint)
+        logits = logits / temperature
+        rows.append(_row(logits, targets, checkpoint.classes,
+                         name=checkpoint.name,
+                         path=str(checkpoint.path),
+                         kind=checkpoint.kind,
+                         members=len(checkpoint.meta.get("members", [])) or 1,
+                         split=evaluator.split,
+                         selection_set=selection_split(checkpoint) == evaluator.split,
+                         temperature=temperature))
         all_logits.append((checkpoint, logits, targets))
     if ensemble:
         members = [m for m in all_logits if m[0].kind == "ingredient"]
@@ -192,24 +223,13 @@ def eval_rows(checkpoints: list[Checkpoint], evaluator: Evaluator, ensemble: boo
                                 f"{evaluator.split} images; pass --data ROOT so that all read the same ones")
         # The paper's reference: the ensemble costs one forward pass per member, a soup only one.
         combined, how = ensemble_logits([(c, lg) for c, lg, _ in members])
-        rows.append({"name": f"ensemble ({how})", "path": "", "kind": "ensemble", "members": len(members),
-                     "member_names": [c.name for c, _, _ in members], "split": evaluator.split,
-                     "selection_set": False, **scores(combined, members[0][2])})
+        rows.append(_row(combined, members[0][2], members[0][0].classes,
+                         name=f"ensemble ({how})", path="", kind="ensemble", members=len(members),
+                         member_names=[c.name for c, _, _ in members], split=evaluator.split,
+                         selection_set=False, temperature=1.0))
     return rows
 
 
-def print_eval_table(rows: list[dict], split: str, console: Console, title: str | None = None) -> None:
-    table = Table(title=title or f"accuracy on {split}")
-    # Figures never wrap or shrink; a long checkpoint name folds onto a second line instead.
-    table.add_column("checkpoint", overflow="fold")
-    for column in ("kind", "members", "top-1", "top-5", "loss", "images"):
-        table.add_column(column, justify="left" if column == "kind" else "right", no_wrap=True,
-                         min_width=len(column))
-    for row in rows:
-        mark = " *" if row["selection_set"] else ""
-        table.add_row(row["name"], row["kind"], str(row["members"]), f"{row['top1']:.2%}{mark}",
-                      f"{row['top5']:.2%}", f"{row['loss']:.3f}", str(row["n"]))
-    console.print(table)
-    if any(row["selection_set"] for row in rows):
-        console.print(f"* measured on {split}, the set that selected this soup: an optimistic figure; "
-                      "a split the soup never saw gives the honest one.")
+def eval_rows(checkpoints: list[Checkpoint], evaluator: Evaluator, ensemble: bool = False) -> list[dict]:
+    """The rows of `evaluate_rows`, without the per-image predictions."""
+    return [row for row, _ in evaluate_rows(checkpoints, evaluator, ensemble)]

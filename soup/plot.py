@@ -9,7 +9,8 @@ from rich.console import Console
 
 from soup.checkpoint import Checkpoint, atomic_path
 from soup.errors import SoupError
-from soup.evaluate import Evaluator, eval_rows
+from soup.evaluate import Evaluator, Predictions, evaluate_rows
+from soup.stats import reliability
 
 INSTALL_HINT = "soup plot needs matplotlib: pip install 'soup[plot]' (or pip install matplotlib)"
 
@@ -70,13 +71,43 @@ def draw(rows: list[dict], greedy: dict | None, path: str | Path) -> dict[str, l
     return series
 
 
+def draw_reliability(evaluated: list[tuple[dict, Predictions]], path: str | Path) -> dict[str, list[float]]:
+    """A reliability diagram: accuracy against mean confidence per confidence bin, one line per row
+    (the diagonal is perfect calibration). Returns each row's drawn accuracies."""
+    Figure = _figure_class()
+    figure = Figure(figsize=(6, 5.5), layout="constrained")
+    axes = figure.subplots()
+    axes.plot([0, 1], [0, 1], linestyle=":", color="gray", label="_perfect calibration")
+    series = {}
+    for row, outcome in evaluated:
+        bins = reliability(outcome.confidence, outcome.correct)
+        filled = [i for i, count in enumerate(bins["count"]) if count]
+        label = f"{row['name']} (ECE {bins['gap']:.1%})"
+        axes.plot([bins["confidence"][i] for i in filled], [bins["accuracy"][i] for i in filled], "o-",
+                  markersize=3, label=label)
+        series[row["name"]] = [bins["accuracy"][i] for i in filled]
+    split = evaluated[0][0]["split"] if evaluated else "?"
+    axes.set_xlabel("confidence (mean per bin)")
+    axes.set_ylabel(f"accuracy on {split}")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_title(f"reliability on {split}: below the diagonal = overconfident")
+    axes.legend(fontsize=7, loc="upper left")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    return series
+
+
 def plot_checkpoints(checkpoints: list[Checkpoint], path: str | Path, split: str = "val",
-                     data_root: str | Path | None = None, console: Console | None = None) -> dict:
-    """Evaluate `checkpoints` on `split` and draw them; the greedy path comes from a greedy soup's record."""
+                     data_root: str | Path | None = None, console: Console | None = None,
+                     reliability_path: str | Path | None = None) -> dict:
+    """Evaluate `checkpoints` on `split` and draw them; the greedy path comes from a greedy soup's record.
+    With `reliability_path`, also a reliability diagram of every row there."""
     console = console or Console(quiet=True)
     _figure_class()  # fail before spending time on evaluation
     ingredients = [c for c in checkpoints if c.kind == "ingredient"]
-    rows = eval_rows(checkpoints, Evaluator(split, data_root), ensemble=len(ingredients) >= 2)
+    evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root), ensemble=len(ingredients) >= 2)
+    rows = [row for row, _ in evaluated]
     greedy_soup = next((c for c in checkpoints if c.kind == "greedy" and c.meta.get("steps")), None)
     greedy = None
     if greedy_soup is not None:
@@ -85,4 +116,8 @@ def plot_checkpoints(checkpoints: list[Checkpoint], path: str | Path, split: str
     series = draw(rows, greedy, path)
     console.print(f"wrote {path}: {len(ingredients)} ingredients, {len(rows) - len(ingredients)} soups/ensemble "
                   f"on {split}" + (", and the greedy path" if greedy else ""))
-    return {"path": Path(path), "series": series, "rows": rows}
+    result = {"path": Path(path), "series": series, "rows": rows}
+    if reliability_path is not None:
+        result["reliability"] = draw_reliability(evaluated, reliability_path)
+        console.print(f"wrote {reliability_path}: reliability of {len(rows)} rows on {split}")
+    return result

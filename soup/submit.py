@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from soup.backbones import model_from_checkpoint
+from soup.calibrate import temperature_of
 from soup.checkpoint import Checkpoint, atomic_path, write_text_atomic
 from soup.data import TestImages, build_transform
 from soup.errors import SoupError
@@ -47,7 +48,8 @@ def predict_test_ensemble(checkpoints: list[Checkpoint], data_root: str | Path |
             raise SoupError(f"--ensemble: {checkpoint.path} reads other test images than {checkpoints[0].path}; "
                             "pass --data ROOT so that all read the same ones")
         ids = member_ids
-        members.append((checkpoint, logits))
+        # Calibrated members: a probability ensemble across architectures averages calibrated probabilities.
+        members.append((checkpoint, logits / temperature_of(checkpoint)))
     combined, how = ensemble_logits(members)
     provenance = {"kind": "ensemble", "combined": how, "classes": checkpoints[0].classes,
                   "members": [_member(c) for c in checkpoints]}
@@ -68,7 +70,7 @@ def predict_submission(checkpoints: list[Checkpoint], data_root: str | Path | No
 
 def _member(checkpoint: Checkpoint) -> dict:
     return {"name": checkpoint.name, "path": str(checkpoint.path), "kind": checkpoint.kind,
-            "backbone": checkpoint.backbone}
+            "backbone": checkpoint.backbone, "temperature": temperature_of(checkpoint)}
 
 
 def write_provenance(submission: str | Path, provenance: dict) -> Path:
