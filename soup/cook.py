@@ -123,17 +123,19 @@ def _tensors(source: Checkpoint | dict):
 
 def weighted_average(members: list[tuple[Checkpoint | dict, float]]) -> dict[str, torch.Tensor]:
     """Σ wᵢ·θᵢ over floating tensors, accumulated in fp32 and read one tensor at a time; integer buffers
-    (BatchNorm's num_batches_tracked) are copied from the first member, never averaged into floats."""
+    (BatchNorm's num_batches_tracked) are copied from the first member, never averaged into floats.
+    No member is modified."""
     total: dict[str, torch.Tensor] = {}
     for index, (source, weight) in enumerate(members):
         with _tensors(source) as (keys, get):
             for key in keys:
                 tensor = get(key)
+                # Copies: a member may be an in-memory state (the start) that later mixes still read.
                 if not tensor.is_floating_point():
                     if index == 0:
-                        total[key] = tensor
+                        total[key] = tensor.clone()
                 elif index == 0:
-                    total[key] = tensor.float().mul_(weight)
+                    total[key] = tensor.to(torch.float32, copy=True).mul_(weight)
                 else:
                     total[key].add_(tensor.float(), alpha=weight)
     return total
