@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -64,6 +65,22 @@ def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
         console.print(ingredient_table(recipe.name, results))
 
 
+def _trust_hub_option(fn):
+    """--trust-hub: the only way a checkpoint's recorded torch.hub backbone may run its code (besides a copy
+    torch.hub already cached), since a checkpoint may come from anyone."""
+
+    @click.option("--trust-hub", "trust_hub", multiple=True, metavar="DIR|OWNER/REPO",
+                  help="Run the torch.hub code of this folder or GitHub repo when a checkpoint names it as its "
+                  "backbone (repeatable); without it, only timm models and the torch.hub cache's copies.")
+    @functools.wraps(fn)
+    def command(*args, trust_hub=(), **kwargs):
+        from soup.backbones import trusting_hubs
+
+        with trusting_hubs(trust_hub):
+            return fn(*args, **kwargs)
+    return command
+
+
 def _method_options(fn):
     """One flag per registered soup method (--uniform, --greedy, ...), so a new method needs no CLI code."""
     from soup.cook import METHODS
@@ -79,6 +96,7 @@ def _method_options(fn):
 
 
 @cli.command()
+@_trust_hub_option
 @_method_options
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -138,6 +156,7 @@ def _checkpoints(paths, kinds: set[str] | None = None):
 
 
 @cli.command(name="eval")
+@_trust_hub_option
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
               help="Data root (default: each checkpoint's recipe's data.root).")
@@ -159,6 +178,7 @@ def eval_command(paths, data_root, split, ensemble, as_json, no_cache):
 
 
 @cli.command(name="inspect")
+@_trust_hub_option
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--line", nargs=2, type=click.Path(path_type=Path), default=None, metavar="A B",
               help="Also measure held-out accuracy along the straight line from A to B (a dip: a loss barrier).")
@@ -188,6 +208,7 @@ def inspect_command(paths, line, points, data_root, split, as_json):
 
 
 @cli.command(name="plot")
+@_trust_hub_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="soups.png",
               show_default=True)
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
@@ -204,6 +225,7 @@ def plot_command(output, paths, data_root, split):
 
 
 @cli.command()
+@_trust_hub_option
 @click.argument("checkpoint_paths", metavar="CKPT...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
               help="Data root holding test_images/mistery_category/ (default: the recipe's data.root).")

@@ -61,7 +61,7 @@ def starting_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     """The weights `checkpoint`'s ingredients started from, rebuilt from its recipe exactly as training
     built them (pretrained backbone or model.weights, head from init_seed), checked by fingerprint."""
     recipe = recipe_from_dict(checkpoint.recipe)
-    model = build_model(recipe.model, checkpoint.classes, recipe.data.image_size)
+    model = build_model(recipe.model, checkpoint.classes, recipe.data.image_size, recorded_in=checkpoint.path)
     rebuilt = fingerprint(model)
     if rebuilt != checkpoint.fingerprint:
         source = recipe.model.weights or recipe.model.backbone

@@ -3,19 +3,22 @@
 import re
 
 import pytest
+import timm
 import torch
 import yaml
 from click.testing import CliRunner
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from soup.backbones import build_model
-from soup.checkpoint import read_checkpoint
+from soup.backbones import build_model, fingerprint
+from soup.checkpoint import read_checkpoint, save_checkpoint
 from soup.cli import cli
 from soup.cook import weighted_average
 from soup.data import load_split
-from soup.recipe import recipe_from_dict
+from soup.errors import SoupError
+from soup.recipe import ModelConfig, recipe_from_dict
 
-from conftest import tiny_recipe
+from conftest import CLASSES, HUBCONF, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +36,11 @@ def ingredient_path(work, index=0):
 
 
 def one_error_line(result, *fragments):
+    """Exit 2 and one line on stderr holding every fragment."""
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1, result.output
     for fragment in fragments:
-        assert fragment in result.output, result.output
+        assert fragment in result.stderr, result.output
 
 
 # High 1: never mutate an input ----------------------------------------------------------------------------
@@ -95,3 +99,128 @@ def test_interpolate_from_the_start_writes_and_scores_exactly_the_named_soup(tra
         assert torch.allclose(written[key].to(value.dtype), value, rtol=0, atol=1e-6), key
     final = re.search(r"interpolate soup: ([\d.]+%) on val", result.output).group(1)
     assert final == f"{_accuracy(model, loader, written):.2%}" == printed[f"{alpha:g}"]
+
+
+# High 3: a checkpoint's metadata never chooses code to run ---------------------------------------------
+
+MARKER = "RAN"  # written by the hub code below whenever it is imported
+
+
+@pytest.fixture
+def hub_checkpoints(tmp_path, small_sketch_root, hub_dir):
+    """Two checkpoints of the conftest hub model whose metadata names `evil`, a copy of that hub code that
+    also leaves a marker file when run."""
+    evil = tmp_path / "evil_hub"
+    evil.mkdir()
+    (evil / "hubconf.py").write_text(HUBCONF + f"\nimport pathlib\npathlib.Path(__file__).with_name({MARKER!r}).touch()\n")
+    recipe = recipe_from_dict(tiny_recipe(small_sketch_root, data={"image_size": 28}, model={
+        "backbone": f"hub:{hub_dir}:tiny_dinov2", "pretrained": False, "kwargs": {"img_size": 28}}))
+    model = build_model(recipe.model, CLASSES, 28)  # the user's own, trusted copy of the code
+    recorded = recipe.to_dict()
+    recorded["model"]["backbone"] = f"hub:{evil}:tiny_dinov2"
+    meta = {"kind": "ingredient", "name": "hubby", "recipe": recorded, "backbone": recorded["model"]["backbone"],
+            "classes": CLASSES, "start_fingerprint": fingerprint(model)}
+    paths = []
+    for i in range(2):
+        state = {k: v + 0.01 * (i + 1) * torch.randn_like(v) if v.is_floating_point() else v
+                 for k, v in model.state_dict().items()}
+        paths.append(save_checkpoint(tmp_path / "hubby" / f"{i}" / "model.safetensors", state, {**meta, "id": str(i)}))
+    return evil, paths
+
+
+@pytest.mark.parametrize("command", [
+    ["eval"], ["submit", "-o", "{tmp}/s.csv"], ["inspect", "--line", "{a}", "{b}"],
+    ["cook", "--stock", "--no-eval", "-o", "{tmp}/stock.safetensors"], ["cook", "-o", "{tmp}/u.safetensors"]])
+def test_untrusted_hub_code_named_by_a_checkpoint_never_runs(hub_checkpoints, tmp_path, command):
+    evil, (a, b) = hub_checkpoints
+    args = [part.format(tmp=tmp_path, a=a, b=b) for part in command]
+    paths = [str(a)] if command[0] in ("eval", "submit") else [str(a), str(b)]
+    result = CliRunner().invoke(cli, args + paths)
+    one_error_line(result, "hub:" + str(evil) + ":tiny_dinov2", f"--trust-hub {evil}", "model.safetensors")
+    assert not (evil / MARKER).exists()
+    assert not list(tmp_path.glob("*.csv")) and not list(tmp_path.glob("*.safetensors"))
+
+
+def test_inspect_without_trust_reports_distances_only(hub_checkpoints):
+    evil, paths = hub_checkpoints
+    result = CliRunner().invoke(cli, ["inspect", *map(str, paths)])
+    assert result.exit_code == 0, result.output
+    assert "not rebuilt" in result.output and "--trust-hub" in result.output
+    assert not (evil / MARKER).exists()
+
+
+def test_trusted_hub_code_runs(hub_checkpoints, tmp_path):
+    evil, paths = hub_checkpoints
+    result = CliRunner().invoke(cli, ["eval", str(paths[0]), "--trust-hub", str(evil)])
+    assert result.exit_code == 0, result.output
+    assert (evil / MARKER).exists() and "hubby/0" in result.output
+    result = CliRunner().invoke(cli, ["cook", "--stock", "--no-eval", *map(str, paths), "--trust-hub", str(evil),
+                                      "-o", str(tmp_path / "stock.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(tmp_path / "stock.safetensors").kind == "stock"
+
+
+def test_github_hub_named_by_a_checkpoint_only_from_the_hub_cache(hub_checkpoints, tmp_path, monkeypatch):
+    _, paths = hub_checkpoints
+    checkpoint = read_checkpoint(paths[0])
+    recorded = {**checkpoint.recipe, "model": {**checkpoint.recipe["model"], "backbone": "hub:someone/tiny:tiny_dinov2"}}
+    path = save_checkpoint(tmp_path / "gh.safetensors", checkpoint.state_dict(),
+                           {**checkpoint.meta, "recipe": recorded, "backbone": "hub:someone/tiny:tiny_dinov2"})
+    cache = tmp_path / "torch_hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(cache))
+    # Not cached: refused without a download (the no_network fixture fails any connection).
+    one_error_line(CliRunner().invoke(cli, ["eval", str(path)]), "hub:someone/tiny:tiny_dinov2",
+                   "--trust-hub someone/tiny", "gh.safetensors")
+    (cache / "someone_tiny_main").mkdir(parents=True)
+    (cache / "someone_tiny_main" / "hubconf.py").write_text(HUBCONF)  # what an earlier torch.hub.load left
+    result = CliRunner().invoke(cli, ["eval", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "hubby/0" in result.output and "25.00%" not in result.stderr
+
+
+# model.weights: files that do not fit, or are not weights at all -----------------------------------------
+
+def test_timm_weights_must_fit_the_backbone(tmp_path):
+    other = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=28, depth=1, embed_dim=32,
+                              num_heads=2)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, tmp_path / "vit.safetensors")
+    cfg = ModelConfig(backbone="timm:test_resnet", weights=str(tmp_path / "vit.safetensors"))
+    with pytest.raises(SoupError, match=r"model.weights: .*vit.safetensors does not fit timm:test_resnet .*Missing") as err:
+        build_model(cfg, CLASSES, 32)
+    assert "\n" not in str(err.value)
+    # A timm file with its own classifier (1000 classes here) fits: the classifier is left out.
+    donor = timm.create_model("test_resnet", num_classes=1000)
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, tmp_path / "resnet.safetensors")
+    loaded = build_model(ModelConfig(backbone="timm:test_resnet", weights=str(tmp_path / "resnet.safetensors")),
+                         CLASSES, 32)
+    for key, value in loaded.backbone.state_dict().items():
+        assert torch.equal(value, donor.state_dict()[key]), key
+
+
+class MarkerOnLoad:
+    """Unpickling this (torch.load without weights_only) would create a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("backbone", ["timm:test_resnet", "hub"])
+@pytest.mark.parametrize("content", ["pickle", "truncated", "garbage"])
+def test_bad_weights_files_are_one_line_and_never_run(small_sketch_root, tmp_path, hub_dir, backbone, content):
+    weights, marker = tmp_path / "start.pth", tmp_path / "PWNED"
+    torch.save({"w": torch.ones(3), "x": MarkerOnLoad(marker)}, weights)
+    if content == "truncated":
+        torch.save({"w": torch.ones(1000)}, weights)
+        weights.write_bytes(weights.read_bytes()[:-300])
+    elif content == "garbage":
+        weights.write_bytes(b"\x80\x04 not weights")
+    model = {"backbone": "timm:test_resnet", "weights": str(weights)}
+    if backbone == "hub":
+        model = {"backbone": f"hub:{hub_dir}:tiny_dinov2", "weights": str(weights), "kwargs": {"img_size": 28}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(small_sketch_root, model=model)))
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")])
+    one_error_line(result, "model.weights", "start.pth")
+    assert not marker.exists()
