@@ -107,29 +107,33 @@ def _method_options(fn):
               help="Held-out set that selects and checks the soup (holdout: the recipe's data.holdout slice).")
 @click.option("--no-eval", is_flag=True, help="Average without data (uniform, stock, interpolate with one alpha).")
 @click.option("--force", is_flag=True, help="Allow ingredients with different starting weights.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing soup file (never an input or an ingredient).")
 @click.option("--alpha", default=None, metavar="A|START:STOP:STEP",
               help="--interpolate: weight of B (0.5 by default), or a sweep such as 0:1:0.1 that keeps the best.")
 @click.option("--per-layer", is_flag=True, help="--learned: one coefficient per ingredient and tensor.")
 @click.option("--plot", "plot_path", is_flag=False, flag_value="soups.png", default=None, metavar="[PNG]",
               help="Also write a picture of ingredients, greedy path and soups (default: soups.png beside "
               "the soup).")
-def cook(method, paths, output, data_root, select_on, no_eval, force, alpha, per_layer, plot_path):
+def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, alpha, per_layer, plot_path):
     """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
     from soup.checkpoint import find_checkpoints
     from soup.cook import cook as cook_soup
+    from soup.outputs import check_output
 
     ingredients = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None)
     _report_sweeps(ingredients, list(paths) or [Path("checkpoints")])
     output = output or Path("checkpoints") / "soups" / f"{method}.safetensors"
+    png = (output.parent / plot_path if plot_path == "soups.png" else Path(plot_path)) if plot_path else None
+    if png:  # a picture is redrawn freely, but never over a checkpoint: checked before cooking
+        check_output(png, list(paths), overwrite=True, what="picture")
     options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None)) if v is not None}
     path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, console,
-                     options=options)
-    if plot_path:
+                     options=options, overwrite=overwrite)
+    if png:
         from soup.plot import plot_checkpoints
 
-        png = path.parent / plot_path if plot_path == "soups.png" else Path(plot_path)
         soups = [c for c in find_checkpoints([path.parent]) if c.kind != "ingredient"]
         plot_checkpoints([c for c in ingredients if c.kind == "ingredient"] + soups, png, select_on, data_root,
                          console)
@@ -218,8 +222,10 @@ def inspect_command(paths, line, points, data_root, split, as_json):
 def plot_command(output, paths, data_root, split):
     """Picture of held-out accuracy: ingredients (sorted), the greedy path, every soup, and the ensemble
     (default: everything under checkpoints/). Needs matplotlib: pip install 'soup[plot]'."""
+    from soup.outputs import check_output
     from soup.plot import plot_checkpoints
 
+    check_output(output, list(paths), overwrite=True, what="picture")  # redrawn freely, never over a checkpoint
     checkpoints = _checkpoints(paths)
     plot_checkpoints(checkpoints, output, split, data_root, console)
 
@@ -231,13 +237,15 @@ def plot_command(output, paths, data_root, split):
               help="Data root holding test_images/mistery_category/ (default: the recipe's data.root).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="submission.csv",
               show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing submission (never a checkpoint).")
 @click.option("--ensemble", is_flag=True, help="Average several checkpoints (architectures may differ, classes "
               "may not); the members are listed in <output>.json.")
-def submit(checkpoint_paths, data_root, output, ensemble):
+def submit(checkpoint_paths, data_root, output, overwrite, ensemble):
     """Write Id,Category predictions for the test images."""
     from soup.checkpoint import read_checkpoint
-    from soup.submit import predict_submission, write_provenance, write_submission
+    from soup.submit import check_submission_output, predict_submission, write_provenance, write_submission
 
+    check_submission_output(output, checkpoint_paths, overwrite)
     checkpoints = [read_checkpoint(p) for p in checkpoint_paths]
     ids, categories, provenance = predict_submission(checkpoints, data_root, ensemble)
     write_submission(output, ids, categories)

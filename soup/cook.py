@@ -25,6 +25,7 @@ from soup.backbones import build_model, fingerprint
 from soup.checkpoint import Checkpoint, save_checkpoint, tensors_across
 from soup.errors import SoupError
 from soup.evaluate import Evaluator
+from soup.outputs import check_output
 from soup.recipe import recipe_from_dict
 
 
@@ -401,9 +402,10 @@ def check_compatible(ingredients: list[Checkpoint], force: bool, console: Consol
 
 def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on: str | None = "val",
          data_root: str | Path | None = None, force: bool = False, console: Console | None = None,
-         device: torch.device | None = None, options: dict | None = None) -> Path:
+         device: torch.device | None = None, options: dict | None = None, overwrite: bool = False) -> Path:
     """Cook one soup with `method` and write it as a normal checkpoint with its provenance. `options` are
-    the method's own (e.g. alpha for interpolate, per_layer for learned); others are refused."""
+    the method's own (e.g. alpha for interpolate, per_layer for learned); others are refused. An existing
+    `out` is replaced only with `overwrite`, and never when it is an ingredient (see soup.outputs)."""
     console = console or Console()
     if method not in METHODS:
         raise SoupError(f"unknown soup method {method!r}; choose from {', '.join(METHODS)}")
@@ -423,6 +425,7 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     names = [c.name for c in ingredients]
     if len({c.path.resolve() for c in ingredients}) != len(ingredients):
         raise SoupError("the same ingredient is listed twice; a soup counts each ingredient once")
+    check_output(out, [c.path for c in ingredients], overwrite, "soup", checkpoint=True)
     check_compatible(ingredients, force, console)
     check_finite(ingredients)
     if spec.needs_selection and select_on is None:

@@ -1,6 +1,7 @@
 """Regressions from the outside audit (issue 10): cooking, outputs, trust in checkpoint metadata, odd files."""
 
 import re
+import shutil
 
 import pytest
 import timm
@@ -224,3 +225,61 @@ def test_bad_weights_files_are_one_line_and_never_run(small_sketch_root, tmp_pat
     result = CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")])
     one_error_line(result, "model.weights", "start.pth")
     assert not marker.exists()
+
+
+# High 2: outputs never silently replace anything -----------------------------------------------------------
+
+@pytest.fixture
+def work(trained, tmp_path, monkeypatch):
+    """A fresh working folder holding a copy of the trained checkpoints/, as the current directory."""
+    shutil.copytree(trained / "checkpoints", tmp_path / "checkpoints")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_cooking_again_into_an_existing_soup_needs_overwrite(work):
+    runner = CliRunner()
+    assert runner.invoke(cli, ["cook", "--greedy"]).exit_code == 0
+    soup = work / "checkpoints" / "soups" / "greedy.safetensors"
+    before = soup.read_bytes()
+    again = runner.invoke(cli, ["cook", "--greedy"])
+    one_error_line(again, "checkpoints/soups/greedy.safetensors exists", "--overwrite", "-o")
+    assert "greedy: start from" not in again.output  # refused before any work
+    assert soup.read_bytes() == before
+    replaced = runner.invoke(cli, ["cook", "--greedy", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert read_checkpoint(soup).kind == "greedy"
+
+
+def test_cook_never_writes_over_its_inputs_or_an_ingredient(work):
+    a, b = ingredient_path(work, 0), ingredient_path(work, 1)
+    before = b.read_bytes()
+    for target, message in [(b, "one of this command's inputs"), (a.parent / "soup.safetensors", "ingredient folder")]:
+        result = CliRunner().invoke(cli, ["cook", "--no-eval", str(a), str(b), "-o", str(target), "--overwrite"])
+        one_error_line(result, str(target), message)
+    shutil.copy(b, work / "copy.safetensors")  # an ingredient outside its folder is still an ingredient
+    result = CliRunner().invoke(cli, ["cook", "--no-eval", str(a), "-o", "copy.safetensors", "--overwrite"])
+    one_error_line(result, "copy.safetensors is an ingredient checkpoint")
+    assert b.read_bytes() == before == (work / "copy.safetensors").read_bytes()
+    assert not (a.parent / "soup.safetensors").exists()
+
+
+def test_submit_never_writes_over_a_checkpoint_and_asks_before_replacing(work):
+    a = ingredient_path(work)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["cook", "--no-eval", str(a), "-o", "soup.safetensors"]).exit_code == 0
+    checkpoints = {p: p.read_bytes() for p in [a, work / "soup.safetensors"]}
+    for target, message in [(a, "one of this command's inputs"), ("soup.safetensors", "checkpoint or weights path"),
+                            ("new.safetensors", "checkpoint or weights path"), (a.parent / "s.csv", "ingredient folder")]:
+        result = runner.invoke(cli, ["submit", str(a), "-o", str(target), "--overwrite"])
+        one_error_line(result, str(target), message)
+    assert all(p.read_bytes() == content for p, content in checkpoints.items())
+    assert not (work / "new.safetensors").exists() and not (a.parent / "s.csv").exists()
+
+    assert runner.invoke(cli, ["submit", str(a)]).exit_code == 0
+    (work / "submission.csv").write_text("mine\n")
+    one_error_line(runner.invoke(cli, ["submit", str(a)]), "submission.csv exists", "--overwrite", "-o")
+    assert (work / "submission.csv").read_text() == "mine\n"
+    result = runner.invoke(cli, ["submit", str(a), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (work / "submission.csv").read_text().startswith("Id,Category\n")
