@@ -144,9 +144,16 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         meta = json.loads(raw)
     except json.JSONDecodeError:
         raise SoupError(f"{path}: soup metadata is not valid JSON; the file is damaged") from None
+    if not isinstance(meta, dict):
+        raise SoupError(f"{path}: soup metadata is not a JSON object; the file is damaged")
     missing = [k for k in ("classes", "backbone", "start_fingerprint", "recipe") if k not in meta]
     if missing:
         raise SoupError(f"{path}: soup metadata lacks {', '.join(missing)}; the file is damaged")
+    types = {"classes": list, "backbone": str, "start_fingerprint": str, "recipe": dict, "kind": str}
+    wrong = [k for k, kind in types.items() if k in meta and not isinstance(meta[k], kind)]
+    if wrong or not all(isinstance(c, str) for c in meta["classes"]):
+        raise SoupError(f"{path}: soup metadata has a wrong type in {', '.join(wrong) or 'classes'}; the file "
+                        "is damaged")
     return Checkpoint(path, meta)
 
 

@@ -90,8 +90,10 @@ def write_provenance(submission: str | Path, provenance: dict) -> Path:
 
 
 def write_submission(path: str | Path, ids: list[str], categories: list[int]) -> Path:
+    """UTF-8, whatever the locale; an id from a file name that is not valid UTF-8 keeps that name's bytes
+    (the surrogates os.fsdecode made of them turn back into the same bytes)."""
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.writer(f)
             writer.writerow(["Id", "Category"])
             writer.writerows(zip(ids, categories))

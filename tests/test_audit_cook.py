@@ -1,5 +1,6 @@
 """Regressions from the outside audit (issue 10): cooking, outputs, trust in checkpoint metadata, odd files."""
 
+import os
 import re
 import shutil
 
@@ -283,3 +284,34 @@ def test_submit_never_writes_over_a_checkpoint_and_asks_before_replacing(work):
     result = runner.invoke(cli, ["submit", str(a), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert (work / "submission.csv").read_text().startswith("Id,Category\n")
+
+
+# Low: odd names and files -------------------------------------------------------------------------------
+
+def test_a_test_image_name_that_is_not_utf8_keeps_its_bytes_in_the_csv(trained, small_sketch_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(small_sketch_root, root)
+    folder = root / "test_images" / "mistery_category"
+    first = sorted(folder.iterdir())[0]
+    os.rename(bytes(first), os.fsencode(folder) + b"/img_\xff\xfe" + os.fsencode(first.suffix))
+    result = CliRunner().invoke(cli, ["submit", str(ingredient_path(trained)), "--data", str(root),
+                                      "-o", str(tmp_path / "s.csv")])
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "s.csv").read_bytes().split(b"\r\n")
+    assert lines[0] == b"Id,Category" and len([line for line in lines[1:] if line]) == len(list(folder.iterdir()))
+    assert any(line.startswith(b"img_\xff\xfe,") for line in lines)
+
+
+@pytest.mark.parametrize("raw,message", [
+    ("[1, 2]", "not a JSON object"), ("42", "not a JSON object"),
+    ('"classes backbone start_fingerprint recipe"', "not a JSON object"),
+    ('{"classes": 5, "backbone": "b", "start_fingerprint": "f", "recipe": {}}', "wrong type in classes"),
+    ('{"classes": ["a"], "backbone": "b", "start_fingerprint": "f", "recipe": [], "kind": 3}',
+     "wrong type in recipe, kind"),
+])
+def test_soup_metadata_that_is_not_an_object_is_one_line(trained, tmp_path, raw, message):
+    bad = tmp_path / "bad.safetensors"
+    save_file({"w": torch.ones(2)}, bad, metadata={"soup": raw})
+    result = CliRunner().invoke(cli, ["cook", "--no-eval", str(ingredient_path(trained)), str(bad),
+                                      "-o", str(tmp_path / "s.safetensors")])
+    one_error_line(result, f"{bad}: soup metadata", message, "damaged")
