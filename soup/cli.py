@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from soup.errors import SoupError, one_line
 
@@ -122,7 +123,8 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     from soup.cook import cook as cook_soup
     from soup.outputs import check_output
 
-    ingredients = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None)
+    ingredients = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None,
+                                   warn=_warn)
     _report_sweeps(ingredients, list(paths) or [Path("checkpoints")])
     output = output or Path("checkpoints") / "soups" / f"{method}.safetensors"
     png = (output.parent / plot_path if plot_path == "soups.png" else Path(plot_path)) if plot_path else None
@@ -134,9 +136,13 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     if png:
         from soup.plot import plot_checkpoints
 
-        soups = [c for c in find_checkpoints([path.parent]) if c.kind != "ingredient"]
+        soups = [c for c in find_checkpoints([path.parent], warn=_warn) if c.kind != "ingredient"]
         plot_checkpoints([c for c in ingredients if c.kind == "ingredient"] + soups, png, select_on, data_root,
                          console)
+
+
+def _warn(message: str) -> None:
+    console.print(f"[yellow]warning[/]: {escape(message)}")
 
 
 def _report_sweeps(ingredients, paths) -> None:
@@ -153,7 +159,7 @@ def _checkpoints(paths, kinds: set[str] | None = None):
     """The checkpoints named, or by default those under checkpoints/ (of `kinds` only, if given)."""
     from soup.checkpoint import find_checkpoints
 
-    checkpoints = find_checkpoints(list(paths) or ["checkpoints"], kinds=None if paths else kinds)
+    checkpoints = find_checkpoints(list(paths) or ["checkpoints"], kinds=None if paths else kinds, warn=_warn)
     if not checkpoints:
         raise SoupError("no checkpoints found; train with `soup train RECIPE` or name checkpoint files")
     return checkpoints

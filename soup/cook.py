@@ -438,7 +438,10 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     selection = None
     if select is not None:
         result = select(soup.state_dict)
-        selection = {"split": select_on, "root": select.root, **result}
+        # Whether held-out scores chose or fitted the weights (greedy, learned, an alpha sweep), making a
+        # later score on this split optimistic; uniform and stock are only checked on it.
+        chose = spec.needs_selection or len(soup.steps) > 1
+        selection = {"split": select_on, "root": select.root, "chose": chose, **result}
         console.print(f"  {method} soup: {result['top1']:.2%} on {select_on} (the selection set) with "
                       f"{len(soup.members)} of {len(ingredients)} ingredients")
     reference = ingredients[0]

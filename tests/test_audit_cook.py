@@ -1,5 +1,6 @@
 """Regressions from the outside audit (issue 10): cooking, outputs, trust in checkpoint metadata, odd files."""
 
+import json
 import os
 import re
 import shutil
@@ -315,3 +316,31 @@ def test_soup_metadata_that_is_not_an_object_is_one_line(trained, tmp_path, raw,
     result = CliRunner().invoke(cli, ["cook", "--no-eval", str(ingredient_path(trained)), str(bad),
                                       "-o", str(tmp_path / "s.safetensors")])
     one_error_line(result, f"{bad}: soup metadata", message, "damaged")
+
+
+def test_a_damaged_ingredient_in_a_folder_is_named_and_the_rest_cooked(work):
+    damaged = ingredient_path(work, 1)
+    damaged.write_bytes(damaged.read_bytes()[:-500])
+    result = CliRunner().invoke(cli, ["cook", "--no-eval", "checkpoints/tiny", "-o", "u.safetensors"])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())  # rich wraps long lines
+    assert "warning: skipped checkpoints/tiny/01-seed1/model.safetensors: not a readable safetensors file" in flat
+    assert [m["name"] for m in read_checkpoint(work / "u.safetensors").meta["members"]] == ["tiny/00-seed0"]
+    result = CliRunner().invoke(cli, ["eval", "checkpoints"])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "warning: skipped checkpoints/tiny/01-seed1/model.safetensors" in flat and "tiny/00-seed0" in flat
+
+
+def test_only_soups_chosen_on_a_split_are_marked_as_measured_on_it(work):
+    runner = CliRunner()
+    b = str(ingredient_path(work, 1))
+    cooks = {"uniform": ["--uniform"], "stock": ["--stock"], "greedy": ["--greedy"],
+             "wise1": ["--interpolate", b, "--alpha", "0.5"], "wise": ["--interpolate", b, "--alpha", "0:1:0.5"]}
+    for name, args in cooks.items():
+        result = runner.invoke(cli, ["cook", *args, "-o", f"soups/{name}.safetensors"])
+        assert result.exit_code == 0, result.output
+        assert read_checkpoint(work / "soups" / f"{name}.safetensors").meta["selection"]["split"] == "val"
+    rows = json.loads(runner.invoke(cli, ["eval", "soups", "--json"]).output)
+    assert {row["name"]: row["selection_set"] for row in rows} == {
+        "uniform": False, "stock": False, "greedy": True, "wise1": False, "wise": True}
