@@ -122,8 +122,8 @@ def _trusted_hub(source: str, spec: str, recorded_in: str | Path) -> str:
         if source in trusted or source.partition(":")[0] in trusted:
             return source  # named on the command line: fetched as `soup train` would
     where = source if is_local else source.partition(":")[0]
-    raise SoupError(f"{recorded_in}: its metadata names the backbone {spec}, whose code ({where}) you have not "
-                    f"trusted, and soup runs no code a checkpoint names; if you trust it, add --trust-hub {where}")
+    raise SoupError(f"{recorded_in}: its recorded backbone {spec} would run the code in {where}, which you have "
+                    f"not trusted (a checkpoint never chooses code to run); if you trust it, add --trust-hub {where}")
 
 
 def _create_hub(source: str, entry: str, pretrained: bool, kwargs: dict) -> nn.Module:

@@ -219,7 +219,7 @@ def test_bad_weights_files_are_one_line_and_never_run(small_sketch_root, tmp_pat
         torch.save({"w": torch.ones(1000)}, weights)
         weights.write_bytes(weights.read_bytes()[:-300])
     elif content == "garbage":
-        weights.write_bytes(b"\x80\x04 not weights")
+        weights.write_bytes(b"not weights at all")
     model = {"backbone": "timm:test_resnet", "weights": str(weights)}
     if backbone == "hub":
         model = {"backbone": f"hub:{hub_dir}:tiny_dinov2", "weights": str(weights), "kwargs": {"img_size": 28}}
