@@ -89,7 +89,8 @@ def child(folder: Path, n: int) -> None:
     if not reset_peak():
         baseline = peak_mb()
     started = time.perf_counter()
-    cook("uniform", ingredients, folder / f"soup{n}.safetensors", select_on=None, console=Console(quiet=True))
+    cook("uniform", ingredients, folder / f"soup{n}.safetensors", select_on=None, console=Console(quiet=True),
+         overwrite=True)  # a rerun measures again into the same folder
     print(json.dumps({"n": n, "baseline_mb": baseline, "peak_mb": max(peak_mb(), baseline),
                       "seconds": time.perf_counter() - started}))
 

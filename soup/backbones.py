@@ -7,8 +7,12 @@ when not, and from a soup checkpoint when a checkpoint is loaded for evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import pickle
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -45,15 +49,81 @@ def _offline_hint(spec: str) -> str:
 def _create_timm(name: str, pretrained: bool, kwargs: dict, weights_file: str | None) -> nn.Module:
     import timm
 
-    if weights_file:  # timm's own loader adapts heads and position embeddings of a local file
-        kwargs = {**kwargs, "pretrained_cfg_overlay": dict(file=str(weights_file))}
+    if not timm.is_model(name):
+        raise SoupError(f"model.backbone: timm has no model {name!r}; see timm.list_models()")
+    if weights_file:
+        # Read here (tensors only, one line on a bad file), then handed to timm's own loader, which adapts
+        # position embeddings and formats. timm drops a classifier of another class count and then loads
+        # leniently, ignoring keys that do not fit: the classifier goes here instead, so its load is strict.
+        classifier = timm.models.get_pretrained_cfg_value(name, "classifier") or ()
+        classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        state = {k: v for k, v in _read_weight_file(weights_file).items() if k.rpartition(".")[0] not in classifier}
+        kwargs = {**kwargs, "pretrained_cfg_overlay": dict(state_dict=state, num_classes=0)}
         pretrained = True
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise SoupError(f"model.backbone: timm has no model {name!r}; see timm.list_models()") from None
-        raise
+        if not weights_file:
+            raise
+        detail = " ".join(str(err).split())
+        raise SoupError(f"model.weights: {weights_file} does not fit timm:{name} "
+                        f"({detail[:200]}{'...' if len(detail) > 200 else ''}); check model.backbone and "
+                        "model.kwargs") from None
+    if weights_file:  # timm keeps its pretrained config on the model: not a second copy of the weights
+        getattr(model, "pretrained_cfg", {}).pop("state_dict", None)
+    return model
+
+
+# Hub code the user vouches for on the command line (--trust-hub): local folders or GitHub owner/repo.
+_TRUSTED_HUBS: ContextVar[tuple[str, ...]] = ContextVar("trusted_hubs", default=())
+
+
+@contextlib.contextmanager
+def trusting_hubs(sources: Iterable[str]):
+    """Within the block, rebuilding a checkpoint may run the hub code of `sources` (see `_trusted_hub`)."""
+    token = _TRUSTED_HUBS.set(tuple(sources))
+    try:
+        yield
+    finally:
+        _TRUSTED_HUBS.reset(token)
+
+
+def _hub_cache_copy(repo: str) -> Path | None:
+    """The torch.hub cache's copy of GitHub `owner/name[:ref]`, named as torch.hub names it; without a ref,
+    main or master, as torch.hub looks them up offline."""
+    name, _, ref = repo.partition(":")
+    if name.count("/") != 1:
+        return None
+    for branch in [ref] if ref else ["main", "master"]:
+        folder = Path(torch.hub.get_dir()) / f"{name.replace('/', '_')}_{branch.replace('/', '_')}"
+        if (folder / "hubconf.py").is_file():
+            return folder
+    return None
+
+
+def _trusted_hub(source: str, spec: str, recorded_in: str | Path) -> str:
+    """Where to load the hub code a checkpoint's metadata names, if the user trusts it: a folder or repo
+    named with --trust-hub, or a copy already in the torch.hub cache (torch.hub trusts what it cached).
+    Metadata is data: anything else, and any download of code it names, is refused."""
+    trusted = _TRUSTED_HUBS.get()
+    local = Path(source).expanduser()
+    is_local = local.is_dir() or source.startswith((".", "/", "~"))
+    if is_local:
+        folder = local.resolve()
+        if folder.parent == Path(torch.hub.get_dir()).resolve() or any(
+                Path(t).expanduser().resolve() == folder for t in trusted):
+            return source
+    else:
+        cached = _hub_cache_copy(source)
+        if cached is not None:
+            return str(cached)
+        if source in trusted or source.partition(":")[0] in trusted:
+            return source  # named on the command line: fetched as `soup train` would
+    where = source if is_local else source.partition(":")[0]
+    raise SoupError(f"{recorded_in}: its recorded backbone {spec} would run the code in {where}, which you have "
+                    f"not trusted (a checkpoint never chooses code to run); if you trust it, add --trust-hub {where}")
 
 
 def _create_hub(source: str, entry: str, pretrained: bool, kwargs: dict) -> nn.Module:
@@ -80,9 +150,13 @@ def _num_features(backbone: nn.Module, image_size: int) -> int:
     return out.shape[1]
 
 
-def create_backbone(cfg: ModelConfig, image_size: int, pretrained: bool, weights_file: str | None = None):
-    """The bare backbone (features out). `weights_file` is a raw (non-soup) weight file to start from."""
+def create_backbone(cfg: ModelConfig, image_size: int, pretrained: bool, weights_file: str | None = None,
+                    recorded_in: str | Path | None = None):
+    """The bare backbone (features out). `weights_file` is a raw (non-soup) weight file to start from.
+    `recorded_in`: the checkpoint whose metadata named `cfg`, whose hub code then must be trusted."""
     kind, source, entry = parse_backbone(cfg.backbone)
+    if kind == "hub" and recorded_in is not None:
+        source = _trusted_hub(source, cfg.backbone, recorded_in)
     try:
         if kind == "timm":
             backbone = _create_timm(entry, pretrained, dict(cfg.kwargs), weights_file)
@@ -116,6 +190,8 @@ def _read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and safetensors each raise their own types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, pickle.UnpicklingError):  # torch's own first line offers to unpickle anyway
+            first = "a pickle of more than tensors, or a damaged file; nothing in it was run"
         raise SoupError(f"model.weights: cannot read {path} as weights ({first}); only tensors are loaded "
                         "(torch.load weights_only=True)") from None
     for key in ("state_dict", "model", "module"):
@@ -139,11 +215,12 @@ def _load_into(module: nn.Module, state: dict, source, strict: bool) -> None:
 
 
 def build_model(cfg: ModelConfig, classes: list[str], image_size: int, pretrained: bool | None = None,
-                load_weights: bool = True) -> Classifier:
+                load_weights: bool = True, recorded_in: str | Path | None = None) -> Classifier:
     """A classifier for `classes`, initialised as the recipe says.
 
     Everything not loaded from a file is drawn from `cfg.init_seed` (in a forked RNG), so every ingredient
-    of a sweep starts from the same weights whatever its training seed.
+    of a sweep starts from the same weights whatever its training seed. `recorded_in`: the checkpoint
+    whose metadata holds `cfg` (not a recipe the user runs): its hub code must be trusted.
     """
     pretrained = cfg.pretrained if pretrained is None else pretrained
     weights = cfg.weights if load_weights else None
@@ -159,7 +236,8 @@ def build_model(cfg: ModelConfig, classes: list[str], image_size: int, pretraine
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         backbone, num_features = create_backbone(
-            cfg, image_size, pretrained=pretrained and weights is None, weights_file=raw_weights)
+            cfg, image_size, pretrained=pretrained and weights is None, weights_file=raw_weights,
+            recorded_in=recorded_in)
         model = Classifier(backbone, num_features, len(classes))
     if soup_start is not None:
         state = soup_start.state_dict()
@@ -171,12 +249,13 @@ def build_model(cfg: ModelConfig, classes: list[str], image_size: int, pretraine
 
 
 def model_from_checkpoint(checkpoint: Checkpoint) -> Classifier:
-    """Rebuild a checkpoint's architecture without downloading anything, then load its weights."""
+    """Rebuild a checkpoint's architecture without downloading anything (no pretrained weights, hub code
+    only where trusted), then load its weights."""
     from soup.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(checkpoint.recipe)
     model = build_model(recipe.model, checkpoint.classes, recipe.data.image_size, pretrained=False,
-                        load_weights=False)
+                        load_weights=False, recorded_in=checkpoint.path)
     state = checkpoint.state_dict()
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -154,9 +154,16 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         meta = json.loads(raw)
     except json.JSONDecodeError:
         raise SoupError(f"{path}: soup metadata is not valid JSON; the file is damaged") from None
+    if not isinstance(meta, dict):
+        raise SoupError(f"{path}: soup metadata is not a JSON object; the file is damaged")
     missing = [k for k in ("classes", "backbone", "start_fingerprint", "recipe") if k not in meta]
     if missing:
         raise SoupError(f"{path}: soup metadata lacks {', '.join(missing)}; the file is damaged")
+    types = {"classes": list, "backbone": str, "start_fingerprint": str, "recipe": dict, "kind": str}
+    wrong = [k for k, kind in types.items() if k in meta and not isinstance(meta[k], kind)]
+    if wrong or not all(isinstance(c, str) for c in meta["classes"]):
+        raise SoupError(f"{path}: soup metadata has a wrong type in {', '.join(wrong) or 'classes'}; the file "
+                        "is damaged")
     return Checkpoint(path, meta)
 
 
@@ -168,18 +175,34 @@ def is_soup_checkpoint(path: str | Path) -> bool:
         return False
 
 
-def find_checkpoints(paths: list[str | Path], kinds: set[str] | None = None) -> list[Checkpoint]:
-    """Checkpoints named, or found below named folders (sorted), optionally of some kinds only."""
+def _in_folder(folder: Path, warn: Callable[[str], None] | None) -> list[Checkpoint]:
+    """The soup checkpoints below `folder`, sorted. Other safetensors files (weights kept there) are passed
+    over; a damaged one is named through `warn` and skipped, or without `warn` stops with its error."""
+    found = []
+    for file in sorted(folder.rglob("*.safetensors")):
+        if file.name.startswith("."):
+            continue
+        try:
+            with _open(file) as f:
+                if METADATA_KEY not in (f.metadata() or {}):
+                    continue
+            found.append(read_checkpoint(file))
+        except SoupError as err:
+            if warn is None:
+                raise
+            warn(f"skipped {err}")
+    return found
+
+
+def find_checkpoints(paths: list[str | Path], kinds: set[str] | None = None,
+                     warn: Callable[[str], None] | None = None) -> list[Checkpoint]:
+    """Checkpoints named, or found below named folders (sorted), optionally of some kinds only. A damaged
+    file in a folder goes to `warn` (the search goes on) or, without it, stops the search."""
     found: list[Checkpoint] = []
     for given in paths:
         given = Path(given)
         if given.is_dir():
-            for file in sorted(given.rglob("*.safetensors")):
-                if file.name.startswith(".") or not is_soup_checkpoint(file):
-                    continue
-                checkpoint = read_checkpoint(file)
-                if kinds is None or checkpoint.kind in kinds:
-                    found.append(checkpoint)
+            found.extend(c for c in _in_folder(given, warn) if kinds is None or c.kind in kinds)
         elif given.exists():
             found.append(read_checkpoint(given))
         else:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from soup.errors import SoupError, one_line
 
@@ -64,6 +66,22 @@ def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
         console.print(ingredient_table(recipe.name, results))
 
 
+def _trust_hub_option(fn):
+    """--trust-hub: the only way a checkpoint's recorded torch.hub backbone may run its code (besides a copy
+    torch.hub already cached), since a checkpoint may come from anyone."""
+
+    @click.option("--trust-hub", "trust_hub", multiple=True, metavar="DIR|OWNER/REPO",
+                  help="Run the torch.hub code of this folder or GitHub repo when a checkpoint names it as its "
+                  "backbone (repeatable); without it, only timm models and the torch.hub cache's copies.")
+    @functools.wraps(fn)
+    def command(*args, trust_hub=(), **kwargs):
+        from soup.backbones import trusting_hubs
+
+        with trusting_hubs(trust_hub):
+            return fn(*args, **kwargs)
+    return command
+
+
 def _method_options(fn):
     """One flag per registered soup method (--uniform, --greedy, ...), so a new method needs no CLI code."""
     from soup.cook import METHODS
@@ -79,6 +97,7 @@ def _method_options(fn):
 
 
 @cli.command()
+@_trust_hub_option
 @_method_options
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -89,6 +108,7 @@ def _method_options(fn):
               help="Held-out set that selects and checks the soup (holdout: the recipe's data.holdout slice).")
 @click.option("--no-eval", is_flag=True, help="Average without data (uniform, stock, interpolate with one alpha).")
 @click.option("--force", is_flag=True, help="Allow ingredients with different starting weights.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing soup file (never an input or an ingredient).")
 @click.option("--alpha", default=None, metavar="A|START:STOP:STEP",
               help="--interpolate: weight of B (0.5 by default), or a sweep such as 0:1:0.1 that keeps the best.")
 @click.option("--per-layer", is_flag=True, help="--learned: one coefficient per ingredient and tensor.")
@@ -97,26 +117,34 @@ def _method_options(fn):
               "the soup).")
 @click.option("--calibrate", is_flag=True, help="Also fit the soup's temperature on the selection set and "
               "store it in its metadata (see soup calibrate).")
-def cook(method, paths, output, data_root, select_on, no_eval, force, alpha, per_layer, plot_path, calibrate):
+def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, alpha, per_layer, plot_path, calibrate):
     """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
     from soup.checkpoint import find_checkpoints
     from soup.cook import cook as cook_soup
+    from soup.outputs import check_output
 
-    ingredients = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None)
+    ingredients = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None,
+                                   warn=_warn)
     _report_sweeps(ingredients, list(paths) or [Path("checkpoints")])
     output = output or Path("checkpoints") / "soups" / f"{method}.safetensors"
+    png = (output.parent / plot_path if plot_path == "soups.png" else Path(plot_path)) if plot_path else None
+    if png:  # a picture is redrawn freely, but never over a checkpoint: checked before cooking
+        check_output(png, list(paths), overwrite=True, what="picture")
     options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None)) if v is not None}
     path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, console,
-                     options=options, calibrate=calibrate)
-    if plot_path:
+                     options=options, calibrate=calibrate, overwrite=overwrite)
+    if png:
         from soup.plot import plot_checkpoints
 
-        png = path.parent / plot_path if plot_path == "soups.png" else Path(plot_path)
-        soups = [c for c in find_checkpoints([path.parent]) if c.kind != "ingredient"]
+        soups = [c for c in find_checkpoints([path.parent], warn=_warn) if c.kind != "ingredient"]
         plot_checkpoints([c for c in ingredients if c.kind == "ingredient"] + soups, png, select_on, data_root,
                          console)
+
+
+def _warn(message: str) -> None:
+    console.print(f"[yellow]warning[/]: {escape(message)}")
 
 
 def _report_sweeps(ingredients, paths) -> None:
@@ -133,13 +161,14 @@ def _checkpoints(paths, kinds: set[str] | None = None):
     """The checkpoints named, or by default those under checkpoints/ (of `kinds` only, if given)."""
     from soup.checkpoint import find_checkpoints
 
-    checkpoints = find_checkpoints(list(paths) or ["checkpoints"], kinds=None if paths else kinds)
+    checkpoints = find_checkpoints(list(paths) or ["checkpoints"], kinds=None if paths else kinds, warn=_warn)
     if not checkpoints:
         raise SoupError("no checkpoints found; train with `soup train RECIPE` or name checkpoint files")
     return checkpoints
 
 
 @cli.command(name="eval")
+@_trust_hub_option
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
               help="Data root (default: each checkpoint's recipe's data.root).")
@@ -189,6 +218,7 @@ def calibrate(paths, split, data_root):
 
 
 @cli.command(name="inspect")
+@_trust_hub_option
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--line", nargs=2, type=click.Path(path_type=Path), default=None, metavar="A B",
               help="Also measure held-out accuracy along the straight line from A to B (a dip: a loss barrier).")
@@ -218,6 +248,7 @@ def inspect_command(paths, line, points, data_root, split, as_json):
 
 
 @cli.command(name="plot")
+@_trust_hub_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="soups.png",
               show_default=True)
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
@@ -230,8 +261,10 @@ def inspect_command(paths, line, points, data_root, split, as_json):
 def plot_command(output, paths, data_root, split, reliability_path):
     """Picture of held-out accuracy: ingredients (sorted), the greedy path, every soup, and the ensemble
     (default: everything under checkpoints/). Needs matplotlib: pip install 'soup[plot]'."""
+    from soup.outputs import check_output
     from soup.plot import plot_checkpoints
 
+    check_output(output, list(paths), overwrite=True, what="picture")  # redrawn freely, never over a checkpoint
     checkpoints = _checkpoints(paths)
     if reliability_path == "reliability.png":
         reliability_path = Path(output).parent / reliability_path
@@ -241,18 +274,21 @@ def plot_command(output, paths, data_root, split, reliability_path):
 
 
 @cli.command()
+@_trust_hub_option
 @click.argument("checkpoint_paths", metavar="CKPT...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
               help="Data root holding test_images/mistery_category/ (default: the recipe's data.root).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="submission.csv",
               show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing submission (never a checkpoint).")
 @click.option("--ensemble", is_flag=True, help="Average several checkpoints (architectures may differ, classes "
               "may not); the members are listed in <output>.json.")
-def submit(checkpoint_paths, data_root, output, ensemble):
+def submit(checkpoint_paths, data_root, output, overwrite, ensemble):
     """Write Id,Category predictions for the test images."""
     from soup.checkpoint import read_checkpoint
-    from soup.submit import predict_submission, write_provenance, write_submission
+    from soup.submit import check_submission_output, predict_submission, write_provenance, write_submission
 
+    check_submission_output(output, checkpoint_paths, overwrite)
     checkpoints = [read_checkpoint(p) for p in checkpoint_paths]
     ids, categories, provenance = predict_submission(checkpoints, data_root, ensemble)
     write_submission(output, ids, categories)

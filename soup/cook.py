@@ -26,6 +26,7 @@ from soup.calibrate import calibration_record, print_calibration
 from soup.checkpoint import Checkpoint, save_checkpoint, tensors_across
 from soup.errors import SoupError
 from soup.evaluate import Evaluator, Predictions, predictions, scores
+from soup.outputs import check_output
 from soup.recipe import recipe_from_dict
 from soup.report import describe_difference, difference, versus_best
 
@@ -63,7 +64,7 @@ def starting_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     """The weights `checkpoint`'s ingredients started from, rebuilt from its recipe exactly as training
     built them (pretrained backbone or model.weights, head from init_seed), checked by fingerprint."""
     recipe = recipe_from_dict(checkpoint.recipe)
-    model = build_model(recipe.model, checkpoint.classes, recipe.data.image_size)
+    model = build_model(recipe.model, checkpoint.classes, recipe.data.image_size, recorded_in=checkpoint.path)
     rebuilt = fingerprint(model)
     if rebuilt != checkpoint.fingerprint:
         source = recipe.model.weights or recipe.model.backbone
@@ -133,17 +134,19 @@ def _tensors(source: Checkpoint | dict):
 
 def weighted_average(members: list[tuple[Checkpoint | dict, float]]) -> dict[str, torch.Tensor]:
     """Σ wᵢ·θᵢ over floating tensors, accumulated in fp32 and read one tensor at a time; integer buffers
-    (BatchNorm's num_batches_tracked) are copied from the first member, never averaged into floats."""
+    (BatchNorm's num_batches_tracked) are copied from the first member, never averaged into floats.
+    No member is modified."""
     total: dict[str, torch.Tensor] = {}
     for index, (source, weight) in enumerate(members):
         with _tensors(source) as (keys, get):
             for key in keys:
                 tensor = get(key)
+                # Copies: a member may be an in-memory state (the start) that later mixes still read.
                 if not tensor.is_floating_point():
                     if index == 0:
-                        total[key] = tensor
+                        total[key] = tensor.clone()
                 elif index == 0:
-                    total[key] = tensor.float().mul_(weight)
+                    total[key] = tensor.to(torch.float32, copy=True).mul_(weight)
                 else:
                     total[key].add_(tensor.float(), alpha=weight)
     return total
@@ -421,10 +424,12 @@ def check_compatible(ingredients: list[Checkpoint], force: bool, console: Consol
 
 def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on: str | None = "val",
          data_root: str | Path | None = None, force: bool = False, console: Console | None = None,
-         device: torch.device | None = None, options: dict | None = None, calibrate: bool = False) -> Path:
+         device: torch.device | None = None, options: dict | None = None, calibrate: bool = False,
+         overwrite: bool = False) -> Path:
     """Cook one soup with `method` and write it as a normal checkpoint with its provenance. `options` are
     the method's own (e.g. alpha for interpolate, per_layer for learned); others are refused. `calibrate`
-    fits the soup's temperature on the selection split and stores it in the metadata."""
+    fits the soup's temperature on the selection split and stores it in the metadata. An existing
+    `out` is replaced only with `overwrite`, and never when it is an ingredient (see soup.outputs)."""
     console = console or Console()
     if method not in METHODS:
         raise SoupError(f"unknown soup method {method!r}; choose from {', '.join(METHODS)}")
@@ -444,6 +449,7 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     names = [c.name for c in ingredients]
     if len({c.path.resolve() for c in ingredients}) != len(ingredients):
         raise SoupError("the same ingredient is listed twice; a soup counts each ingredient once")
+    check_output(out, [c.path for c in ingredients], overwrite, "soup", checkpoint=True)
     check_compatible(ingredients, force, console)
     check_finite(ingredients)
     if spec.needs_selection and select_on is None:
@@ -459,7 +465,10 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     if select is not None:
         logits, targets = select.logits(soup.state_dict)
         result = scores(logits, targets)
-        selection = {"split": select_on, "root": select.root, **result}
+        # Whether held-out scores chose or fitted the weights (greedy, learned, an alpha sweep), making a
+        # later score on this split optimistic; uniform and stock are only checked on it.
+        chose = spec.needs_selection or len(soup.steps) > 1
+        selection = {"split": select_on, "root": select.root, "chose": chose, **result}
         console.print(f"  {method} soup: {result['top1']:.2%} on {select_on} (the selection set) with "
                       f"{len(soup.members)} of {len(ingredients)} ingredients")
         if calibrate:

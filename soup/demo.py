@@ -73,12 +73,13 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
     ingredients = find_checkpoints([ckpts / "sketch_soup"], kinds={"ingredient"})
 
     console.rule("3. soups, selected on the held-out slice of train")
+    # A rerun cooks its soups again (overwrite: they are the demo's own outputs, never an ingredient).
     soups = {method: cook(method, ingredients, ckpts / "soups" / f"{method}.safetensors", "holdout",
-                          console=console) for method in METHODS if method != "interpolate"}
+                          console=console, overwrite=True) for method in METHODS if method != "interpolate"}
     # WiSE-FT from the starting weights (with the trained head) to the greedy soup, alpha chosen on holdout.
     soups["interpolate"] = cook("interpolate", [read_checkpoint(soups["greedy"])],
                                 ckpts / "soups" / "interpolate.safetensors", "holdout", console=console,
-                                options={"alpha": "0:1:0.25"})
+                                options={"alpha": "0:1:0.25"}, overwrite=True)
 
     console.rule("4. ingredients vs soups")
     everything = ingredients + [read_checkpoint(p) for p in soups.values()]
@@ -103,7 +104,7 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
     except SoupError as err:
         console.print(f"[yellow]refused, as it should be[/]: {escape(str(err))}")
     forced = cook("uniform", pair, ckpts / "stranger" / "forced.safetensors", None, force=True,
-                  console=console)
+                  console=console, overwrite=True)
     forced_rows = eval_rows(pair + [read_checkpoint(forced)], Evaluator("val"))
     print_eval_table(forced_rows, "val", console, title="a forced soup of two different starts, on val")
     return {"soups": soups, "submission": submission, "tables": tables, "forced": forced_rows, "plot": picture}

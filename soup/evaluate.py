@@ -145,7 +145,10 @@ class Evaluator:
 
 
 def selection_split(checkpoint: Checkpoint) -> str | None:
-    return (checkpoint.meta.get("selection") or {}).get("split")
+    """The split whose scores chose or fitted this soup's weights, if any. A uniform or stock soup cooked
+    with data was only checked on its split ("chose": false); soups from before that record count as chosen."""
+    selection = checkpoint.meta.get("selection") or {}
+    return selection.get("split") if selection.get("chose", True) else None
 
 
 def ensemble_logits(members: list[tuple[Checkpoint, torch.Tensor]]) -> tuple[torch.Tensor, str]:

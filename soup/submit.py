@@ -14,6 +14,7 @@ from soup.checkpoint import Checkpoint, atomic_path, write_text_atomic
 from soup.data import TestImages, build_transform
 from soup.errors import SoupError
 from soup.evaluate import ensemble_logits, make_loader, predict, resolve_device
+from soup.outputs import check_output
 from soup.recipe import recipe_from_dict
 
 
@@ -73,16 +74,28 @@ def _member(checkpoint: Checkpoint) -> dict:
             "backbone": checkpoint.backbone, "temperature": temperature_of(checkpoint)}
 
 
+def provenance_path(submission: str | Path) -> Path:
+    return Path(f"{submission}.json")
+
+
+def check_submission_output(submission: str | Path, inputs: list[str | Path], overwrite: bool) -> None:
+    """Before predicting: the CSV and its sidecar go where soup.outputs allows."""
+    for path in (Path(submission), provenance_path(submission)):
+        check_output(path, inputs, overwrite, "submission")
+
+
 def write_provenance(submission: str | Path, provenance: dict) -> Path:
     """A sidecar `<submission>.json`: the CSV itself stays exactly the Id,Category rows Kaggle expects."""
-    path = Path(f"{submission}.json")
+    path = provenance_path(submission)
     write_text_atomic(path, json.dumps(provenance, indent=2) + "\n")
     return path
 
 
 def write_submission(path: str | Path, ids: list[str], categories: list[int]) -> Path:
+    """UTF-8, whatever the locale; an id from a file name that is not valid UTF-8 keeps that name's bytes
+    (the surrogates os.fsdecode made of them turn back into the same bytes)."""
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.writer(f)
             writer.writerow(["Id", "Category"])
             writer.writerows(zip(ids, categories))
