@@ -17,7 +17,12 @@ def main():
     # Imported only now, after the handlers: importing the CLI loads torch.
     from soup.cli import main as cli_main
 
-    cli_main()
+    try:
+        cli_main()
+    finally:
+        # The command is over and has said how it ended: a signal while Python shuts down changes nothing.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
