@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,9 +223,9 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
     if not w.main:
         console = Console(quiet=True)  # N processes, one voice: rank 0's
     run_dir = Path(out) / ingredient.recipe.name / ingredient.id
-    # Lock first, then look: a process that looked first could see "unfinished", wait for the lock while
-    # another one finishes, then train again over its checkpoint. Rank 0 holds the lock for the whole
-    # group: the other ranks would find it taken.
+    # Lock first, then look: a process that looked first could see "unfinished", build its model while
+    # another one finishes, then take the lock and train again over that checkpoint. Rank 0 holds the lock
+    # for the whole group: the other ranks would find it taken.
     with ingredient_lock(run_dir) if w.main else contextlib.nullcontext():
         if w.main:
             remove_stale_temps(run_dir)
