@@ -7,8 +7,10 @@ the starting weights, and for soups the method and members. Every file is writte
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from soup.errors import SoupError
 FORMAT = "soup/1"
 METADATA_KEY = "soup"
 INGREDIENT_FILE = "model.safetensors"
+TEMP_SUFFIX = ".tmp"  # atomic_path's temporary files: .<name>.<random>.tmp beside <name>
 
 
 def _umask() -> int:
@@ -31,27 +34,80 @@ def _umask() -> int:
     return mask
 
 
+def write_failure(err: BaseException) -> str | None:
+    """The system's reason when a writer failed on I/O (disk full, file too large, read-only, EIO), else None.
+
+    Libraries wrap it: torch.save re-raises a file object's OSError as a RuntimeError (the OSError is its
+    context), and safetensors reports "I/O error: ... (os error N)"."""
+    seen: BaseException | None = err
+    while seen is not None and not isinstance(seen, SoupError):
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        seen = seen.__cause__ if seen.__cause__ is not None or seen.__suppress_context__ else seen.__context__
+    match = re.search(r"\(os error (\d+)\)", str(err))
+    if isinstance(err, SafetensorError) and match:
+        return os.strerror(int(match.group(1)))
+    return None
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable; where the file system or permissions do not allow syncing a
+    folder, the renamed file itself was synced before the rename."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes."""
+    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes.
+
+    The temporary file is synced to disk before the rename and the folder after it, so that after a power
+    loss `path` holds the old file or the whole new one, never an empty one. Any write failure is one
+    SoupError naming `path`, which is then unchanged."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         os.close(fd)
     except OSError as err:
         raise SoupError(f"cannot write {path}: {err.strerror or err}; choose a writable folder") from None
     try:
         yield Path(tmp)
+        _fsync(tmp)
         # Temp files are 0600 (mkstemp, and safetensors writes its own); a shared output folder needs a
         # normal file's permissions (umask applies), so that whoever cooks can read what every job wrote.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except OSError as err:
-        raise SoupError(f"cannot write {path}: {err.strerror or err}; nothing was changed there") from None
+    except Exception as err:
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        raise SoupError(f"cannot write {path}: {reason}; nothing was changed there") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+    try:
+        _fsync_folder(path.parent)
+    except OSError as err:
+        raise SoupError(f"cannot write {path}: {err.strerror or err} while syncing its folder; the new file is "
+                        "in place but may not survive a power loss") from None
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -10,17 +10,19 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from soup.errors import SoupError, one_line
+from soup.errors import SoupError, interrupt_on_signals, one_line
 
 console = Console(highlight=False)
 
 
 class SoupGroup(click.Group):
-    """Turns a user mistake into one line on stderr and exit code 2, never a traceback."""
+    """Turns a user mistake into one line on stderr and exit code 2, never a traceback; Ctrl-C or SIGTERM
+    into one line and exit code 130."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with interrupt_on_signals():
+                return super().invoke(ctx)
         except SoupError as err:
             click.echo(f"soup: error: {one_line(err)}", err=True)
             ctx.exit(err.exit_code)

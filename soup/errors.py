@@ -1,6 +1,8 @@
 """One exception type for mistakes a user can fix: the CLI prints its message as one line and exits 2."""
 
+import contextlib
 import re
+import signal
 
 
 class SoupError(Exception):
@@ -22,3 +24,25 @@ def one_line(err: BaseException) -> str:
         return lines[0] if lines else type(err).__name__
     match = re.match(r"soup\.errors\.\w+: (.*)", lines[-1])
     return match.group(1) if match else lines[-1]
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupt_on_signals():
+    """Ctrl-C and SIGTERM (a preempted job) raise KeyboardInterrupt, so that a run stops cleanly with one
+    line wherever it is; a signal that the parent process ignores (`cmd &` in a script) stays ignored."""
+    handlers = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_interrupt}
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()
+                    if signal.getsignal(sig) is not signal.SIG_IGN}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

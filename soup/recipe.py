@@ -10,6 +10,8 @@ import copy
 import dataclasses
 import difflib
 import itertools
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +25,12 @@ from soup.errors import SoupError
 
 Augment = Literal["none", "hflip", "crop_hflip", "randaugment", "trivialaugment", "autoaugment"]
 AUGMENTS = typing.get_args(Augment)
+MAX_INGREDIENTS = search.MAX_INGREDIENTS  # a sweep's combinations: more is a typo (100,000 would take minutes to list)
+MAX_VALUES = 100_000  # values in a recipe with every YAML alias expanded; a real recipe has under 100
+MAX_DEPTH = 50  # nesting levels of a recipe
+IMAGE_SIZES = (8, 4096)  # data.image_size: smaller cannot go through a backbone, larger cannot fit memory
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a recipe name is a folder under --out, nothing else
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclass
@@ -210,22 +218,38 @@ def _build(cls, data: Any, where: str):
     return cls(**values)
 
 
+def _seed(value: int) -> bool:
+    return 0 <= value < 2**32  # what numpy and every RNG soup seeds accept
+
+
 def _check_values(recipe: Recipe) -> None:
     d, m, t = recipe.data, recipe.model, recipe.train
+    finite = math.isfinite
     checks = [
-        (d.image_size > 0, "data.image_size", "must be positive"),
+        (IMAGE_SIZES[0] <= d.image_size <= IMAGE_SIZES[1], "data.image_size",
+         f"must be {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} pixels"),
         (len(d.mean) == 3 and len(d.std) == 3, "data.mean/data.std", "need three values (RGB)"),
-        (all(s > 0 for s in d.std), "data.std", "must be positive"),
+        (all(map(finite, d.mean)), "data.mean", "must be finite numbers"),
+        (all(s > 0 and finite(s) for s in d.std), "data.std", "must be positive finite numbers"),
+        (_seed(d.holdout_seed), "data.holdout_seed", "must be in [0, 2^32)"),
+        (_seed(m.init_seed), "model.init_seed", "must be in [0, 2^32)"),
+        (_seed(t.seed), "train.seed", "must be in [0, 2^32)"),
         (0.0 <= d.holdout < 1.0, "data.holdout", "must be in [0, 1)"),
         (0.0 <= m.freeze <= 1.0, "model.freeze", "must be in [0, 1]"),
         (t.epochs >= 1, "train.epochs", "must be at least 1"),
         (t.batch_size >= 1, "train.batch_size", "must be at least 1"),
-        (t.lr > 0, "train.lr", "must be positive"),
+        (t.lr > 0 and finite(t.lr), "train.lr", "must be a positive finite number"),
+        (0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)"),
+        (t.weight_decay >= 0 and finite(t.weight_decay), "train.weight_decay", "must be a finite number, 0 or more"),
+        (t.lr_drop_factor > 0 and finite(t.lr_drop_factor), "train.lr_drop_factor",
+         "must be a positive finite number"),
+        (DEVICE.fullmatch(t.device), "train.device", f"must be auto, cpu, cuda or cuda:N, not {t.device!r}"),
         (t.num_workers >= 0, "train.num_workers", "must be 0 or more"),
         (t.lr_drop_epoch is None or t.lr_drop_epoch >= 1, "train.lr_drop_epoch", "must be at least 1"),
         *_training_checks(t),
         *_probe_checks(m.probe),
-        (recipe.name and "/" not in recipe.name, "name", "must be a non-empty folder name without '/'"),
+        (NAME.fullmatch(recipe.name), "name", f"must be a folder name of at most 100 letters, digits, '.', '_' or '-', "
+         f"starting with a letter or digit, not {recipe.name!r}"),
     ]
     for ok, key, why in checks:
         if not ok:
@@ -273,6 +297,48 @@ def parse_backbone(spec: str) -> tuple[str, str, str]:
     )
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe subset, refusing a key written twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: overriding merged keys is the point
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise SoupError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}; write each key once")
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader says so itself
+                pass
+        return super().construct_mapping(node, deep)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)
+
+
+def _check_size(value: Any, memo: dict, active: set, depth: int = 0) -> int:
+    """How many values `value` holds with every YAML alias expanded (each shared node is counted once per
+    use, in time linear in the distinct nodes): an alias bomb is refused before anything expands it."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) in active:
+        raise SoupError("a YAML alias refers to a value that contains it; write the value out")
+    if depth > MAX_DEPTH:
+        raise SoupError(f"values nested more than {MAX_DEPTH} levels deep; a recipe needs a few")
+    if id(value) not in memo:
+        active.add(id(value))
+        children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        memo[id(value)] = 1 + sum(_check_size(child, memo, active, depth + 1) for child in children)
+        active.discard(id(value))
+        if memo[id(value)] > MAX_VALUES:
+            raise SoupError(f"more than {MAX_VALUES:,} values once YAML aliases are expanded (the cap of a "
+                            "recipe); write the values out or use fewer aliases")
+    return memo[id(value)]
+
+
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -292,9 +358,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise SoupError(f"--set {text!r}: write key.path=value, e.g. --set train.epochs=2")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    except SoupError as err:
+        raise SoupError(f"--set {text!r}: {err}") from None
     return key.strip(), value
 
 
@@ -309,6 +377,7 @@ def _check_settings(tree: dict, settings: dict) -> None:
 
 
 def recipe_from_dict(raw: dict, overrides: list[tuple[str, Any]] = ()) -> Recipe:
+    _check_size([raw, *(value for _, value in overrides)], {}, set())
     tree = copy.deepcopy(raw)
     for key, value in overrides:
         _set_path(tree, key, value)
@@ -319,6 +388,12 @@ def recipe_from_dict(raw: dict, overrides: list[tuple[str, Any]] = ()) -> Recipe
             raise SoupError(f"sweep.{key}: expected a non-empty list of values, got {values!r}")
         if key.split(".")[0] in search.SECTIONS:
             raise SoupError(f"sweep.{key}: a sweep cannot sweep itself or the search")
+    combinations = math.prod(len(values) for values in recipe.sweep.values())
+    if combinations > MAX_INGREDIENTS:
+        sizes = " x ".join(str(len(values)) for values in recipe.sweep.values())
+        raise SoupError(f"sweep: {sizes} = {combinations:,} ingredients, more than the cap of {MAX_INGREDIENTS:,}; "
+                        "split it into several recipes")
+    for key, values in recipe.sweep.items():
         # Validate every swept value now, not hours later when its ingredient starts.
         for value in values:
             try:
@@ -335,12 +410,23 @@ def load_recipe(path: str | Path, overrides: list[str] | list[tuple[str, Any]] =
     path = Path(path)
     if not path.is_file():
         raise SoupError(f"recipe {path}: no such file; recipes/ holds the shipped ones")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise SoupError(f"recipe {path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save it as "
+                        "UTF-8") from None
+    try:
+        raw = _yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise SoupError(f"recipe {path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    except SoupError as err:
+        raise SoupError(f"recipe {path} {err}") from None
+    except RecursionError:
+        raise SoupError(f"recipe {path}: values nested too deeply to read; a recipe needs a few levels") from None
     parsed = [parse_override(o) if isinstance(o, str) else o for o in overrides]
     try:
         return recipe_from_dict(raw if raw is not None else {}, parsed)

@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +29,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from soup import distributed
 from soup.backbones import build_model, fingerprint, freeze_prefix
-from soup.checkpoint import INGREDIENT_FILE, atomic_path, read_checkpoint, save_checkpoint, write_text_atomic
+from soup.checkpoint import (INGREDIENT_FILE, TEMP_SUFFIX, atomic_path, read_checkpoint, save_checkpoint,
+                             write_text_atomic)
 from soup.data import class_list, load_split
-from soup.errors import Interrupted, SoupError
+from soup.errors import Interrupted, SoupError, interrupt_on_signals
 from soup.evaluate import evaluate, make_loader, resolve_device
 from soup.precision import choose_autocast
 from soup.recipe import Ingredient, Recipe, expand_sweep
 
 STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.json"
+# What metrics.json shows of a checkpoint's metadata, followed by the facts of the run (meta["run"]).
+METRICS_KEYS = ("name", "id", "settings", "seed", "backbone", "start_fingerprint", "val_acc", "val_history")
 
 
 def seed_everything(seed: int) -> None:
@@ -163,8 +166,9 @@ def save_state(path: Path, model, optimizer, scaler, schedule, epoch: int, histo
     state = {"model": changing, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "schedule": schedule.state_dict(), "epoch": epoch, "history": history, "rng": _rng_state(),
              "meta": meta}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Through a file object: torch.save then reports a failed write (disk full) as that OSError's context.
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(state, handle)
 
 
 def load_state(path: Path) -> dict:
@@ -178,33 +182,20 @@ def load_state(path: Path) -> dict:
 @contextlib.contextmanager
 def ingredient_lock(run_dir: Path):
     """One process per ingredient: a second `soup train --ingredient K` on the same folder stops at once."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as handle:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / ".lock", "w")
+    except OSError as err:
+        raise SoupError(f"cannot write {run_dir}: {err.strerror or err}; choose a writable --out") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise SoupError(f"{run_dir}: another process is training this ingredient; wait for it or use "
                             "another --out") from None
-        handle.write(str(os.getpid()))
-        handle.flush()
+        with contextlib.suppress(OSError):  # the pid only informs whoever looks; a full disk must not stop here
+            os.write(handle.fileno(), str(os.getpid()).encode())
         yield
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """A preempted job gets SIGTERM: treat it as Ctrl-C, so the run stops cleanly."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -232,23 +223,66 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
     console = console or Console()
     if not w.main:
         console = Console(quiet=True)  # N processes, one voice: rank 0's
-    recipe, t = ingredient.recipe, ingredient.recipe.train
-    run_dir = Path(out) / recipe.name / ingredient.id
-    final, state_path = run_dir / INGREDIENT_FILE, run_dir / STATE_FILE
-    if final.exists():
-        if resume:
-            # A shared --out may hold this name and id from another version of the recipe (e.g. other
-            # epochs: ids only name swept values); skipping it would cook a stranger into the soup.
-            if read_checkpoint(final).meta.get("recipe") != recipe.to_dict():
-                raise SoupError(f"{final} was trained from a different version of this recipe; rename the "
-                                "recipe (name:) or use another --out, or delete that ingredient to retrain it")
-            console.print(f"[bold]{recipe.name}/{ingredient.id}[/]: finished already, skipped")
-            return final
+    run_dir = Path(out) / ingredient.recipe.name / ingredient.id
+    # Lock first, then look: a process that looked first could see "unfinished", build its model while
+    # another one finishes, then take the lock and train again over that checkpoint. Rank 0 holds the lock
+    # for the whole group: the other ranks would find it taken.
+    with ingredient_lock(run_dir) if w.main else contextlib.nullcontext():
+        if w.main:
+            remove_stale_temps(run_dir)
+        if is_finished(ingredient, run_dir, resume, console, w.main):
+            return run_dir / INGREDIENT_FILE
+        return _train_locked(ingredient, run_dir, console, resume, use_cache)
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Temporary files (states, checkpoints) of a run killed while writing: whoever holds the ingredient's
+    lock is the only writer in its folder, so none of them is being written now."""
+    for stale in run_dir.glob(f".*{TEMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
+
+
+def write_metrics(run_dir: Path, meta: dict) -> None:
+    """metrics.json, the readable summary of a checkpoint's metadata (and so rebuilt from it when needed)."""
+    metrics = {k: meta[k] for k in METRICS_KEYS if k in meta} | meta.get("run", {})
+    write_text_atomic(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+
+
+def is_finished(ingredient: Ingredient, run_dir: Path, resume: bool, console: Console, main: bool = True) -> bool:
+    """Whether the ingredient is trained (with --resume; without, a trained or started one is refused).
+    Finishing is idempotent: what a kill right after the checkpoint's rename left undone (metrics.json,
+    removing the state) is done here, by the lock holder."""
+    recipe, final, state_path = ingredient.recipe, run_dir / INGREDIENT_FILE, run_dir / STATE_FILE
+    if not final.exists():
+        if state_path.exists() and not resume:
+            raise SoupError(f"{state_path} holds an unfinished run of this ingredient; add --resume to "
+                            "continue it, or delete it to start over")
+        return False
+    if not resume:
         raise SoupError(f"{final} exists: this ingredient is trained; use --resume to skip finished "
                         "ingredients, or another --out")
-    if state_path.exists() and not resume:
-        raise SoupError(f"{state_path} holds an unfinished run of this ingredient; add --resume to continue "
-                        "it, or delete it to start over")
+    # A shared --out may hold this name and id from another version of the recipe (e.g. other epochs:
+    # ids only name swept values); skipping it would cook a stranger into the soup.
+    checkpoint = read_checkpoint(final)
+    if checkpoint.meta.get("recipe") != recipe.to_dict():
+        raise SoupError(f"{final} was trained from a different version of this recipe; rename the recipe "
+                        "(name:) or use another --out, or delete that ingredient to retrain it")
+    completed = []
+    if main and not (run_dir / METRICS_FILE).exists():
+        write_metrics(run_dir, checkpoint.meta)
+        completed.append(f"wrote the missing {METRICS_FILE}")
+    if main and state_path.exists():
+        state_path.unlink()
+        completed.append(f"removed the stale {STATE_FILE}")
+    done = f" ({'; '.join(completed)})" if completed else ""
+    console.print(f"[bold]{recipe.name}/{ingredient.id}[/]: finished already, skipped{done}")
+    return True
+
+
+def _train_locked(ingredient: Ingredient, run_dir: Path, console: Console, resume: bool, use_cache: bool) -> Path:
+    w = distributed.world()
+    recipe, t = ingredient.recipe, ingredient.recipe.train
+    final, state_path = run_dir / INGREDIENT_FILE, run_dir / STATE_FILE
     device = distributed.rank_device(resolve_device(t.device), w)
     rank_batch = distributed.per_rank_batch(t.batch_size, w)
     seed_everything(t.seed)
@@ -309,10 +343,8 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
         console.print(f"  resumed after epoch {first_epoch}")
 
     saved_epochs = [first_epoch]
-    # Rank 0 holds the lock for the whole group: the other ranks would find it taken.
-    lock = ingredient_lock(run_dir) if w.main else contextlib.nullcontext()
-    with (resume_hint_on_interrupt(ingredient.id, saved_epochs), lock,
-          sigterm_as_interrupt(), _progress(console) as progress):
+    with (resume_hint_on_interrupt(ingredient.id, saved_epochs), interrupt_on_signals(),
+          _progress(console) as progress):
         epochs = progress.add_task("epochs", total=t.epochs, completed=first_epoch, status="")
         for epoch in range(first_epoch, t.epochs):
             if w.distributed:
@@ -377,15 +409,15 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
             "val_acc": history[-1]["val_top1"],
             # The whole sweep, so that `soup cook` can name the ingredients not (yet) trained.
             "sweep_ids": ingredient.sweep_ids or [ingredient.id],
+            # How it ran, for metrics.json: in the checkpoint too, so that a resume can rebuild that file.
+            "run": {"trainable_params": trainable, "total_params": total, "device": str(device),
+                    "amp": str(amp_dtype), "data_path": pipeline.description, "skipped_images": skipped,
+                    "processes": w.size},
         }
         if w.main:
+            # In this order; a kill between two steps leaves what is_finished() completes on --resume.
             save_checkpoint(final, model.state_dict(), meta)
-            metrics = {k: meta[k] for k in ("name", "id", "settings", "seed", "backbone", "start_fingerprint",
-                                            "val_acc", "val_history")}
-            metrics.update(trainable_params=trainable, total_params=total, device=str(device),
-                           amp=str(amp_dtype), data_path=pipeline.description, skipped_images=skipped,
-                           processes=w.size)
-            write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            write_metrics(run_dir, meta)
             state_path.unlink(missing_ok=True)  # the checkpoint holds everything now; the state is large
         distributed.barrier()  # the other ranks return once the checkpoint they return exists
     return final
