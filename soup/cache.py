@@ -620,7 +620,7 @@ def _eval_dtype(device: torch.device) -> torch.dtype | None:
 def score_rows(model: nn.Module, store: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, load,
                device: torch.device, batch_size: int) -> dict:
     """soup.evaluate.evaluate over cached inputs: same batches' arithmetic, same scores."""
-    from soup.evaluate import scores
+    from soup.metrics import scores
 
     return scores(logits_rows(model, store, rows, load, device, batch_size), targets[rows])
 
@@ -649,7 +649,7 @@ def _batches(store: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, loa
     """(train_batches, steps_per_epoch) drawing exactly what the plain path's EpochSampler draws:
     consecutive slices of this rank's share of epoch_order(n, seed, epoch)."""
     from soup import distributed
-    from soup.train import epoch_order
+    from soup.pipeline import epoch_order
 
     w = distributed.world()
 
@@ -673,7 +673,7 @@ def fast_pipeline(recipe, model: nn.Module, train_set: Dataset, val_set: Dataset
 
 
 def _fast_pipeline(recipe, model: nn.Module, train_set: Dataset, val_set: Dataset, device: torch.device):
-    from soup.train import Pipeline
+    from soup.pipeline import Pipeline
 
     t = recipe.train
     if recipe.data.augment != "none":
@@ -773,7 +773,7 @@ class CachedScorer:
 
     def __call__(self) -> dict:
         """Scores of the weights now loaded in the model."""
-        from soup.evaluate import scores
+        from soup.metrics import scores
 
         return scores(*self.logits())
 

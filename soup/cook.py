@@ -25,7 +25,8 @@ from soup.backbones import build_model, fingerprint
 from soup.calibrate import calibration_record, print_calibration
 from soup.checkpoint import Checkpoint, save_checkpoint, tensors_across
 from soup.errors import SoupError
-from soup.evaluate import Evaluator, Predictions, predictions, scores
+from soup.evaluate import Evaluator, Predictions, predictions
+from soup.metrics import scores
 from soup.outputs import check_output
 from soup.recipe import recipe_from_dict
 from soup.report import describe_difference, difference, versus_best

@@ -7,67 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from soup.backbones import model_from_checkpoint
 from soup.calibrate import temperature_of
 from soup.checkpoint import Checkpoint
 from soup.data import load_split
 from soup.errors import SoupError
+from soup.inference import make_loader, predict, resolve_device
+from soup.metrics import scores
 from soup.recipe import DataConfig, recipe_from_dict
 from soup.stats import confidences, expected_calibration_error
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SoupError(f"train.device: unknown device {name!r}; use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SoupError(f"train.device is {name} but CUDA is not available here; use train.device=auto")
-    return device
-
-
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
-                shuffle: bool = False, generator: torch.Generator | None = None) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=num_workers > 0 and shuffle)
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, list]:
-    """fp32 logits on the CPU for every item, and the items' labels (targets or ids), in loader order."""
-    model.eval()
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    logits, labels = [], []
-    for images, batch_labels in loader:
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(images)
-        logits.append(out.float().cpu())
-        labels.extend(batch_labels.tolist() if torch.is_tensor(batch_labels) else batch_labels)
-    return torch.cat(logits), labels
-
-
-def scores(logits: torch.Tensor, targets) -> dict:
-    targets = torch.as_tensor(targets)
-    k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    return {
-        "top1": (top[:, 0] == targets).float().mean().item(),
-        "top5": (top == targets[:, None]).any(dim=1).float().mean().item(),
-        "loss": F.cross_entropy(logits, targets).item(),
-        "n": len(targets),
-    }
-
-
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict:
-    logits, targets = predict(model, loader, device)
-    return scores(logits, targets)
 
 
 @dataclass

@@ -13,7 +13,8 @@ from soup.calibrate import temperature_of
 from soup.checkpoint import Checkpoint, atomic_path, write_text_atomic
 from soup.data import TestImages, build_transform
 from soup.errors import SoupError
-from soup.evaluate import ensemble_logits, make_loader, predict, resolve_device
+from soup.evaluate import ensemble_logits
+from soup.inference import make_loader, predict, resolve_device
 from soup.outputs import check_output
 from soup.recipe import recipe_from_dict
 

@@ -14,9 +14,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -25,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from soup import distributed
 from soup.backbones import build_model, fingerprint, freeze_prefix
@@ -33,7 +31,8 @@ from soup.checkpoint import (INGREDIENT_FILE, TEMP_SUFFIX, atomic_path, read_che
                              write_text_atomic)
 from soup.data import class_list, load_split
 from soup.errors import Interrupted, SoupError, interrupt_on_signals
-from soup.evaluate import evaluate, make_loader, resolve_device
+from soup.inference import resolve_device
+from soup.pipeline import Pipeline, plain_pipeline
 from soup.precision import choose_autocast
 from soup.recipe import Ingredient, Recipe, expand_sweep
 
@@ -63,59 +62,6 @@ def lr_factor(recipe: Recipe, epoch: int) -> float:
     """Step schedule; epochs count from 1, so lr_drop_epoch 7 trains epochs 7, 8, ... at the lower rate."""
     drop = recipe.train.lr_drop_epoch
     return recipe.train.lr_drop_factor if drop is not None and epoch + 1 >= drop else 1.0
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled order of epoch `epoch`: a function of (seed, epoch) only, so a resumed run sees the
-    same batches as an uninterrupted one. Under torchrun each rank trains on
-    `distributed.rank_slice(epoch_order(...), rank, size)`, its share of this one global order."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
-
-class EpochSampler(Sampler[int]):
-    """The epoch order, or under torchrun this rank's share of it; one process sees the whole order."""
-
-    def __init__(self, n: int, seed: int, rank: int | None = None, world_size: int | None = None):
-        current = distributed.world()
-        self.rank = current.rank if rank is None else rank
-        self.world_size = current.size if world_size is None else world_size
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(distributed.rank_slice(epoch_order(self.n, self.seed, self.epoch), self.rank,
-                                           self.world_size))
-
-    def __len__(self) -> int:
-        return distributed.rank_count(self.n, self.world_size)
-
-
-@dataclass
-class Pipeline:
-    """What the training loop feeds on. The plain pipeline decodes images every epoch; faster ones
-    (decoded-image and frozen-prefix caches) plug in through `build_pipeline` with the same shape."""
-
-    model: nn.Module  # forward(inputs) -> logits; shares its trainable parameters with the full model
-    train_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # epoch -> batches on device
-    evaluate: Callable[[], dict]  # val scores of the current weights
-    steps_per_epoch: int
-    description: str
-
-
-def plain_pipeline(recipe: Recipe, model: nn.Module, train_set: Dataset, val_set: Dataset,
-                   device: torch.device) -> Pipeline:
-    t = recipe.train
-    sampler = EpochSampler(len(train_set), t.seed)
-    loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
-                        pin_memory=device.type == "cuda")
-    val_loader = make_loader(val_set, t.batch_size * 2, t.num_workers, device)
-
-    def train_batches(epoch: int):
-        sampler.epoch = epoch
-        for images, targets in loader:
-            yield images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-
-    return Pipeline(model, train_batches, lambda: evaluate(model, val_loader, device), len(loader),
-                    "plain: decode and resize every image every epoch")
 
 
 def build_pipeline(recipe: Recipe, model: nn.Module, train_set: Dataset, val_set: Dataset,

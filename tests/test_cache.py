@@ -12,7 +12,8 @@ from soup.checkpoint import read_checkpoint
 from soup.cook import Selector, weighted_average
 from soup.data import class_list, load_split
 from soup.recipe import expand_sweep
-from soup.train import build_pipeline, plain_pipeline, train_ingredient
+from soup.pipeline import plain_pipeline
+from soup.train import build_pipeline, train_ingredient
 
 from conftest import CLASSES, tiny_vit_model
 

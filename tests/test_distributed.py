@@ -19,7 +19,8 @@ from soup.checkpoint import read_checkpoint
 from soup.cli import cli
 from soup.errors import SoupError
 from soup.recipe import expand_sweep, recipe_from_dict
-from soup.train import EpochSampler, epoch_order, train_ingredient
+from soup.pipeline import EpochSampler, epoch_order
+from soup.train import train_ingredient
 
 from conftest import tiny_recipe, tiny_vit_model
 
