@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import transforms  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
-from soup import cache  # noqa: E402
 from soup.backbones import build_model, freeze_prefix  # noqa: E402
+from soup.fast import decoded as fast_decoded, prefix as fast_prefix  # noqa: E402
 from soup.precision import choose_autocast, cpu_flags_line  # noqa: E402
 from soup.recipe import recipe_from_dict  # noqa: E402
 from soup.sketches import generate_sketches  # noqa: E402
@@ -128,8 +128,8 @@ def soup_path(raw_recipe: dict, out: Path, console: Console) -> tuple[float, int
     recipe = recipe_from_dict(raw_recipe)
     # Cold caches: the cost of building them is part of what soup's path costs.
     shutil.rmtree(Path(recipe.data.root) / ".soup_cache", ignore_errors=True)
-    cache._DECODED.clear()
-    cache._FEATURES.clear()
+    fast_decoded._DECODED.clear()
+    fast_prefix._FEATURES.clear()
     started = time.perf_counter()
     results = train_recipe(recipe, out, console=console)
     if torch.cuda.is_available():

@@ -15,7 +15,7 @@ Interface:
   still spans image_size stored pixels (crops shrink; they are not blown up from a smaller store).
 - `DeviceAugment(augment, image_size)(images, generator)`: uint8 (N, 3, S, S) on any device, S =
   store_size(...) -> uint8 (N, 3, image_size, image_size) on the same device (a new tensor; the input
-  itself for none: it is never modified). Normalise after it (soup.cache.Normalizer). Every random draw comes from `generator`.
+  itself for none: it is never modified). Normalise after it (soup.fast.decoded.Normalizer). Every random draw comes from `generator`.
 - `augment_generator(seed, rank, epoch)`: that generator for one rank's epoch: a resumed run and every
   DDP rank get their own reproducible stream.
 - `make_mixer(train, num_classes)` -> `Mixer` or None (mixup and cutmix both 0): `mixer(images, targets,

@@ -14,6 +14,8 @@ from soup.calibrate import temperature_of
 from soup.checkpoint import Checkpoint
 from soup.data import load_split
 from soup.errors import SoupError
+from soup.fast.scorer import CachedScorer
+from soup.fast.store import CacheUnavailable
 from soup.inference import make_loader, predict, resolve_device
 from soup.metrics import scores
 from soup.recipe import DataConfig, recipe_from_dict
@@ -56,7 +58,7 @@ class Evaluator:
     def model_for(self, checkpoint: Checkpoint) -> tuple[torch.nn.Module, object | None]:
         """One model (and, with use_cache, one cached scorer) for every checkpoint of an architecture, start
         and freeze: images are decoded once per split and, for a frozen ViT prefix, its features computed
-        once (soup.cache); each checkpoint only loads its weights into the shared model."""
+        once (soup.fast); each checkpoint only loads its weights into the shared model."""
         recipe = recipe_from_dict(checkpoint.recipe)
         data = self.data_for(checkpoint)
         key = (id(data), checkpoint.backbone, json.dumps(recipe.model.kwargs, sort_keys=True),
@@ -66,8 +68,6 @@ class Evaluator:
             self._models[key] = model
             self._scorers[key] = None
             if self.use_cache:
-                from soup.cache import CacheUnavailable, CachedScorer
-
                 try:
                     self._scorers[key] = CachedScorer(model, data.loader.dataset, recipe.model.freeze,
                                                       self.device, self.batch_size, self.num_workers,

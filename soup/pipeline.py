@@ -1,6 +1,6 @@
 """What every data path shares: the `Pipeline` the training loop feeds on, each epoch's shuffled order and
 its per-rank share, and the plain path (decode and resize every image every epoch) that is always correct.
-Training and the fast paths (soup.cache) import this; it imports neither."""
+Training and the fast paths (soup.fast) import this; it imports neither."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class EpochSampler(Sampler[int]):
 @dataclass
 class Pipeline:
     """What the training loop feeds on. The plain pipeline decodes images every epoch; faster ones
-    (decoded-image and frozen-prefix caches) plug in through `build_pipeline` with the same shape."""
+    (decoded-image and frozen-prefix caches) plug in through `soup.fast.build.build_pipeline` with the same shape."""
 
     model: nn.Module  # forward(inputs) -> logits; shares its trainable parameters with the full model
     train_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # epoch -> batches on device

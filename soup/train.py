@@ -31,6 +31,7 @@ from soup.checkpoint import (INGREDIENT_FILE, TEMP_SUFFIX, atomic_path, read_che
                              write_text_atomic)
 from soup.data import class_list, load_split
 from soup.errors import Interrupted, SoupError, interrupt_on_signals
+from soup.fast.build import build_pipeline
 from soup.inference import resolve_device
 from soup.pipeline import Pipeline, plain_pipeline
 from soup.precision import choose_autocast
@@ -62,19 +63,6 @@ def lr_factor(recipe: Recipe, epoch: int) -> float:
     """Step schedule; epochs count from 1, so lr_drop_epoch 7 trains epochs 7, 8, ... at the lower rate."""
     drop = recipe.train.lr_drop_epoch
     return recipe.train.lr_drop_factor if drop is not None and epoch + 1 >= drop else 1.0
-
-
-def build_pipeline(recipe: Recipe, model: nn.Module, train_set: Dataset, val_set: Dataset,
-                   device: torch.device, use_cache: bool = True) -> Pipeline:
-    """The fastest exact pipeline (soup.cache: frozen-prefix features or decoded images); the plain one
-    with --no-cache, with random augmentation, or for data the caches do not cover."""
-    if use_cache:
-        from soup.cache import fast_pipeline
-
-        pipeline = fast_pipeline(recipe, model, train_set, val_set, device)
-        if pipeline is not None:
-            return pipeline
-    return plain_pipeline(recipe, model, train_set, val_set, device)
 
 
 def _progress(console: Console) -> Progress:

@@ -20,11 +20,12 @@ from PIL import Image
 from rich.console import Console
 from torchvision.datasets import ImageFolder
 
-from soup import cache, cache_files, precision
+from soup import precision
 from soup.backbones import build_model, fingerprint, freeze_prefix
 from soup.cli import cli
 from soup.data import class_list, load_rgb, load_split
-from soup.train import build_pipeline
+from soup.fast import decoded as fast_decoded, prefix as fast_prefix, store as fast_store
+from soup.fast.build import build_pipeline
 
 from conftest import CLASSES, tiny_recipe, tiny_vit_model
 
@@ -40,11 +41,11 @@ def data_copy(small_sketch_root, tmp_path):
 
 @pytest.fixture
 def fresh_caches():
-    cache._DECODED.clear()
-    cache._FEATURES.clear()
+    fast_decoded._DECODED.clear()
+    fast_prefix._FEATURES.clear()
     yield
-    cache._DECODED.clear()
-    cache._FEATURES.clear()
+    fast_decoded._DECODED.clear()
+    fast_prefix._FEATURES.clear()
 
 
 # ------------------------------------------------------------------------------------ CPU autocast
@@ -159,15 +160,15 @@ def test_models_that_compute_differently_never_share_features(data_copy, monkeyp
     (first, a), (second, b) = tokens(gelu), tokens(relu)
     assert "(computed now)" in second.description and not torch.equal(a, b)
 
-    monkeypatch.setenv(cache.FEATURE_STORE_ENV, "disk")
+    monkeypatch.setenv(fast_prefix.FEATURE_STORE_ENV, "disk")
     stores = []
     for setup, expected in ((gelu, a), (relu, b)):
-        cache._FEATURES.clear()  # as a new process would start: only the disk store is left
+        fast_prefix._FEATURES.clear()  # as a new process would start: only the disk store is left
         pipeline, x = tokens(setup)
         assert "memory map (computed now)" in pipeline.description and torch.equal(x, expected)
         stores.append(sorted((data_copy / ".soup_cache").glob("prefix-train_images-*.bin")))
     assert stores[0] != stores[1]
-    cache._FEATURES.clear()
+    fast_prefix._FEATURES.clear()
     again, c = tokens(relu)
     assert "shared with an earlier run" in again.description and torch.equal(b, c)
 
@@ -231,7 +232,7 @@ def train_folder(root):
     from soup.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(tiny_recipe(root))
-    return cache.unwrap(load_split(recipe.data, "train", classes=class_list(root)))[0]
+    return fast_decoded.unwrap(load_split(recipe.data, "train", classes=class_list(root)))[0]
 
 
 def test_stale_temporaries_of_a_killed_run_are_removed(data_copy, fresh_caches):
@@ -251,7 +252,7 @@ def test_stale_temporaries_of_a_killed_run_are_removed(data_copy, fresh_caches):
     os.utime(foreign, (old, old))
     with open(live, "rb") as writer:
         fcntl.flock(writer, fcntl.LOCK_EX)  # as a live process writing it holds it
-        built = cache.decoded_images(train_folder(data_copy), 32)
+        built = fast_decoded.decoded_images(train_folder(data_copy), 32)
     assert built.built and not killed.exists()
     assert live.exists() and young.exists() and foreign.exists()
     assert not [p for p in store.glob(".decoded-*.tmp") if p != young]  # the build left none of its own
@@ -261,13 +262,13 @@ def test_a_replaced_image_of_the_same_size_and_mtime_is_seen(data_copy, fresh_ca
     path = train_folder(data_copy).samples[0][0]
     # Uncompressed PNGs of one size have one file size whatever the pixels.
     Image.new("RGB", (40, 40), "black").save(path, format="PNG", compress_level=0)
-    first = cache.decoded_images(train_folder(data_copy), 32)
+    first = fast_decoded.decoded_images(train_folder(data_copy), 32)
     stat = os.stat(path)
     Image.new("RGB", (40, 40), "white").save(path, format="PNG", compress_level=0)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert os.stat(path).st_size == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
-    cache._DECODED.clear()
-    second = cache.decoded_images(train_folder(data_copy), 32)
+    fast_decoded._DECODED.clear()
+    second = fast_decoded.decoded_images(train_folder(data_copy), 32)
     assert first.images[0].max() == 0 and second.built and second.images[0].min() == 255
 
 
@@ -280,9 +281,9 @@ def test_unwritable_cache_dir_warns_and_caches_elsewhere(small_sketch_root, tmp_
             raise PermissionError(errno.EACCES, "Permission denied")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cache_files.tempfile, "mkstemp", refuse_blocked)
-    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(blocked))
-    monkeypatch.setattr(cache, "_WARNED", set())
+    monkeypatch.setattr(fast_store.tempfile, "mkstemp", refuse_blocked)
+    monkeypatch.setenv(fast_store.CACHE_DIR_ENV, str(blocked))
+    monkeypatch.setattr(fast_store, "_WARNED", set())
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "data"
@@ -299,11 +300,11 @@ def test_unwritable_cache_dir_warns_and_caches_elsewhere(small_sketch_root, tmp_
     def refuse_all(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(cache_files.tempfile, "mkstemp", refuse_all)
-    cache._DECODED.clear()
+    monkeypatch.setattr(fast_store.tempfile, "mkstemp", refuse_all)
+    fast_decoded._DECODED.clear()
     shutil.rmtree(data / ".soup_cache")
     recipe, model, train_set, val_set = vit_setup(data)
-    with pytest.raises(cache.CacheUnavailable):
-        cache.cache_dir(data)
+    with pytest.raises(fast_store.CacheUnavailable):
+        fast_store.cache_dir(data)
     description = build_pipeline(recipe, model, train_set, val_set, CPU).description
     assert description.startswith("plain")

@@ -1,4 +1,4 @@
-"""Fast data paths (soup.cache): exact where used, rebuilt when stale, never used where invalid."""
+"""Fast data paths (soup.fast): exact where used, rebuilt when stale, never used where invalid."""
 
 import shutil
 
@@ -6,14 +6,15 @@ import pytest
 import torch
 from rich.console import Console
 
-from soup import cache
 from soup.backbones import build_model, freeze_prefix
 from soup.checkpoint import read_checkpoint
 from soup.cook import Selector, weighted_average
 from soup.data import class_list, load_split
+from soup.fast import build as fast_build, decoded as fast_decoded, prefix as fast_prefix, store as fast_store
+from soup.fast.build import build_pipeline
 from soup.recipe import expand_sweep
 from soup.pipeline import plain_pipeline
-from soup.train import build_pipeline, train_ingredient
+from soup.train import train_ingredient
 
 from conftest import CLASSES, tiny_vit_model
 
@@ -90,24 +91,24 @@ def test_decoded_batches_are_bit_identical_for_a_resnet(small_sketch_root, make_
     assert fast.evaluate() == plain.evaluate()
 
 
-def test_augmentation_takes_the_plain_path_silently(small_sketch_root, tmp_path, make_recipe):
+def test_augmentation_takes_the_decoded_path_and_no_cache_the_plain_one(small_sketch_root, make_recipe):
     recipe = make_recipe(small_sketch_root, data={"augment": "hflip"})
     model, train_set, val_set = setup(recipe)
-    assert cache.fast_pipeline(recipe, model, train_set, val_set, torch.device("cpu")) is None
-    assert build_pipeline(recipe, model, train_set, val_set, torch.device("cpu")).description.startswith("plain")
+    description = build_pipeline(recipe, model, train_set, val_set, torch.device("cpu")).description
+    assert description.startswith("decoded-image cache") and "hflip on the cpu per batch" in description
     no_cache = build_pipeline(make_recipe(small_sketch_root), model, train_set, val_set, torch.device("cpu"),
                               use_cache=False)
-    assert no_cache.description.startswith("plain")
+    assert no_cache.description.startswith("plain") and "--no-cache" in no_cache.description
 
 
 def test_decoded_store_rebuilt_when_a_file_changes_or_the_store_is_damaged(data_copy, make_recipe):
     recipe = make_recipe(data_copy)
-    folder, _ = cache.unwrap(load_split(recipe.data, "train", classes=class_list(data_copy)))
-    cache._DECODED.clear()  # a copy has the same key (names, sizes, mtimes) as its original
-    first = cache.decoded_images(folder, 32)
+    folder, _ = fast_decoded.unwrap(load_split(recipe.data, "train", classes=class_list(data_copy)))
+    fast_decoded._DECODED.clear()  # a copy has the same key (names, sizes, mtimes) as its original
+    first = fast_decoded.decoded_images(folder, 32)
     assert first.built and first.path.parent == data_copy / ".soup_cache"
-    cache._DECODED.clear()
-    again = cache.decoded_images(folder, 32)
+    fast_decoded._DECODED.clear()
+    again = fast_decoded.decoded_images(folder, 32)
     assert not again.built and torch.equal(again.images, first.images)
 
     # A changed image (new size and mtime) is a new key: rebuilt, and the stale store removed.
@@ -115,14 +116,14 @@ def test_decoded_store_rebuilt_when_a_file_changes_or_the_store_is_damaged(data_
 
     changed = folder.samples[0][0]
     Image.new("RGB", (40, 40), "black").save(changed)
-    folder2, _ = cache.unwrap(load_split(recipe.data, "train", classes=class_list(data_copy)))
-    rebuilt = cache.decoded_images(folder2, 32)
+    folder2, _ = fast_decoded.unwrap(load_split(recipe.data, "train", classes=class_list(data_copy)))
+    rebuilt = fast_decoded.decoded_images(folder2, 32)
     assert rebuilt.built and rebuilt.key != first.key and not first.path.exists()
     assert rebuilt.images[0].max() == 0 and torch.equal(rebuilt.images[1:], first.images[1:])
 
     expected = rebuilt.images.clone()  # the store is a map of the file we are about to damage
     for damage in ("flip", "truncate", "header"):
-        cache._DECODED.clear()
+        fast_decoded._DECODED.clear()
         raw = bytearray(rebuilt.path.read_bytes())
         if damage == "flip":
             raw[-7] ^= 0xFF
@@ -131,23 +132,23 @@ def test_decoded_store_rebuilt_when_a_file_changes_or_the_store_is_damaged(data_
         else:
             raw[:8] = b"garbage!"
         rebuilt.path.write_bytes(bytes(raw))
-        assert cache.open_store(rebuilt.path, rebuilt.key) is None
-        fixed = cache.decoded_images(folder2, 32)
+        assert fast_store.open_store(rebuilt.path, rebuilt.key) is None
+        fixed = fast_decoded.decoded_images(folder2, 32)
         assert fixed.built and torch.equal(fixed.images, expected), damage
 
 
 def test_sweep_shares_features_and_disk_store_is_verified(data_copy, tmp_path, make_recipe, monkeypatch):
     recipe = vit_recipe(make_recipe, data_copy, epochs=1)
     model, train_set, val_set = setup(recipe)
-    cache._FEATURES.clear()  # a copy of the data has its original's key: start from nothing
+    fast_prefix._FEATURES.clear()  # a copy of the data has its original's key: start from nothing
     memory = build_pipeline(recipe, model, train_set, val_set, torch.device("cpu"))
     assert "(computed now)" in memory.description
     model2, *_ = setup(recipe)  # the next ingredient: same start, same k
     assert "shared with an earlier run" in build_pipeline(recipe, model2, train_set, val_set,
                                                           torch.device("cpu")).description
 
-    monkeypatch.setenv(cache.FEATURE_STORE_ENV, "disk")
-    cache._FEATURES.clear()
+    monkeypatch.setenv(fast_prefix.FEATURE_STORE_ENV, "disk")
+    fast_prefix._FEATURES.clear()
     disk = build_pipeline(recipe, model, train_set, val_set, torch.device("cpu"))
     assert "memory map" in disk.description
     for (a, _), (b, _) in zip(memory.train_batches(0), disk.train_batches(0)):
@@ -156,7 +157,7 @@ def test_sweep_shares_features_and_disk_store_is_verified(data_copy, tmp_path, m
     raw = bytearray(store.read_bytes())
     raw[-3] ^= 0x55
     store.write_bytes(bytes(raw))
-    cache._FEATURES.clear()
+    fast_prefix._FEATURES.clear()
     assert "(computed now)" in build_pipeline(recipe, model, train_set, val_set,
                                               torch.device("cpu")).description
 
@@ -174,10 +175,10 @@ def test_partly_frozen_block_runs_in_the_suffix(small_sketch_root, make_recipe):
     recipe = vit_recipe(make_recipe, small_sketch_root)
     model, *_ = setup(recipe)
     model.backbone.blocks[1].mlp.fc2.weight.requires_grad_(True)
-    split, _ = cache.find_prefix(model.backbone)
+    split, _ = fast_prefix.find_prefix(model.backbone)
     assert split.k == 1
     model.backbone.patch_embed.proj.weight.requires_grad_(True)
-    assert cache.find_prefix(model.backbone) == (None, "the patch embedding trains")
+    assert fast_prefix.find_prefix(model.backbone) == (None, "the patch embedding trains")
 
 
 def test_selector_through_the_cache_agrees_with_plain_evaluation(small_sketch_root, tmp_path, make_recipe):
@@ -205,7 +206,7 @@ def test_selector_on_a_holdout_slice_computes_only_that_slice(small_sketch_root,
                          data={"image_size": 28, "holdout": 0.3}, train={"batch_size": 8})
     [ingredient] = expand_sweep(recipe)
     checkpoint = read_checkpoint(train_ingredient(ingredient, tmp_path, quiet))
-    cache._FEATURES.clear()  # as in a fresh `soup cook` process
+    fast_prefix._FEATURES.clear()  # as in a fresh `soup cook` process
     fast = Selector(checkpoint, "holdout")
     plain = Selector(checkpoint, "holdout", use_cache=False)
     features = fast.cached.features
@@ -270,9 +271,9 @@ class DinoLike(torch.nn.Module):
 def test_dinov2_hub_layout_splits_exactly(chunks):
     backbone = DinoLike(chunks=chunks)
     freeze_prefix(backbone, 0.6)
-    split, why = cache.find_prefix(backbone)
+    split, why = fast_prefix.find_prefix(backbone)
     assert split is not None and split.kind == "dinov2" and split.k >= 1, why
-    assert cache.split_matches(split, torch.randn(3, 3, 28, 28))
+    assert fast_prefix.split_matches(split, torch.randn(3, 3, 28, 28))
     assert "mask_token" not in split.prefix_names() and len(split.prefix_names()) == len(split.prefix_state())
 
 

@@ -1,0 +1,174 @@
+"""The pipeline builder: for each recipe and model, the fastest data path that is valid, else the plain
+one (soup.pipeline.plain_pipeline, always correct).
+
+  prefix cache    data.augment none, no mixup/cutmix, the frozen part a ViT block prefix that computes
+                  the same in train and eval mode: training runs the suffix on stored tokens (exact
+                  within bf16 rounding of the stored tokens)
+  decoded images  otherwise, for the course's image folders: images decoded and resized once; with
+                  data.augment none the batches are bit-identical to the plain path's; with random
+                  augmentation the store is a little larger where crops need it (soup.augment.store_size)
+                  and each batch is augmented on the device (soup.augment.DeviceAugment), which equals
+                  the plain path's PIL augmentation in distribution, not bit for bit
+  plain           --no-cache, data the caches do not cover, or no writable cache folder
+
+Every path draws epoch `e`'s batches as the plain path's EpochSampler does (this rank's share of
+epoch_order(n, seed, e)), and the augmentation draws from augment_generator(seed, rank, epoch): a
+resumed run and each DDP rank get reproducible streams of their own. The val pass never augments.
+Batches are gathered with index tensors that already live where the store does (one copy per epoch,
+not per batch), so the device can run ahead of the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from soup import distributed
+from soup.augment import DeviceAugment, augment_generator, store_size
+from soup.data import build_transform
+from soup.fast.decoded import Normalizer, decoded_images, decoded_on, move, plain_transform, unwrap
+from soup.fast.prefix import SuffixModel, find_prefix, prefix_features, to_float
+from soup.fast.scorer import score_rows
+from soup.fast.store import CacheUnavailable, human
+from soup.pipeline import Pipeline, epoch_order, plain_pipeline
+from soup.recipe import Recipe
+
+
+def build_pipeline(recipe: Recipe, model: nn.Module, train_set: Dataset, val_set: Dataset,
+                   device: torch.device, use_cache: bool = True) -> Pipeline:
+    """The fastest valid pipeline (frozen-prefix features or decoded images); the plain one with
+    --no-cache or for data the caches do not cover (its description then says why)."""
+    if not use_cache:
+        return _plain(recipe, model, train_set, val_set, device, "--no-cache")
+    try:
+        found = _fast(recipe, model, train_set, val_set, device)
+    except CacheUnavailable as err:
+        found = str(err)
+    if isinstance(found, Pipeline):
+        return found
+    return _plain(recipe, model, train_set, val_set, device, found)
+
+
+def fast_pipeline(recipe: Recipe, model: nn.Module, train_set: Dataset, val_set: Dataset,
+                  device: torch.device) -> Pipeline | None:
+    """The fastest cached pipeline for this recipe and model, or None (then the plain one runs)."""
+    try:
+        found = _fast(recipe, model, train_set, val_set, device)
+    except CacheUnavailable:
+        return None
+    return found if isinstance(found, Pipeline) else None
+
+
+def _plain(recipe, model, train_set, val_set, device, why: str) -> Pipeline:
+    pipeline = plain_pipeline(recipe, model, train_set, val_set, device)
+    return dataclasses.replace(pipeline, description=f"{pipeline.description} ({why})")
+
+
+def batch_iterator(store: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, load: Callable,
+                   device: torch.device, seed: int, batch_size: int,
+                   augment: DeviceAugment | None = None) -> tuple[Callable, int]:
+    """(train_batches, steps_per_epoch) drawing exactly what the plain path's EpochSampler draws:
+    consecutive slices of this rank's share of epoch_order(n, seed, epoch); `augment` (uint8 in, uint8
+    out, on the device) runs before `load` normalises."""
+    w = distributed.world()
+    at_store, on_device = rows.to(store.device), rows.to(device)
+    device_targets = targets.to(device)
+
+    def train_batches(epoch: int):
+        order = torch.as_tensor(distributed.rank_slice(epoch_order(len(rows), seed, epoch), w.rank, w.size),
+                                dtype=torch.long)
+        gather_rows = at_store[order.to(store.device)]
+        target_rows = on_device[move(order, device)]
+        generator = augment_generator(seed, w.rank, epoch) if augment is not None else None
+        for start in range(0, len(order), batch_size):
+            x = store.index_select(0, gather_rows[start:start + batch_size])
+            if augment is not None:
+                x = augment(move(x, device), generator)
+            yield load(x), device_targets.index_select(0, target_rows[start:start + batch_size])
+    return train_batches, math.ceil(distributed.rank_count(len(rows), w.size) / batch_size)
+
+
+def _fast(recipe: Recipe, model: nn.Module, train_set: Dataset, val_set: Dataset,
+          device: torch.device) -> Pipeline | str:
+    """The fastest cached pipeline, or why none applies."""
+    (train_folder, train_idx), (val_folder, val_idx) = unwrap(train_set), unwrap(val_set)
+    if not all(hasattr(f, "samples") and hasattr(f, "root") for f in (train_folder, val_folder)):
+        return "not an image folder"
+    transform = plain_transform(val_folder)
+    if transform is None or not _train_transform_known(recipe, train_folder, transform):
+        return "a transform the caches do not reproduce"
+    rows = (torch.as_tensor(train_idx, dtype=torch.long), torch.as_tensor(val_idx, dtype=torch.long))
+    t = recipe.train
+    why = (f"data.augment {recipe.data.augment} changes the images before the frozen prefix"
+           if recipe.data.augment != "none" else
+           "train.mixup/cutmix mix the images before the frozen prefix" if t.mixup > 0 or t.cutmix > 0 else None)
+    if why is None:
+        split, why = find_prefix(model.backbone, transform[0])
+        if split is not None:
+            pipeline = _prefix_pipeline(recipe, split, model, (train_folder, val_folder), rows, transform, device)
+            if pipeline is not None:
+                return pipeline
+            why = "the prefix does not reproduce this backbone's forward"
+    return _decoded_pipeline(recipe, model, (train_folder, val_folder), rows, transform, device, why)
+
+
+def _train_transform_known(recipe: Recipe, train_folder: Dataset, val_transform: tuple) -> bool:
+    """Whether the train folder's transform is the one the recipe's cached path reproduces: the val
+    folder's plain resize (augment none), or exactly soup.data.build_transform's augmentation."""
+    if recipe.data.augment == "none":
+        return plain_transform(train_folder) == val_transform
+    expected = build_transform(recipe.data, train=True)
+    return (val_transform[0] == recipe.data.image_size
+            and repr(getattr(train_folder, "transform", None)) == repr(expected))
+
+
+def _prefix_pipeline(recipe: Recipe, split, model: nn.Module, folders: tuple, rows: tuple, transform: tuple,
+                     device: torch.device) -> Pipeline | None:
+    t, eval_batch = recipe.train, recipe.train.batch_size * 2
+    config = {"backbone": recipe.model.backbone, "kwargs": recipe.model.kwargs}
+    train_f = prefix_features(split, folders[0], transform, device, eval_batch, t.num_workers, config=config)
+    val_f = (prefix_features(split, folders[1], transform, device, eval_batch, t.num_workers, config=config)
+             if train_f is not None else None)
+    if train_f is None or val_f is None:
+        return None
+    suffix = SuffixModel(model, split)
+    load = to_float(device)
+    fresh = "computed now" if train_f.built or val_f.built else "shared with an earlier run"
+    where = train_f.where if train_f.where == val_f.where else f"{train_f.where}/{val_f.where}"
+    batches, steps = batch_iterator(train_f.tokens, train_f.targets, rows[0], load, device, t.seed, t.batch_size)
+    return Pipeline(
+        suffix, batches,
+        lambda: score_rows(suffix, val_f.tokens, val_f.targets, rows[1], load, device, eval_batch), steps,
+        f"prefix cache: {split.k} blocks, {human(train_f.nbytes + val_f.nbytes)} on {where} ({fresh}); "
+        f"training runs blocks {split.k}-{len(split.blocks) - 1} + head")
+
+
+def _decoded_pipeline(recipe: Recipe, model: nn.Module, folders: tuple, rows: tuple, transform: tuple,
+                      device: torch.device, why: str) -> Pipeline:
+    t, eval_batch, augment_name = recipe.train, recipe.train.batch_size * 2, recipe.data.augment
+    size, mean, std = transform
+    stored = store_size(augment_name, size)
+    augment = DeviceAugment(augment_name, size) if augment_name != "none" else None
+    train_d = decoded_on(decoded_images(folders[0], stored, t.num_workers), device)
+    val_d = decoded_on(decoded_images(folders[1], size, t.num_workers), device)
+    convnet = device.type == "cuda" and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    if convnet:  # cuDNN's fast convolutions want NHWC; checkpoints stay contiguous (fp32_state)
+        model.to(memory_format=torch.channels_last)
+    load = Normalizer(mean, std, device, channels_last=convnet)
+    nbytes = train_d.nbytes + (val_d.nbytes if val_d.key != train_d.key else 0)
+    where = str(train_d.images.device) if train_d.images.device.type == "cuda" else "memory map"
+    batches, steps = batch_iterator(train_d.images, train_d.targets, rows[0], load, device, t.seed, t.batch_size,
+                                    augment)
+    sizes = f"{size} px" if stored == size else f"{stored} px (train, for crops) and {size} px (val)"
+    augmented = (f"; {augment_name} on the {device.type} per batch (equal to the PIL path in distribution)"
+                 if augment is not None else "")
+    return Pipeline(
+        model, batches,
+        lambda: score_rows(model, val_d.images, val_d.targets, rows[1], load, device, eval_batch), steps,
+        f"decoded-image cache: {len(train_d.images) + len(val_d.images)} images at {sizes}, {human(nbytes)} "
+        f"({where}){augmented}; no prefix cache: {why}")

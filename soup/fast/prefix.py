@@ -1,0 +1,317 @@
+"""The ViT prefix/suffix split and the prefix features: train only what is not frozen.
+
+When the frozen part of a ViT is its patch embedding plus the first k blocks, `ViTSplit` cuts the
+backbone there: `prefix(images) -> tokens`, `suffix(tokens) -> features`. `prefix_features` computes
+the prefix's output tokens for every image once per (prefix weights, k, image store) and keeps them in
+bf16 (on the GPU when they fit, else in pinned CPU memory, else in a memory-mapped store). Training then
+runs only the suffix (`SuffixModel`) every epoch of every ingredient of a sweep, and evaluation (also
+greedy soup selection) runs only the suffix.
+
+The prefix runs in eval mode when cached, so it is used only when running it shows that train and eval
+mode compute the same function (soup.prefix_probe: no dropout, drop-path, patch dropout or batch norm;
+DinoV2 has none by default). Features are keyed by the prefix's weights, the model's spec and kwargs,
+and its output on a fixed probe input, so two models that compute differently never share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.data import Dataset
+
+from soup.errors import SoupError
+from soup.fast.decoded import Normalizer, decoded_images, decoded_key
+from soup.fast.store import (CACHE_VERSION, available_ram, cache_dir, create_store, fits_on_device, hash_of,
+                             open_store, remember)
+from soup.prefix_probe import mode, output_digest, probe_images, train_mode_difference
+
+# Where prefix features live: auto (device if it fits, else pinned/plain CPU memory, else a file), or
+# forced to "device", "cpu" or "disk" (tests and benchmarks use this to exercise every placement).
+FEATURE_STORE_ENV = "SOUP_FEATURE_STORE"
+
+
+def _blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The transformer blocks in order; DinoV2's chunked layout (BlockChunk lists padded with Identity)
+    flattened."""
+    flat = []
+    for block in backbone.blocks:
+        if isinstance(block, nn.ModuleList):
+            flat += [b for b in block if not isinstance(b, nn.Identity)]
+        else:
+            flat.append(block)
+    return flat
+
+
+class ViTSplit(nn.Module):
+    """A ViT cut after block k: `prefix(images) -> tokens` and `suffix(tokens) -> features`, equal in
+    composition to the backbone's forward (checked numerically before use)."""
+
+    # Top-level parts after the blocks; everything else outside `blocks` runs before them.
+    POST = {"timm": ("norm", "fc_norm", "head_drop", "head", "attn_pool"), "dinov2": ("norm", "head")}
+    UNUSED = ("mask_token",)  # DinoV2's masked-token parameter: never used without masks
+
+    def __init__(self, backbone: nn.Module, kind: str, k: int):
+        super().__init__()
+        self.backbone, self.kind, self.k = backbone, kind, k
+        self.blocks = _blocks(backbone)
+        self.probe = ""  # prefix_probe.output_digest on the probe images (find_prefix sets it)
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        if self.kind == "timm":
+            x = b.norm_pre(b.patch_drop(b._pos_embed(b.patch_embed(x))))
+        else:
+            x = b.prepare_tokens_with_masks(x, None)
+        for block in self.blocks[:self.k]:
+            x = block(x)
+        return x
+
+    def suffix(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        for block in self.blocks[self.k:]:
+            x = block(x)
+        if self.kind == "timm":
+            return b.forward_head(b.norm(x))
+        return b.head(b.norm(x)[:, 0])
+
+    def prefix_modules(self) -> list[nn.Module]:
+        post = self.POST[self.kind]
+        pre = [m for name, m in self.backbone.named_children() if name not in post and name != "blocks"]
+        return pre + self.blocks[:self.k]
+
+    def prefix_state(self) -> list[torch.Tensor]:
+        """Every tensor the prefix computes with, in a fixed order (to fingerprint and compare)."""
+        tensors = [p for name, p in self.backbone.named_parameters(recurse=False) if name not in self.UNUSED]
+        tensors += [b for _, b in self.backbone.named_buffers(recurse=False)]
+        for module in self.prefix_modules():
+            tensors += list(module.parameters()) + list(module.buffers())
+        return tensors
+
+    def prefix_names(self) -> list[str]:
+        """State-dict names (relative to the backbone) of `prefix_state`, same order."""
+        names = [n for n, _ in self.backbone.named_parameters(recurse=False) if n not in self.UNUSED]
+        names += [n for n, _ in self.backbone.named_buffers(recurse=False)]
+        ids = {id(m): n for n, m in self.backbone.named_modules()}
+        for module in self.prefix_modules():
+            prefix = ids[id(module)]
+            names += [f"{prefix}.{n}" for n, _ in module.named_parameters()]
+            names += [f"{prefix}.{n}" for n, _ in module.named_buffers()]
+        return names
+
+
+def vit_kind(backbone: nn.Module) -> str | None:
+    if isinstance(backbone, VisionTransformer) and isinstance(backbone.blocks, nn.Sequential):
+        return "timm"
+    if all(hasattr(backbone, a) for a in ("prepare_tokens_with_masks", "blocks", "norm", "head")):
+        return "dinov2"
+    return None
+
+
+def find_prefix(backbone: nn.Module, size: int | None = None) -> tuple[ViTSplit | None, str]:
+    """The largest frozen block prefix of a ViT (from requires_grad flags) that computes the same in train
+    and eval mode on `size`-px probe images (default: the patch embedding's size), or (None, why not).
+
+    A partly frozen block k runs in the suffix with its frozen tensors: still exact, just less cached."""
+    kind = vit_kind(backbone)
+    if kind is None:
+        return None, f"{type(backbone).__name__} is not a ViT"
+    split = ViTSplit(backbone, kind, 0)
+    pre = [p for p in split.prefix_state() if isinstance(p, nn.Parameter)]
+    if any(p.requires_grad for p in pre):
+        return None, "the patch embedding trains"
+    k = 0
+    for block in split.blocks:
+        if any(p.requires_grad for p in block.parameters()):
+            break
+        k += 1
+    if k == 0:
+        return None, "no whole block is frozen"
+    split.k = k
+    images = probe_images(size or _embed_size(backbone), next(backbone.parameters()).device)
+    why = train_mode_difference(split.prefix, split.prefix_modules(), images)
+    if why:
+        return None, f"the frozen prefix {why}: features cached in eval mode would not train the same"
+    split.probe = output_digest(split.prefix, split.prefix_modules(), images)
+    return split, ""
+
+
+def _embed_size(backbone: nn.Module) -> int:
+    size = getattr(backbone.patch_embed, "img_size", None) or 224
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def prefix_fingerprint(split: ViTSplit) -> str:
+    digest = hashlib.sha256(f"{split.kind}:{split.k}".encode())
+    for name, tensor in zip(split.prefix_names(), split.prefix_state()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def prefix_dtype(device: torch.device) -> torch.dtype | None:
+    """The prefix is computed once, so precision is cheap there: fp32 on the CPU; on a GPU what the
+    evaluation path uses (bf16 where supported)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def split_matches(split: ViTSplit, images: torch.Tensor) -> bool:
+    """suffix(prefix(x)) == backbone(x) in fp32: guards against a ViT variant whose forward does more
+    than the split knows (then the cache is not used)."""
+    with torch.no_grad(), mode([split.backbone], False), torch.autocast(images.device.type, enabled=False):
+        full = split.backbone(images)
+        parts = split.suffix(split.prefix(images))
+    return (torch.is_tensor(full) and full.shape == parts.shape
+            and torch.allclose(full.float(), parts.float(), rtol=1e-4, atol=1e-5))
+
+
+# ----------------------------------------------------------------------------------- prefix features
+
+@dataclass
+class PrefixFeatures:
+    """bf16 prefix output tokens (N, T, D) of every image of one folder, in the folder's sample order."""
+
+    tokens: torch.Tensor
+    targets: torch.Tensor  # int64, CPU
+    key: str
+    where: str  # cuda | pinned cpu | cpu | memory map
+    built: bool
+    lookup: torch.Tensor | None = None  # folder index -> row of `tokens` when only some images are held
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.numel() * self.tokens.element_size()
+
+    def positions(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of `tokens` holding these folder indices."""
+        return rows if self.lookup is None else self.lookup[rows]
+
+
+# key -> features for one prefix (weights, k, model, device) at a time: a new one frees the old ones.
+_FEATURES: OrderedDict[str, PrefixFeatures] = OrderedDict()
+_FEATURES_FAMILY: list = [None]
+
+
+def _placement(nbytes: int, device: torch.device) -> str:
+    forced = os.environ.get(FEATURE_STORE_ENV, "auto")
+    if forced not in ("auto", "device", "cpu", "disk"):
+        raise SoupError(f"{FEATURE_STORE_ENV}={forced!r}: use auto, device, cpu or disk")
+    if forced == "device" or (forced == "auto" and fits_on_device(nbytes, device, share=0.5)):
+        return "device" if device.type == "cuda" else "cpu"
+    if forced == "disk" or (forced == "auto" and nbytes > 0.5 * available_ram()):
+        return "disk"
+    return "cpu"
+
+
+def prefix_features(split: ViTSplit, folder: Dataset, transform: tuple, device: torch.device,
+                    batch_size: int, num_workers: int = 0, dkey: str | None = None,
+                    rows: list[int] | None = None, config: dict | None = None) -> PrefixFeatures | None:
+    """The prefix's tokens for every image of `folder` (or only its `rows`, e.g. a small holdout slice
+    of train, unless the whole folder's are at hand), computed once per (prefix weights, k, model
+    `config` (backbone spec and kwargs), probe output, decoded store); None when the split does not
+    reproduce the backbone (then nothing is cached)."""
+    size, mean, std = transform
+    dkey = dkey or decoded_key(folder, size)
+    fp = prefix_fingerprint(split)
+    dtype = prefix_dtype(device)
+    probe = split.probe or output_digest(split.prefix, split.prefix_modules(), probe_images(size, device))
+    family = {"prefix": fp, "probe": probe, "model": config or {}, "kind": split.kind, "k": split.k}
+    base = {"version": CACHE_VERSION, **family, "size": size, "mean": mean, "std": std, "decoded": dkey,
+            "dtype": str(dtype)}
+    whole = hash_of(base)
+    if rows is not None and sorted(set(rows)) == list(range(len(folder.samples))):
+        rows = None
+    key = whole if rows is None else hash_of({**base, "rows": hash_of(list(rows))})
+    for known in (whole, key):
+        if known in _FEATURES:
+            cached = _FEATURES[known]
+            return PrefixFeatures(cached.tokens, cached.targets, known, cached.where, False, cached.lookup)
+    if _FEATURES_FAMILY[0] != (hash_of(family), str(device)):
+        _FEATURES.clear()
+        _FEATURES_FAMILY[0] = (hash_of(family), str(device))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    images = decoded_images(folder, size, num_workers, dkey)
+    normalize = Normalizer(mean, std, device)
+    source, targets, lookup = images.images, images.targets, None
+    if rows is not None:
+        chosen = torch.as_tensor(rows, dtype=torch.long)
+        source, targets = source.index_select(0, chosen.to(source.device)), targets[chosen]
+        lookup = torch.full((len(images.images),), -1, dtype=torch.long)
+        lookup[chosen] = torch.arange(len(chosen))
+    n = len(source)
+    if not split_matches(split, normalize(source[:2])):
+        return None
+
+    def run(start: int) -> torch.Tensor:
+        x = normalize(source[start:start + batch_size])
+        with (torch.no_grad(), mode(split.prefix_modules(), False),
+              torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)):
+            return split.prefix(x).to(torch.bfloat16)
+
+    tokens, label, built = _all_tokens(run, n, batch_size, device, key, folder)
+    features = PrefixFeatures(tokens, targets, key, label, built, lookup)
+    return remember(_FEATURES, key, features)
+
+
+def _all_tokens(run, n: int, batch_size: int, device: torch.device, key: str,
+                folder: Dataset) -> tuple[torch.Tensor, str, bool]:
+    """(tokens of all n images, where they live, whether computed now): `run(start)` gives one batch."""
+    first = run(0)
+    shape = (n, *first.shape[1:])
+    where = _placement(math.prod(shape) * 2, device)
+    if where == "disk":
+        path = cache_dir(Path(folder.root).parent) / f"prefix-{Path(folder.root).name}-{key[:16]}.bin"
+        array, built = open_store(path, key), False
+        if array is None or array.shape != shape:
+            def fill(out: np.ndarray) -> None:
+                out[:len(first)] = first.cpu().view(torch.int16).numpy()
+                for start in range(len(first), n, batch_size):
+                    out[start:start + batch_size] = run(start).cpu().view(torch.int16).numpy()
+
+            array, built = create_store(path, key, shape, np.int16, fill), True
+        return torch.from_numpy(array).view(torch.bfloat16), "memory map", built
+    if where == "device":
+        tokens, label = torch.empty(shape, dtype=torch.bfloat16, device=device), str(device)
+    else:
+        pin = device.type == "cuda"
+        tokens = torch.empty(shape, dtype=torch.bfloat16, pin_memory=pin)
+        label = "pinned cpu" if pin else "cpu"
+    tokens[:len(first)] = first
+    for start in range(len(first), n, batch_size):
+        tokens[start:start + batch_size] = run(start)
+    return tokens, label, True
+
+
+class SuffixModel(nn.Module):
+    """tokens -> logits through the trainable part only; shares its modules with the full model."""
+
+    def __init__(self, model: nn.Module, split: ViTSplit):
+        super().__init__()
+        self.split, self.head = split, model.head
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.split.suffix(tokens))
+
+
+def to_float(device: torch.device):
+    """Stored bf16 tokens -> fp32 suffix input on `device`."""
+    def load(tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.device.type != device.type:
+            if device.type == "cuda":
+                tokens = tokens.pin_memory()
+            tokens = tokens.to(device, non_blocking=True)
+        # fp32 residual stream, as in the full forward (patch embedding + fp32 position embedding)
+        return tokens.float()
+    return load

@@ -1,0 +1,103 @@
+"""Scoring weights from the fast paths' stores: each training epoch's val pass (soup.fast.build) and
+cooking's `CachedScorer`, which scores every checkpoint of one architecture, start and freeze on one
+split (soup.evaluate) through the prefix features when the weights' prefix is the one they were
+computed with, else a full forward over the decoded images. Same arithmetic as soup.inference.predict.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from soup.backbones import freeze_prefix
+from soup.fast.decoded import Normalizer, decoded_images, decoded_key, decoded_on, gather, plain_transform, unwrap
+from soup.fast.prefix import SuffixModel, find_prefix, prefix_features, to_float
+from soup.fast.store import CacheUnavailable
+from soup.metrics import scores
+
+
+def _eval_dtype(device: torch.device) -> torch.dtype | None:
+    return torch.bfloat16 if device.type == "cuda" else None  # as soup.inference.predict
+
+
+def score_rows(model: nn.Module, store: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, load,
+               device: torch.device, batch_size: int) -> dict:
+    """soup.inference.evaluate over cached inputs: same batches' arithmetic, same scores."""
+    return scores(logits_rows(model, store, rows, load, device, batch_size), targets[rows])
+
+
+@torch.no_grad()
+def logits_rows(model: nn.Module, store: torch.Tensor, rows: torch.Tensor, load, device: torch.device,
+                batch_size: int) -> torch.Tensor:
+    """fp32 logits on the CPU for `rows` of a cached store, in order (as soup.inference.predict); copied
+    to the CPU once, at the end, so the device runs ahead of the host."""
+    was_training = model.training
+    model.eval()
+    dtype, logits = _eval_dtype(device), []
+    try:
+        for start in range(0, len(rows), batch_size):
+            x = load(gather(store, rows[start:start + batch_size]))
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits.append(model(x).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(logits).cpu()
+
+
+class CachedScorer:
+    """Scores weights of one architecture on one split from the caches: through the prefix features
+    when the weights' prefix equals the one they were computed with (ingredients of one start and
+    freeze, and their averages), else a full forward over the decoded images."""
+
+    def __init__(self, model: nn.Module, dataset: Dataset, freeze: float, device: torch.device,
+                 batch_size: int, num_workers: int = 0, config: dict | None = None):
+        folder, idx = unwrap(dataset)
+        transform = plain_transform(folder) if hasattr(folder, "samples") else None
+        if transform is None:
+            raise CacheUnavailable("not a plain image folder")
+        self.model, self.device, self.batch_size = model, device, batch_size
+        self.rows = torch.as_tensor(idx, dtype=torch.long)
+        size, mean, std = transform
+        dkey = decoded_key(folder, size)
+        # Decoded images are needed only for a full forward (weights with another prefix): load on demand.
+        self._decoded, self._decode = None, lambda: decoded_on(decoded_images(folder, size, num_workers, dkey),
+                                                                device)
+        self.normalize = Normalizer(mean, std, device)
+        self.split, self.features, self.reference = None, None, []
+        flags = [p.requires_grad for p in model.backbone.parameters()]
+        freeze_prefix(model.backbone, freeze)  # the k the ingredients trained with
+        try:
+            split, why = find_prefix(model.backbone, size)
+        finally:
+            for p, flag in zip(model.backbone.parameters(), flags):
+                p.requires_grad_(flag)
+        if split is not None:
+            features = prefix_features(split, folder, transform, device, batch_size, num_workers, dkey, idx,
+                                       config)
+            if features is not None:
+                self.split, self.features = split, features
+                self.suffix = SuffixModel(model, split)
+                self.reference = [t.detach().clone() for t in split.prefix_state()]
+        self.description = (f"prefix cache: {split.k} blocks" if self.features is not None
+                            else "decoded-image cache")
+
+    def prefix_unchanged(self) -> bool:
+        # An average of equal tensors equals them up to float rounding (Σ θ/n), far below bf16 storage.
+        return all(torch.equal(a, b) if not a.is_floating_point() else torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+                   for a, b in zip(self.split.prefix_state(), self.reference))
+
+    def __call__(self) -> dict:
+        """Scores of the weights now loaded in the model."""
+        return scores(*self.logits())
+
+    def logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of the weights now loaded in the model, in the split's order."""
+        if self.features is not None and self.prefix_unchanged():
+            rows = self.features.positions(self.rows)
+            return (logits_rows(self.suffix, self.features.tokens, rows, to_float(self.device), self.device,
+                                self.batch_size), self.features.targets[rows])
+        if self._decoded is None:
+            self._decoded = self._decode()
+        return (logits_rows(self.model, self._decoded.images, self.rows, self.normalize, self.device,
+                            self.batch_size), self._decoded.targets[self.rows])
