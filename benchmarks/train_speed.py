@@ -2,10 +2,14 @@
 
     python benchmarks/train_speed.py              # CPU: small DinoV2-architecture ViT on generated sketches
     python benchmarks/train_speed.py --sweep 8    # a whole sweep (soup shares its caches across ingredients)
+    python benchmarks/train_speed.py --augment randaugment [--sweep 8]
+                                                  # random augmentation: PIL transforms in the DataLoader vs
+                                                  #   soup's decode-once + augment-on-the-device path
     python benchmarks/train_speed.py              # on a GPU: ViT-B/14 architecture (random weights), 224 px,
                                                   #   500 classes
 
-Seed-style: torchvision ImageFolder + PIL transforms through a DataLoader every epoch, full forward of the
+Seed-style: torchvision ImageFolder + PIL transforms (with --augment, the recipe's augmentation as
+soup.data.build_transform makes it, e.g. RandAugment) through a DataLoader every epoch, full forward of the
 partly frozen model, fp16 autocast + GradScaler where the device has it (CUDA), a val pass every epoch.
 Soup: `soup.train.train_recipe` as `soup train` runs it (caches built from scratch inside the timing, a
 val pass every epoch, checkpoints written). img/s counts training images (epochs x train images x
@@ -34,9 +38,10 @@ from torchvision import transforms  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
 from soup.backbones import build_model, freeze_prefix  # noqa: E402
+from soup.data import build_transform, class_list, load_split  # noqa: E402
 from soup.fast import decoded as fast_decoded, prefix as fast_prefix  # noqa: E402
 from soup.precision import choose_autocast, cpu_flags_line  # noqa: E402
-from soup.recipe import recipe_from_dict  # noqa: E402
+from soup.recipe import AUGMENTS, recipe_from_dict  # noqa: E402
 from soup.sketches import generate_sketches  # noqa: E402
 from soup.train import train_recipe  # noqa: E402
 
@@ -75,7 +80,7 @@ def recipe_for(args, root: Path, sweep: int) -> dict:
     arch = ARCHS[args.arch]
     return {
         "name": "bench",
-        "data": {"root": str(root), "image_size": args.image_size},
+        "data": {"root": str(root), "image_size": args.image_size, "augment": args.augment},
         "model": {"backbone": arch["backbone"], "pretrained": False, "freeze": args.freeze,
                   "kwargs": {"img_size": args.image_size, **arch["kwargs"]}},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "sgd", "lr": 5e-3,
@@ -92,7 +97,9 @@ def seed_style(recipe, device: torch.device, seed: int) -> tuple[float, int]:
     d, t = recipe.data, recipe.train
     tf = transforms.Compose([transforms.Resize((d.image_size, d.image_size)), transforms.ToTensor(),
                              transforms.Normalize(d.mean, d.std)])
-    train = ImageFolder(str(Path(d.root) / "train_images"), tf)
+    # The same random augmentation as soup's recipe, done the seed's way: PIL, per image, in the loader.
+    train_tf = tf if d.augment == "none" else build_transform(d, train=True)
+    train = ImageFolder(str(Path(d.root) / "train_images"), train_tf)
     val = ImageFolder(str(Path(d.root) / "val_images"), tf)
     cuda = device.type == "cuda"
     loader = DataLoader(train, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers, pin_memory=cuda)
@@ -135,8 +142,6 @@ def soup_path(raw_recipe: dict, out: Path, console: Console) -> tuple[float, int
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    from soup.data import class_list, load_split
-
     n_train = len(load_split(recipe.data, "train", classes=class_list(recipe.data.root)))
     return seconds, n_train * recipe.train.epochs * len(results)
 
@@ -158,6 +163,8 @@ def main() -> None:
     # On a 2-core machine, worker processes only fight the main process for the cores.
     parser.add_argument("--workers", type=int, default=0 if (os.cpu_count() or 1) <= 2 else min(16, os.cpu_count()))
     parser.add_argument("--compile", action="store_true", help="train.compile: true for soup's path")
+    parser.add_argument("--augment", choices=AUGMENTS, default="none",
+                        help="data.augment for both paths (seed-style: PIL transforms in the DataLoader)")
     parser.add_argument("--sweep", type=int, default=1, help="ingredients (seeds) in soup's run")
     parser.add_argument("--seed-runs", type=int, default=1,
                         help="ingredients the seed-style loop really trains; the rest is extrapolated "
@@ -177,7 +184,7 @@ def main() -> None:
             else f"CPU ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}; {cpu_flags_line()})")
     print(f"device: {name}; torch {torch.__version__}; {raw['model']['backbone']} {raw['model']['kwargs']}, "
           f"freeze {args.freeze}; {args.classes} classes; {args.epochs} epochs x batch {args.batch_size}; "
-          f"amp {args.amp}; workers {args.workers}; ingredients {args.sweep}", flush=True)
+          f"amp {args.amp}; workers {args.workers}; augment {args.augment}; ingredients {args.sweep}", flush=True)
     dtype, why = choose_autocast(args.amp, args.device)
     chosen = "fp32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
     print(f"soup's precision: {chosen} ({why})", flush=True)
