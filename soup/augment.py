@@ -61,6 +61,12 @@ def augment_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def _to(drawn: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small tensor drawn on the CPU, sent to the images' device without waiting for the device to finish
+    its queued work (a blocking copy would hold the host at every batch)."""
+    return drawn.to(device, non_blocking=True)
+
+
 def _fork_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (), generator=generator))
 
@@ -88,7 +94,7 @@ class DeviceAugment:
                              f"got {images.dtype} {tuple(images.shape)}")
         if self.augment == "none":
             return images
-        flips = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
+        flips = _to(torch.rand(len(images), generator=generator) < 0.5, images.device)
         # Flip first: flips commute in distribution with crops and policies (crop offsets and policy
         # signs are symmetric), so this equals the PIL path's crop, flip, policy. A new tensor from here.
         images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
@@ -110,7 +116,7 @@ class DeviceAugment:
             box = self.crop.make_params([images[row]])
             left, top = box["left"], box["top"]
             boxes.append([row, left, top, left + box["width"], top + box["height"]])
-        rois = torch.tensor(boxes, dtype=torch.float32, device=images.device)
+        rois = _to(torch.tensor(boxes, dtype=torch.float32), images.device)
         out = roi_align(images.float(), rois, output_size=self.image_size, spatial_scale=1.0, sampling_ratio=1,
                         aligned=True)
         return out.round_().clamp_(0, 255).to(torch.uint8)
@@ -135,7 +141,7 @@ class DeviceAugment:
                 if slot < len(ops) and ops[slot][0] != "Identity":
                     groups.setdefault(ops[slot], []).append(row)
             for (op, magnitude), rows in groups.items():
-                index = torch.tensor(rows, device=images.device)
+                index = _to(torch.tensor(rows), images.device)
                 images[index] = self.policy._apply_image_or_video_transform(
                     images[index], op, magnitude, interpolation=self.policy.interpolation, fill=self.policy._fill)
         return images
