@@ -23,6 +23,7 @@ from soup.cook import METHODS, cook
 from soup.diagnose import pair_geometry, print_inspection
 from soup.errors import SoupError
 from soup.evaluate import Evaluator, eval_rows, evaluate_rows
+from soup.plot import draw
 from soup.recipe import recipe_from_dict
 from soup.report import add_statistics, default_reference, print_eval_table
 from soup.sketches import SHAPES, generate_sketches
@@ -111,8 +112,6 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
 
 
 def _plot(rows: list[dict], greedy, path: Path, console: Console) -> Path | None:
-    from soup.plot import draw
-
     steps = {"name": greedy.name, "steps": greedy.meta["steps"], "split": greedy.meta["selection"]["split"]}
     try:
         draw(rows, steps, path)
