@@ -19,10 +19,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from soup.checkpoint import find_checkpoints, read_checkpoint, write_text_atomic
-from soup.cook import METHODS, cook
+from soup.cook import cook
 from soup.diagnose import pair_geometry, print_inspection
 from soup.errors import SoupError
 from soup.evaluate import Evaluator, eval_rows, evaluate_rows
+from soup.methods import METHODS
 from soup.plot import draw
 from soup.recipe import recipe_from_dict
 from soup.report import add_statistics, default_reference, print_eval_table
