@@ -31,7 +31,6 @@ def starting_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
-
 @contextlib.contextmanager
 def _tensors(source: Checkpoint | dict):
     """(keys, get) for a checkpoint file (read lazily, one tensor at a time) or an in-memory state dict."""
