@@ -69,7 +69,9 @@ def _imports(name: str) -> list[tuple[str, int, bool]]:
         for child in ast.iter_child_nodes(node):
             nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             if isinstance(child, (ast.Import, ast.ImportFrom)):
-                found.extend((t, child.lineno, in_function) for t in _targets(child, name) if t != name)
+                # A module's own packages are initialised before it runs: naming them is no edge.
+                found.extend((t, child.lineno, in_function) for t in _targets(child, name)
+                             if t != name and not name.startswith(t + "."))
             visit(child, nested)
 
     visit(tree, False)
@@ -126,6 +128,17 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             path.append(step)
             seen.add(step)
     return cycles
+
+
+def test_import_edges_are_read():
+    def targets(source, importer):
+        return _targets(ast.parse(source).body[0], importer)
+
+    assert targets("from soup import distributed, errors", "soup.pipeline") == ["soup.distributed", "soup.errors"]
+    assert targets("from soup.metrics import scores", "soup.cook") == ["soup.metrics"]
+    assert targets("from .metrics import scores", "soup.inference") == ["soup.metrics"]
+    assert targets("import soup.recipe", "soup.cli") == ["soup.recipe"]
+    assert targets("import torch.nn", "soup.cli") == []
 
 
 def test_cycle_finder_names_a_circle():
