@@ -19,7 +19,7 @@ from torch import nn
 
 from soup.checkpoint import Checkpoint, is_soup_checkpoint, read_checkpoint
 from soup.errors import SoupError
-from soup.recipe import ModelConfig, parse_backbone
+from soup.recipe import ModelConfig, parse_backbone, recipe_from_dict
 
 NETWORK_MODULES = ("urllib", "http", "socket", "ssl", "requests", "httpx", "httpcore", "huggingface_hub", "urllib3")
 
@@ -251,8 +251,6 @@ def build_model(cfg: ModelConfig, classes: list[str], image_size: int, pretraine
 def model_from_checkpoint(checkpoint: Checkpoint) -> Classifier:
     """Rebuild a checkpoint's architecture without downloading anything (no pretrained weights, hub code
     only where trusted), then load its weights."""
-    from soup.recipe import recipe_from_dict
-
     recipe = recipe_from_dict(checkpoint.recipe)
     model = build_model(recipe.model, checkpoint.classes, recipe.data.image_size, pretrained=False,
                         load_weights=False, recorded_in=checkpoint.path)

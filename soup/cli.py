@@ -1,4 +1,9 @@
-"""The `soup` command: parses arguments and calls the stage that owns the work."""
+"""The `soup` command: parses arguments and calls the stage that owns the work.
+
+Every stage is imported at the top: the flags of `soup cook` come from the method registry, so loading the
+CLI loads torch anyway. The console script (soup.__main__) installs its signal handlers before importing
+this module, so a Ctrl-C during those seconds is still one line.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,25 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from soup import sweeps
+from soup.backbones import trusting_hubs
+from soup.calibrate import calibrate_paths
+from soup.checkpoint import find_checkpoints, read_checkpoint
+from soup.cook import cook as cook_soup
+from soup.demo import run_demo
+from soup.diagnose import describe_soup, loss_line, pair_geometry, print_inspection
+from soup.distributed import is_main
 from soup.errors import SoupError, interrupt_on_signals, one_line
+from soup.evaluate import Evaluator, evaluate_rows
+from soup.methods import METHODS
+from soup.outputs import check_output
+from soup.plot import plot_checkpoints
+from soup.recipe import load_recipe
+from soup.report import add_per_class, add_statistics, default_reference, print_eval_table, print_per_class
+from soup.sketches import generate_sketches
+from soup.submit import check_submission_output, predict_submission, write_provenance, write_submission
+from soup.sweeps import sweep_status
+from soup.train import ingredient_table, select_ingredients, train_recipe
 
 console = Console(highlight=False)
 
@@ -51,10 +74,6 @@ def cli():
 @click.option("--no-cache", is_flag=True, help="Turn the fast data paths off (decode every image every epoch).")
 def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
     """Fine-tune the ingredients of RECIPE (one per sweep combination)."""
-    from soup.distributed import is_main
-    from soup.recipe import load_recipe
-    from soup.train import ingredient_table, select_ingredients, train_recipe
-
     recipe = load_recipe(recipe_path, list(overrides))
     main = is_main()  # under torchrun, rank 0 alone prints
     if list_only:
@@ -77,8 +96,6 @@ def _trust_hub_option(fn):
                   "backbone (repeatable); without it, only timm models and the torch.hub cache's copies.")
     @functools.wraps(fn)
     def command(*args, trust_hub=(), **kwargs):
-        from soup.backbones import trusting_hubs
-
         with trusting_hubs(trust_hub):
             return fn(*args, **kwargs)
     return command
@@ -86,8 +103,6 @@ def _trust_hub_option(fn):
 
 def _method_options(fn):
     """One flag per registered soup method (--uniform, --greedy, ...), so a new method needs no CLI code."""
-    from soup.cook import METHODS
-
     for name in reversed(list(METHODS)):
         is_default = name == "uniform"
         summary = " ".join((METHODS[name].fn.__doc__ or "").split("\n\n")[0].split())
@@ -123,10 +138,6 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
-    from soup.checkpoint import find_checkpoints
-    from soup.cook import cook as cook_soup
-    from soup.outputs import check_output
-
     ingredients = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None,
                                    warn=_warn)
     _report_sweeps(ingredients, list(paths) or [Path("checkpoints")])
@@ -138,8 +149,6 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, console,
                      options=options, calibrate=calibrate, overwrite=overwrite)
     if png:
-        from soup.plot import plot_checkpoints
-
         soups = [c for c in find_checkpoints([path.parent], warn=_warn) if c.kind != "ingredient"]
         plot_checkpoints([c for c in ingredients if c.kind == "ingredient"] + soups, png, select_on, data_root,
                          console)
@@ -152,17 +161,13 @@ def _warn(message: str) -> None:
 def _report_sweeps(ingredients, paths) -> None:
     """After a sweep ran as separate jobs, say which ingredients are not finished; cook goes on with the
     rest. Only folders are surveyed: files named one by one are a deliberate choice."""
-    from soup.sweeps import report, sweep_status
-
     folders = [Path(p) for p in paths if Path(p).is_dir()]
     if folders:
-        report(sweep_status(ingredients, folders), console)
+        sweeps.report(sweep_status(ingredients, folders), console)
 
 
 def _checkpoints(paths, kinds: set[str] | None = None):
     """The checkpoints named, or by default those under checkpoints/ (of `kinds` only, if given)."""
-    from soup.checkpoint import find_checkpoints
-
     checkpoints = find_checkpoints(list(paths) or ["checkpoints"], kinds=None if paths else kinds, warn=_warn)
     if not checkpoints:
         raise SoupError("no checkpoints found; train with `soup train RECIPE` or name checkpoint files")
@@ -189,9 +194,6 @@ def _checkpoints(paths, kinds: set[str] | None = None):
               help="Also show the best row's K worst classes and K most confused class pairs.")
 def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples, compare, per_class):
     """Evaluate checkpoints side by side (default: everything under checkpoints/)."""
-    from soup.evaluate import Evaluator, evaluate_rows
-    from soup.report import add_per_class, add_statistics, default_reference, print_eval_table, print_per_class
-
     checkpoints = _checkpoints(paths)
     evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root, use_cache=not no_cache), ensemble)
     rows = add_statistics(evaluated, resamples, compare or default_reference([r for r, _ in evaluated]))
@@ -213,9 +215,6 @@ def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples
 def calibrate(paths, split, data_root):
     """Fit a temperature for each checkpoint (LBFGS on NLL) and store it in its metadata; the weights are
     untouched and top-1 never changes. soup eval and soup submit --ensemble use it."""
-    from soup.calibrate import calibrate_paths
-    from soup.evaluate import Evaluator
-
     calibrate_paths(paths, split, lambda chosen: Evaluator(chosen, data_root), console)
 
 
@@ -233,9 +232,6 @@ def calibrate(paths, split, data_root):
 def inspect_command(paths, line, points, data_root, split, as_json):
     """Diagnose checkpoints before and after cooking: shared start, distances and cosines between their
     fine-tuning deltas, what each soup tried (default: every ingredient under checkpoints/)."""
-    from soup.checkpoint import read_checkpoint
-    from soup.diagnose import describe_soup, loss_line, pair_geometry, print_inspection
-
     checkpoints = _checkpoints(paths, kinds={"ingredient"})
     report = pair_geometry(checkpoints)
     if line:
@@ -263,9 +259,6 @@ def inspect_command(paths, line, points, data_root, split, as_json):
 def plot_command(output, paths, data_root, split, reliability_path):
     """Picture of held-out accuracy: ingredients (sorted), the greedy path, every soup, and the ensemble
     (default: everything under checkpoints/). Needs matplotlib: pip install 'soup[plot]'."""
-    from soup.outputs import check_output
-    from soup.plot import plot_checkpoints
-
     check_output(output, list(paths), overwrite=True, what="picture")  # redrawn freely, never over a checkpoint
     checkpoints = _checkpoints(paths)
     if reliability_path == "reliability.png":
@@ -287,9 +280,6 @@ def plot_command(output, paths, data_root, split, reliability_path):
               "may not); the members are listed in <output>.json.")
 def submit(checkpoint_paths, data_root, output, overwrite, ensemble):
     """Write Id,Category predictions for the test images."""
-    from soup.checkpoint import read_checkpoint
-    from soup.submit import check_submission_output, predict_submission, write_provenance, write_submission
-
     check_submission_output(output, checkpoint_paths, overwrite)
     checkpoints = [read_checkpoint(p) for p in checkpoint_paths]
     ids, categories, provenance = predict_submission(checkpoints, data_root, ensemble)
@@ -309,8 +299,6 @@ def submit(checkpoint_paths, data_root, output, overwrite, ensemble):
 @click.option("--seed", default=0, show_default=True)
 def sketches(root, classes, train_per_class, val_per_class, test_images, image_size, seed):
     """Generate a sketch data set in the course's folder layout under ROOT."""
-    from soup.sketches import generate_sketches
-
     names = generate_sketches(root, classes, train_per_class, val_per_class, test_images, image_size, seed)
     console.print(f"wrote {len(names)} classes ({', '.join(names)}) to {root}")
 
@@ -320,8 +308,6 @@ def sketches(root, classes, train_per_class, val_per_class, test_images, image_s
 @click.option("--small", is_flag=True, hidden=True, help="A smaller, faster demo (for tests).")
 def demo(out, small):
     """Everything on generated sketches, offline, on a CPU: pretrain, fine-tune, cook, eval, submit."""
-    from soup.demo import run_demo
-
     run_demo(out, console, small=small)
 
 

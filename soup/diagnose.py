@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from soup.checkpoint import Checkpoint, tensors_across
-from soup.cook import Selector, starting_weights, weighted_average
 from soup.errors import SoupError
+from soup.selector import Selector
+from soup.weights import starting_weights, weighted_average
 
 
 def _layout_key(checkpoint: Checkpoint) -> tuple:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from soup.checkpoint import read_checkpoint
+from soup.checkpoint import find_checkpoints, read_checkpoint
 from soup.cli import cli
 
 from conftest import CLASSES, tiny_recipe
@@ -129,3 +129,8 @@ def test_demo_end_to_end_small(tmp_path):
         soup = read_checkpoint(tmp_path / "demo" / "checkpoints" / "soups" / f"{method}.safetensors")
         assert soup.kind == method and soup.meta["selection"]["split"] == "holdout"
     assert "other start: no soup" in result.output
+    # The ingredients come from a random search (issue 12): each records its drawn lr, weight decay and seed.
+    drawn = [c.meta["settings"] for c in find_checkpoints([tmp_path / "demo" / "checkpoints" / "sketch_soup"],
+                                                          kinds={"ingredient"})]
+    assert len(drawn) == 2 and all(set(d) == {"train.lr", "train.seed", "train.weight_decay"} for d in drawn)
+    assert len({d["train.lr"] for d in drawn}) == 2

@@ -1,0 +1,214 @@
+"""The package's shape (issue 11): no circle in the import graph, no soup import hidden inside a function,
+modules under ~400 lines, functions under ~80, and every module importable alone. Read with `ast`, so the
+checks need no import of soup and name the file and line at fault."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "soup"
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 80
+# The console script installs its signal handlers before it imports the CLI (and with it torch).
+LAZY_IMPORTS_ALLOWED = {"soup.__main__"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def _with_parents(name: str) -> list[str]:
+    """Importing soup.a.b runs soup.a's __init__ first: that is an edge too."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(2, len(parts) + 1) if ".".join(parts[:i]) in MODULES]
+
+
+def _targets(node: ast.AST, importer: str) -> list[str]:
+    """The soup modules an import statement loads."""
+    if isinstance(node, ast.Import):
+        found = []
+        for alias in node.names:
+            parts = alias.name.split(".")
+            found += [".".join(parts[:i]) for i in range(2, len(parts) + 1) if ".".join(parts[:i]) in MODULES]
+        return found
+    if node.level:  # relative: resolve against the importer's package
+        package = importer if _is_package(importer) else importer.rpartition(".")[0]
+        base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+        base = f"{base}.{node.module}" if node.module else base
+    else:
+        base = node.module or ""
+    if base != "soup" and not base.startswith("soup."):
+        return []
+    found = _with_parents(base)
+    found += [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES]
+    return found
+
+
+def _imports(name: str) -> list[tuple[str, int, bool]]:
+    """(target, line, inside a function) for every soup import of module `name`."""
+    tree = ast.parse(MODULES[name].read_text(encoding="utf-8"))
+    found = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                # A module's own packages are initialised before it runs: naming them is no edge.
+                found.extend((t, child.lineno, in_function) for t in _targets(child, name)
+                             if t != name and not name.startswith(t + "."))
+            visit(child, nested)
+
+    visit(tree, False)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    return {name: {t for t, _, _ in _imports(name)} for name in MODULES}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component of more than one module (Tarjan), as a readable path."""
+    index, low, stack, on_stack, components = {}, {}, [], set(), []
+
+    def connect(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(set(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    cycles = []
+    for component in components:
+        start = min(component)
+        path, seen = [start], {start}
+        # Walk inside the component until the path closes: every module in it reaches `start` again.
+        while True:
+            nxt = sorted(w for w in graph[path[-1]] if w in component)
+            closing = start in nxt
+            if closing:
+                cycles.append(path + [start])
+                break
+            step = next((w for w in nxt if w not in seen), nxt[0])
+            if step in seen:
+                cycles.append(path[path.index(step):] + [step])
+                break
+            path.append(step)
+            seen.add(step)
+    return cycles
+
+
+def test_import_edges_are_read():
+    def targets(source, importer):
+        return _targets(ast.parse(source).body[0], importer)
+
+    assert targets("from soup import distributed, errors", "soup.pipeline") == ["soup.distributed", "soup.errors"]
+    assert targets("from soup.metrics import scores", "soup.cook") == ["soup.metrics"]
+    assert targets("from .metrics import scores", "soup.inference") == ["soup.metrics"]
+    assert targets("import soup.recipe", "soup.cli") == ["soup.recipe"]
+    assert targets("import torch.nn", "soup.cli") == []
+
+
+def test_cycle_finder_names_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_import_graph_has_no_cycle():
+    cycles = _cycles(_graph())
+    assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_soup_import_inside_a_function():
+    hidden = [f"{MODULES[name].relative_to(ROOT)}:{line} imports {target}"
+              for name in MODULES if name not in LAZY_IMPORTS_ALLOWED
+              for target, line, in_function in _imports(name) if in_function]
+    assert not hidden, "imports inside functions (move them to the top of the module): " + "; ".join(hidden)
+
+
+def test_modules_are_short():
+    long = [f"{path.relative_to(ROOT)} ({n} lines)" for path in MODULES.values()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES]
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: " + ", ".join(long)
+
+
+def test_functions_are_short():
+    long = []
+    for path in MODULES.values():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: " + ", ".join(long)
+
+
+# Each soup module is imported in a process of its own in which no other soup module was ever loaded: a
+# fresh interpreter loads the third-party libraries once (torch alone takes seconds), then forks one child
+# per module. A circle that only works in one import order fails here.
+_IMPORT_EACH = textwrap.dedent("""
+    import importlib, os, sys, traceback
+    for heavy in ("torch", "torchvision", "timm", "numpy", "PIL.Image", "yaml", "rich.console", "click",
+                  "safetensors.torch"):
+        try:
+            importlib.import_module(heavy)
+        except ImportError:
+            pass
+    assert not [m for m in sys.modules if m == "soup" or m.startswith("soup.")]
+    failed = []
+    for name in sys.argv[1:]:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                importlib.import_module(name)
+            except BaseException:
+                traceback.print_exc()
+                os._exit(1)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        if status:
+            failed.append(name)
+    print("FAILED:" + ",".join(failed))
+""")
+
+
+def test_each_module_imports_alone():
+    names = [n for n in MODULES if n != "soup.__main__"] + ["soup.__main__"]
+    done = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *names], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    failed = done.stdout.strip().rpartition("FAILED:")[2]
+    assert not failed, f"modules that fail to import alone: {failed}\n{done.stderr[-3000:]}"
