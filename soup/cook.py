@@ -28,6 +28,7 @@ from soup.errors import SoupError
 from soup.evaluate import Evaluator, Predictions, predictions
 from soup.metrics import scores
 from soup.outputs import check_output
+from soup.probe import probed_start
 from soup.recipe import recipe_from_dict
 from soup.report import describe_difference, difference, versus_best
 
@@ -66,6 +67,7 @@ def starting_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     built them (pretrained backbone or model.weights, head from init_seed), checked by fingerprint."""
     recipe = recipe_from_dict(checkpoint.recipe)
     model = build_model(recipe.model, checkpoint.classes, recipe.data.image_size, recorded_in=checkpoint.path)
+    model = probed_start(model, recipe, checkpoint.path)
     rebuilt = fingerprint(model)
     if rebuilt != checkpoint.fingerprint:
         source = recipe.model.weights or recipe.model.backbone

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from rich.console import Console
 from torch import nn
 
+import soup.state
 import soup.train
 from soup.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint, write_text_atomic
 from soup.cli import cli
@@ -203,7 +204,7 @@ def test_a_full_disk_under_torch_save_is_one_error(tmp_path, monkeypatch):
                 raise OSError(errno.ENOSPC, "No space left on device")
             return super().write(data)
 
-    monkeypatch.setattr(soup.train, "open", lambda path, mode: FullDisk(path, mode), raising=False)
+    monkeypatch.setattr(soup.state, "open", lambda path, mode: FullDisk(path, mode), raising=False)
     with pytest.raises(SoupError, match="cannot write .*state.pt: No space left on device"):
         _state(target)
     assert target.read_bytes() == b"old"
