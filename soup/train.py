@@ -369,8 +369,9 @@ def finish(run: Run) -> Path:
         "seed": recipe.train.seed,
         "val_history": history,
         "val_acc": history[-1]["val_top1"],
-        **({"raw_val_acc": history[-1]["raw_val_top1"]} if run.ema is not None else {}),
-        **({"probe": run.probe} if run.probe is not None else {}),
+        # The raw trained weights' accuracy: val_acc's own without an EMA.
+        "raw_val_acc": history[-1].get("raw_val_top1", history[-1]["val_top1"]),
+        "probe": run.probe,  # the probed start: its id and val accuracy, or None
         # The whole sweep, so that `soup cook` can name the ingredients not (yet) trained.
         "sweep_ids": ingredient.sweep_ids or [ingredient.id],
         # How it ran, for metrics.json: in the checkpoint too, so that a resume can rebuild that file.

@@ -216,14 +216,14 @@ def test_nan_loss_keeps_the_last_good_state(small_sketch_root, tmp_path):
         loss = original(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 4 else loss
 
-    import soup.train
+    import soup.augment
 
     try:
-        soup.train.F.cross_entropy = explode_later
+        soup.augment.F.cross_entropy = explode_later
         with pytest.raises(SoupError, match=r"loss became nan at epoch 2, step \d+ .*last good state \(after epoch 1\)"):
             train_ingredient(ingredient, tmp_path / "second")
     finally:
-        soup.train.F.cross_entropy = original
+        soup.augment.F.cross_entropy = original
     assert (tmp_path / "second" / "tiny" / "00" / STATE_FILE).exists()
     assert not (tmp_path / "second" / "tiny" / "00" / "model.safetensors").exists()
 
