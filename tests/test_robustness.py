@@ -49,7 +49,8 @@ def wait_for(path, process, timeout=120):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_run_resumes_to_the_same_weights(sketch_root, tmp_path, sig):
-    recipe = vit_recipe(sketch_root)
+    # The lr schedule steps per optimizer step and the EMA's weights travel with the state.
+    recipe = vit_recipe(sketch_root, schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1, ema=0.9)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run_dir = tmp_path / "out" / "tiny" / "00"
