@@ -21,7 +21,7 @@ from rich.console import Console
 from torch import nn
 
 from soup.checkpoint import INGREDIENT_FILE, TEMP_SUFFIX, atomic_path, read_checkpoint, write_text_atomic
-from soup.errors import SoupError
+from soup.errors import Interrupted, SoupError
 from soup.recipe import Ingredient, recipe_from_dict
 
 STATE_FILE = "state.pt"
@@ -132,6 +132,18 @@ def ingredient_lock(run_dir: Path, wait: bool = False):
         with contextlib.suppress(OSError):  # the pid only informs whoever looks; a full disk must not stop here
             os.write(handle.fileno(), str(os.getpid()).encode())
         yield
+
+
+@contextlib.contextmanager
+def resume_hint_on_interrupt(ingredient_id: str, saved_epochs: list[int]):
+    """Ctrl-C (or SIGTERM) anywhere in training: one line saying what is saved and how to go on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        done = (f"its state after epoch {saved_epochs[0]} is saved" if saved_epochs[0]
+                else "no epoch had finished, so nothing was saved")
+        raise Interrupted(f"{ingredient_id}: interrupted; {done}; run the same command with --resume to "
+                          "continue") from None
 
 
 def remove_stale_temps(run_dir: Path) -> None:

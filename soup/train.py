@@ -33,14 +33,14 @@ from soup.augment import Mixer, classification_loss, make_mixer
 from soup.backbones import build_model, fingerprint, freeze_prefix
 from soup.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint
 from soup.data import class_list, load_split
-from soup.errors import Interrupted, SoupError, interrupt_on_signals
+from soup.errors import SoupError, interrupt_on_signals
 from soup.inference import resolve_device
 from soup.pipeline import Pipeline, plain_pipeline
 from soup.precision import choose_autocast
 from soup.probe import KIND as PROBE, load_probe, probe_ingredient
 from soup.recipe import Ingredient, Recipe, TrainConfig, expand_sweep
-from soup.state import (METRICS_FILE, METRICS_KEYS, STATE_FILE, ingredient_lock, is_finished,  # noqa: F401
-                        remove_stale_temps, resume_state, save_state, seed_everything, write_metrics)
+from soup.state import (STATE_FILE, ingredient_lock, is_finished, remove_stale_temps, resume_hint_on_interrupt,
+                        resume_state, save_state, seed_everything, write_metrics)
 
 CHECK_EVERY = 200  # steps between reads of the losses (NaN check, progress); each read waits for the device
 _MIX_STREAM = 0x6D6978  # "mix": apart from the augmentation stream drawn from the same seed
@@ -77,18 +77,6 @@ def build_pipeline(recipe: Recipe, model: nn.Module, train_set: Dataset, val_set
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     TextColumn("{task.fields[status]}"), console=console, transient=True)
-
-
-@contextlib.contextmanager
-def resume_hint_on_interrupt(ingredient_id: str, saved_epochs: list[int]):
-    """Ctrl-C (or SIGTERM) anywhere in training: one line saying what is saved and how to go on."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        done = (f"its state after epoch {saved_epochs[0]} is saved" if saved_epochs[0]
-                else "no epoch had finished, so nothing was saved")
-        raise Interrupted(f"{ingredient_id}: interrupted; {done}; run the same command with --resume to "
-                          "continue") from None
 
 
 @dataclass

@@ -28,7 +28,8 @@ from soup.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint, w
 from soup.cli import cli
 from soup.errors import SoupError
 from soup.recipe import expand_sweep, load_recipe, recipe_from_dict
-from soup.train import METRICS_FILE, METRICS_KEYS, STATE_FILE, ingredient_lock, save_state, train_ingredient
+from soup.state import METRICS_FILE, METRICS_KEYS, STATE_FILE, ingredient_lock, save_state
+from soup.train import train_ingredient
 
 from conftest import tiny_recipe
 

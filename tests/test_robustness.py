@@ -21,7 +21,8 @@ from soup.cook import cook
 from soup.data import load_rgb
 from soup.errors import SoupError
 from soup.recipe import expand_sweep, recipe_from_dict
-from soup.train import STATE_FILE, ingredient_lock, train_ingredient, train_recipe
+from soup.state import STATE_FILE, ingredient_lock
+from soup.train import train_ingredient, train_recipe
 
 from conftest import state_close, tiny_recipe, tiny_vit_model
 
