@@ -19,6 +19,7 @@ from soup.data import class_list
 from soup.errors import SoupError
 from soup.pipeline import Pipeline
 from soup.recipe import expand_sweep, recipe_from_dict
+from soup.state import STATE_FILE, resume_state, save_state
 from soup.train import set_up, train_ingredient, train_recipe
 
 from conftest import tiny_recipe, tiny_vit_model
@@ -199,3 +200,24 @@ def test_resume_accepts_a_checkpoint_from_before_new_recipe_keys(small_sketch_ro
     console = quiet()
     train_ingredient(ingredient, tmp_path, console, resume=True)
     assert "finished already, skipped" in console.file.getvalue()
+
+
+def test_a_saved_state_resumes_across_recipe_versions_but_not_across_schedule_formats(small_sketch_root, tmp_path):
+    recipe = recipe_from_dict(tiny_recipe(small_sketch_root))
+    old = json.loads(json.dumps(recipe.to_dict()))
+    del old["train"]["ema"], old["model"]["probe"]  # a state written before these keys existed
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule_ = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    path = tmp_path / STATE_FILE
+    save_state(path, model, optimizer, scaler, schedule_, 1, [], {"recipe": old, "start_fingerprint": "f"})
+    meta = {"recipe": recipe.to_dict(), "start_fingerprint": "f"}
+    assert resume_state(path, meta, model, optimizer, scaler, schedule_)["epoch"] == 1
+    with pytest.raises(SoupError, match="different recipe or start"):
+        resume_state(path, {**meta, "start_fingerprint": "g"}, model, optimizer, scaler, schedule_)
+    state = torch.load(path, weights_only=True)
+    del state["format"]  # soup before the schedule stepped per optimizer step
+    torch.save(state, path)
+    with pytest.raises(SoupError, match="saved by an older version of soup .*delete it to start over"):
+        resume_state(path, meta, model, optimizer, scaler, schedule_)
