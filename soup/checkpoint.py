@@ -258,7 +258,9 @@ def find_checkpoints(paths: list[str | Path], kinds: set[str] | None = None,
     for given in paths:
         given = Path(given)
         if given.is_dir():
-            found.extend(c for c in _in_folder(given, warn) if kinds is None or c.kind in kinds)
+            # A probed start (soup.probe) beside the ingredients is their start, not one of them.
+            found.extend(c for c in _in_folder(given, warn)
+                         if (c.kind in kinds if kinds else c.kind != "probe"))
         elif given.exists():
             found.append(read_checkpoint(given))
         else:

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from soup.checkpoint import INGREDIENT_FILE, Checkpoint
 
-STATE_FILE = "state.pt"  # as soup.train writes it; not imported, to keep cook free of the training stack
+STATE_FILE = "state.pt"  # as soup.state writes it; not imported, to keep cook free of the training stack
 LOCK_FILE = ".lock"
 
 

@@ -1,68 +1,64 @@
 """Training: one ingredient per resolved recipe, read top to bottom.
 
-Every epoch the full training state is saved atomically (`state.pt`), so a killed run resumes where it
-was (`soup train --resume`) and ends with the same weights as an uninterrupted one: the data order of
-each epoch depends only on (seed, epoch), and RNG states travel with the state.
+`train_ingredient` sets a run up (data, model, optimizer, data path), resumes it if asked, trains epoch
+by epoch and finishes (checkpoint, metrics.json, state removed); the lock and DDP are context managers
+around it. Every epoch the full training state is saved atomically (`state.pt`, soup.state), so a killed
+run resumes where it was (`soup train --resume`) and ends with the same weights as an uninterrupted one:
+the data order and the mixup draws of each epoch depend only on (seed, rank, epoch), and RNG states
+travel with the state. The lr follows soup.schedule per optimizer step; label smoothing, mixup/cutmix
+(soup.augment), gradient clipping and an EMA of the weights (soup.schedule.EMA) apply as the recipe says.
+With `model.probe`, the probed start (soup.probe) is trained first, once, and every ingredient starts
+from it. No step reads a value back from the device: the losses stay there and are checked for NaN every
+CHECK_EVERY steps and at the end of each epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import json
-import os
-import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import nn
-from torch.utils.data import Dataset
 
-from soup import distributed
+from soup import distributed, schedule
+from soup.augment import Mixer, classification_loss, make_mixer
 from soup.backbones import build_model, fingerprint, freeze_prefix
-from soup.checkpoint import (INGREDIENT_FILE, TEMP_SUFFIX, atomic_path, read_checkpoint, save_checkpoint,
-                             write_text_atomic)
+from soup.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint
 from soup.data import class_list, load_split
-from soup.errors import Interrupted, SoupError, interrupt_on_signals
+from soup.errors import SoupError, interrupt_on_signals
 from soup.fast.build import build_pipeline
 from soup.inference import resolve_device
-from soup.pipeline import Pipeline, plain_pipeline
+from soup.pipeline import Pipeline
 from soup.precision import choose_autocast
-from soup.recipe import Ingredient, Recipe, expand_sweep
+from soup.probe import KIND as PROBE, load_probe, probe_ingredient
+from soup.recipe import Ingredient, Recipe, TrainConfig, expand_sweep
+from soup.state import (STATE_FILE, ingredient_lock, is_finished, remove_stale_temps, resume_hint_on_interrupt,
+                        resume_state, save_state, seed_everything, write_metrics)
 
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.json"
-# What metrics.json shows of a checkpoint's metadata, followed by the facts of the run (meta["run"]).
-METRICS_KEYS = ("name", "id", "settings", "seed", "backbone", "start_fingerprint", "val_acc", "val_history")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+CHECK_EVERY = 200  # steps between reads of the losses (NaN check, progress); each read waits for the device
+_MIX_STREAM = 0x6D6978  # "mix": apart from the augmentation stream drawn from the same seed
 
 
-def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
-    t = recipe.train
-    params = list(params)
+def make_optimizer(t: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    params = [p for g in groups for p in g["params"]]
     # One fused kernel per step instead of a loop over tensors; only where every tensor is on a GPU.
     fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **fused)
-    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, **fused)
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, **fused)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, **fused)
 
 
 def lr_factor(recipe: Recipe, epoch: int) -> float:
-    """Step schedule; epochs count from 1, so lr_drop_epoch 7 trains epochs 7, 8, ... at the lower rate."""
-    drop = recipe.train.lr_drop_epoch
-    return recipe.train.lr_drop_factor if drop is not None and epoch + 1 >= drop else 1.0
+    """The step schedule's multiplier in epoch `epoch` (0-based; epochs count from 1 in the recipe, so
+    lr_drop_epoch 7 trains epochs 7, 8, ... at the lower rate); soup.schedule has it per step."""
+    return schedule.lr_factor(dataclasses.replace(recipe.train, warmup_epochs=0.0), epoch, 1)
 
 
 def _progress(console: Console) -> Progress:
@@ -70,82 +66,44 @@ def _progress(console: Console) -> Progress:
                     TextColumn("{task.fields[status]}"), console=console, transient=True)
 
 
-def _rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                    has_gauss, gauss], "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+@dataclass
+class Run:
+    """Everything one ingredient's training holds, built by `set_up`."""
 
+    ingredient: Ingredient
+    run_dir: Path
+    console: Console
+    kind: str  # "ingredient" or soup.probe.KIND
+    device: torch.device
+    classes: list[str]
+    n_train: int
+    skipped: list
+    model: nn.Module  # the full model: what is saved
+    pipeline: Pipeline
+    step_model: nn.Module  # what a step runs: the pipeline's model, under DDP and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    ema: schedule.EMA | None
+    mixer: Mixer | None
+    meta: dict  # what a saved state must match: recipe and start
+    counts: dict  # parameter counts, for metrics.json
+    probe: dict | None = None  # the probed start this run began from
+    history: list = dataclasses.field(default_factory=list)
+    first_epoch: int = 0
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    @property
+    def recipe(self) -> Recipe:
+        return self.ingredient.recipe
 
-
-def frozen_names(model: nn.Module) -> set[str]:
-    return {name for name, p in model.named_parameters() if not p.requires_grad}
-
-
-def save_state(path: Path, model, optimizer, scaler, schedule, epoch: int, history: list, meta: dict) -> None:
-    # Frozen tensors never change and a resume rebuilds them from the same start (the fingerprint in
-    # `meta` is checked), so the state holds only what trains: a quarter of ViT-B/14 at freeze 0.75.
-    frozen = frozen_names(model)
-    changing = {k: v for k, v in model.state_dict().items() if k not in frozen}
-    state = {"model": changing, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "schedule": schedule.state_dict(), "epoch": epoch, "history": history, "rng": _rng_state(),
-             "meta": meta}
-    # Through a file object: torch.save then reports a failed write (disk full) as that OSError's context.
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(state, handle)
-
-
-def load_state(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise SoupError(f"{path}: cannot read the saved training state ({type(err).__name__}); delete it "
-                        "to start this ingredient over") from None
-
-
-@contextlib.contextmanager
-def ingredient_lock(run_dir: Path):
-    """One process per ingredient: a second `soup train --ingredient K` on the same folder stops at once."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(run_dir / ".lock", "w")
-    except OSError as err:
-        raise SoupError(f"cannot write {run_dir}: {err.strerror or err}; choose a writable --out") from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise SoupError(f"{run_dir}: another process is training this ingredient; wait for it or use "
-                            "another --out") from None
-        with contextlib.suppress(OSError):  # the pid only informs whoever looks; a full disk must not stop here
-            os.write(handle.fileno(), str(os.getpid()).encode())
-        yield
-
-
-@contextlib.contextmanager
-def resume_hint_on_interrupt(ingredient_id: str, saved_epochs: list[int]):
-    """Ctrl-C (or SIGTERM) anywhere in training: one line saying what is saved and how to go on."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        done = (f"its state after epoch {saved_epochs[0]} is saved" if saved_epochs[0]
-                else "no epoch had finished, so nothing was saved")
-        raise Interrupted(f"{ingredient_id}: interrupted; {done}; run the same command with --resume to "
-                          "continue") from None
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / STATE_FILE
 
 
 def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", console: Console | None = None,
-                     resume: bool = False, use_cache: bool = True) -> Path:
+                     resume: bool = False, use_cache: bool = True, kind: str = "ingredient") -> Path:
     """Fine-tune one ingredient; returns the path of its checkpoint.
 
     Under torchrun (inside `distributed.session`, which `train_recipe` opens) every rank runs this with
@@ -157,68 +115,54 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
     console = console or Console()
     if not w.main:
         console = Console(quiet=True)  # N processes, one voice: rank 0's
+    probe = ensure_probe(ingredient.recipe, out, console, use_cache)
     run_dir = Path(out) / ingredient.recipe.name / ingredient.id
     # Lock first, then look: a process that looked first could see "unfinished", build its model while
     # another one finishes, then take the lock and train again over that checkpoint. Rank 0 holds the lock
-    # for the whole group: the other ranks would find it taken.
-    with ingredient_lock(run_dir) if w.main else contextlib.nullcontext():
+    # for the whole group: the other ranks would find it taken. A probe shared by parallel ingredient
+    # processes is waited for, not refused.
+    with ingredient_lock(run_dir, wait=kind == PROBE) if w.main else contextlib.nullcontext():
         if w.main:
             remove_stale_temps(run_dir)
-        if is_finished(ingredient, run_dir, resume, console, w.main):
+        if is_finished(ingredient, run_dir, resume or kind == PROBE, console, w.main):
             return run_dir / INGREDIENT_FILE
-        return _train_locked(ingredient, run_dir, console, resume, use_cache)
+        run = set_up(ingredient, run_dir, console, use_cache, probe, kind)
+        if resume and run.state_path.exists():
+            resume_run(run)
+        saved_epochs = [run.first_epoch]
+        t = run.recipe.train
+        with (resume_hint_on_interrupt(ingredient.id, saved_epochs), interrupt_on_signals(),
+              _progress(console) as progress):
+            epochs = progress.add_task("epochs", total=t.epochs, completed=run.first_epoch, status="")
+            for epoch in range(run.first_epoch, t.epochs):
+                record = train_epoch(run, epoch, progress)
+                run.history.append(record)
+                progress.update(epochs, advance=1, status=f"val {record['val_top1']:.2%}")
+                if w.main:
+                    save_state(run.state_path, run.model, run.optimizer, run.scaler, run.schedule, epoch + 1,
+                               run.history, run.meta, {"ema": run.ema.state_dict()} if run.ema else None)
+                saved_epochs[0] = epoch + 1
+            return finish(run)
 
 
-def remove_stale_temps(run_dir: Path) -> None:
-    """Temporary files (states, checkpoints) of a run killed while writing: whoever holds the ingredient's
-    lock is the only writer in its folder, so none of them is being written now."""
-    for stale in run_dir.glob(f".*{TEMP_SUFFIX}"):
-        stale.unlink(missing_ok=True)
+def ensure_probe(recipe: Recipe, out: str | Path, console: Console, use_cache: bool) -> dict | None:
+    """The probed start `recipe` begins from (None without model.probe): trained here unless a run before
+    this one (or a parallel process, waited for) trained it already."""
+    item = probe_ingredient(recipe)
+    if item is None:
+        return None
+    path = train_ingredient(item, out, console, resume=True, use_cache=use_cache, kind=PROBE)
+    acc = read_checkpoint(path).meta["val_acc"]
+    console.print(f"  probed start {item.id}: frozen backbone + linear head, val acc {acc:.2%}")
+    return {"id": item.id, "path": path, "val_acc": acc}
 
 
-def write_metrics(run_dir: Path, meta: dict) -> None:
-    """metrics.json, the readable summary of a checkpoint's metadata (and so rebuilt from it when needed)."""
-    metrics = {k: meta[k] for k in METRICS_KEYS if k in meta} | meta.get("run", {})
-    write_text_atomic(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
-
-
-def is_finished(ingredient: Ingredient, run_dir: Path, resume: bool, console: Console, main: bool = True) -> bool:
-    """Whether the ingredient is trained (with --resume; without, a trained or started one is refused).
-    Finishing is idempotent: what a kill right after the checkpoint's rename left undone (metrics.json,
-    removing the state) is done here, by the lock holder."""
-    recipe, final, state_path = ingredient.recipe, run_dir / INGREDIENT_FILE, run_dir / STATE_FILE
-    if not final.exists():
-        if state_path.exists() and not resume:
-            raise SoupError(f"{state_path} holds an unfinished run of this ingredient; add --resume to "
-                            "continue it, or delete it to start over")
-        return False
-    if not resume:
-        raise SoupError(f"{final} exists: this ingredient is trained; use --resume to skip finished "
-                        "ingredients, or another --out")
-    # A shared --out may hold this name and id from another version of the recipe (e.g. other epochs:
-    # ids only name swept values); skipping it would cook a stranger into the soup.
-    checkpoint = read_checkpoint(final)
-    if checkpoint.meta.get("recipe") != recipe.to_dict():
-        raise SoupError(f"{final} was trained from a different version of this recipe; rename the recipe "
-                        "(name:) or use another --out, or delete that ingredient to retrain it")
-    completed = []
-    if main and not (run_dir / METRICS_FILE).exists():
-        write_metrics(run_dir, checkpoint.meta)
-        completed.append(f"wrote the missing {METRICS_FILE}")
-    if main and state_path.exists():
-        state_path.unlink()
-        completed.append(f"removed the stale {STATE_FILE}")
-    done = f" ({'; '.join(completed)})" if completed else ""
-    console.print(f"[bold]{recipe.name}/{ingredient.id}[/]: finished already, skipped{done}")
-    return True
-
-
-def _train_locked(ingredient: Ingredient, run_dir: Path, console: Console, resume: bool, use_cache: bool) -> Path:
+def set_up(ingredient: Ingredient, run_dir: Path, console: Console, use_cache: bool, probe: dict | None,
+           kind: str) -> Run:
+    """Data, model (from the probed start when there is one), optimizer, schedule and data path."""
     w = distributed.world()
     recipe, t = ingredient.recipe, ingredient.recipe.train
-    final, state_path = run_dir / INGREDIENT_FILE, run_dir / STATE_FILE
     device = distributed.rank_device(resolve_device(t.device), w)
-    rank_batch = distributed.per_rank_batch(t.batch_size, w)
     seed_everything(t.seed)
 
     classes = class_list(recipe.data.root)
@@ -228,132 +172,195 @@ def _train_locked(ingredient: Ingredient, run_dir: Path, console: Console, resum
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} unreadable images[/] (data.skip_bad_images), e.g. {skipped[0]}")
     model = build_model(recipe.model, classes, recipe.data.image_size)
+    if probe is not None:
+        load_probe(model, probe["path"])
     start_fingerprint = fingerprint(model)
     frozen, backbone_total = freeze_prefix(model.backbone, recipe.model.freeze)
     model, synced_bn = distributed.sync_batchnorm(model, device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    console.print(f"[bold]{recipe.name}/{ingredient.id}[/]: {trainable:,} of {total:,} parameters train "
-                  f"({frozen:,} of {backbone_total:,} backbone parameters frozen); {len(train_set)} train / "
-                  f"{len(val_set)} val images, {len(classes)} classes, {device}")
+    counts = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "total_params": sum(p.numel() for p in model.parameters())}
+    console.print(f"[bold]{recipe.name}/{ingredient.id}[/]: {counts['trainable_params']:,} of "
+                  f"{counts['total_params']:,} parameters train ({frozen:,} of {backbone_total:,} backbone "
+                  f"parameters frozen); {len(train_set)} train / {len(val_set)} val images, {len(classes)} "
+                  f"classes, {device}")
 
     model.to(device)
-    optimizer = make_optimizer(recipe, [p for p in model.parameters() if p.requires_grad])
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(recipe, epoch))
+    optimizer = make_optimizer(t, schedule.param_groups(model, t))
     amp_dtype, amp_why = choose_autocast(t.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # Each rank's pipeline batches its share of the global batch; checkpoints keep the recipe as written.
+    rank_batch = distributed.per_rank_batch(t.batch_size, w)
     rank_recipe = (dataclasses.replace(recipe, train=dataclasses.replace(t, batch_size=rank_batch))
                    if w.distributed else recipe)
     pipeline = build_pipeline(rank_recipe, model, train_set, val_set, device, use_cache)
     train_module = distributed.wrap(pipeline.model, device)  # DDP for the step only; saves use `model`
-    step_model = torch.compile(train_module) if t.compile else train_module
-    console.print(f"  data path: {pipeline.description}")
+    run = Run(ingredient, run_dir, console, kind, device, classes, len(train_set), skipped, model, pipeline,
+              torch.compile(train_module) if t.compile else train_module, optimizer,
+              schedule.make_scheduler(optimizer, t, pipeline.steps_per_epoch), scaler, amp_dtype,
+              schedule.EMA(model, t.ema) if t.ema is not None else None, make_mixer(t, len(classes)),
+              {"recipe": recipe.to_dict(), "start_fingerprint": start_fingerprint}, counts,
+              probe and {"id": probe["id"], "val_acc": probe["val_acc"]})
+    describe(run, amp_why, rank_batch, synced_bn)
+    return run
+
+
+def describe(run: Run, amp_why: str, rank_batch: int, synced_bn: bool) -> None:
+    w, t, console = distributed.world(), run.recipe.train, run.console
+    console.print(f"  data path: {run.pipeline.description}")
     # The recipe's amp names a wish; say what this device makes of it, and why.
-    precision = "fp32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast"
-    console.print(f"  precision: {precision}{' + grad scaler' if scaler.is_enabled() else ''} ({amp_why})")
+    precision = "fp32" if run.amp_dtype is None else f"{str(run.amp_dtype).removeprefix('torch.')} autocast"
+    console.print(f"  precision: {precision}{' + grad scaler' if run.scaler.is_enabled() else ''} ({amp_why})")
     if w.distributed:
         bn = ("BatchNorm synchronised across ranks" if synced_bn else
               "BatchNorm statistics per rank (no SyncBatchNorm on CPU)"
-              if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else "")
+              if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run.model.modules()) else "")
         console.print(f"  data parallel: {w.size} processes x {rank_batch} images = global batch {t.batch_size}"
                       f" ({distributed.backend()}){'; ' + bn if bn else ''}")
 
-    meta = {"recipe": recipe.to_dict(), "start_fingerprint": start_fingerprint}
-    history, first_epoch = [], 0
-    if resume and state_path.exists():
-        state = load_state(state_path)
-        if state["meta"] != meta:
-            raise SoupError(f"{state_path} was saved by a different recipe or start; delete it to start over")
-        result = model.load_state_dict(state["model"], strict=False)
-        if result.unexpected_keys or set(result.missing_keys) != frozen_names(model):
-            raise SoupError(f"{state_path} does not fit this model (freeze or architecture changed); delete it "
-                            "to start over")
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        schedule.load_state_dict(state["schedule"])
-        history, first_epoch = state["history"], state["epoch"]
-        _set_rng_state(state["rng"])
-        console.print(f"  resumed after epoch {first_epoch}")
 
-    saved_epochs = [first_epoch]
-    with (resume_hint_on_interrupt(ingredient.id, saved_epochs), interrupt_on_signals(),
-          _progress(console) as progress):
-        epochs = progress.add_task("epochs", total=t.epochs, completed=first_epoch, status="")
-        for epoch in range(first_epoch, t.epochs):
-            if w.distributed:
-                # Per-rank streams (augmentation differs across ranks), drawn from (seed, rank, epoch) so a
-                # resumed run is reproducible although state.pt holds rank 0's RNG state only.
-                seed_everything((t.seed * 1_000_003 + w.rank * 10_007 + epoch) % 2**32)
-            model.train()
-            batches = progress.add_task(f"epoch {epoch + 1}", total=pipeline.steps_per_epoch, status="")
-            started, seen, loss_sum = time.perf_counter(), 0, 0.0
-            for step, (inputs, targets) in enumerate(pipeline.train_batches(epoch)):
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = F.cross_entropy(step_model(inputs), targets)
-                if not torch.isfinite(loss):
-                    kept = (f"its last good state (after epoch {epoch}) is kept in {state_path}"
-                            if epoch > first_epoch or state_path.exists() else "nothing was saved")
-                    raise SoupError(
-                        f"{ingredient.id}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                        f"(lr {optimizer.param_groups[0]['lr']:g}, amp {t.amp}); lower train.lr or set "
-                        f"train.amp=off; {kept}")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                seen += len(targets)
-                loss_sum += loss.item() * len(targets)
-                progress.update(batches, advance=1, status=f"loss {loss_sum / seen:.3f}")
-            seconds = time.perf_counter() - started
-            progress.remove_task(batches)
-            if w.distributed:
-                seen, loss_sum = distributed.all_sum([seen, loss_sum], device)  # the global epoch's figures
-                if seen != distributed.rank_count(len(train_set), w.size) * w.size:
-                    # A data path that does not shard feeds every rank the whole epoch: N times the work,
-                    # and DDP averaging over batches that are not the global ones.
-                    raise RuntimeError(f"data path {pipeline.description!r}: the ranks trained on {seen:.0f} "
-                                       f"images together, not one epoch of {len(train_set)}; draw each rank's "
-                                       "order as distributed.rank_slice(epoch_order(...), rank, size)")
-            lr = optimizer.param_groups[0]["lr"]
-            schedule.step()
-            # Rank 0 scores the whole val set and tells the others: all ranks hold the same weights, and
-            # the data path (and any cache of it) stays unsharded for val.
-            val = distributed.from_main(pipeline.evaluate() if w.main else None)
-            history.append({"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "val_top1": val["top1"],
-                            "val_top5": val["top5"], "val_loss": val["loss"], "images_per_s": seen / seconds})
-            console.print(f"  epoch {epoch + 1}/{t.epochs}  lr {lr:.2g}  train loss {loss_sum / seen:.3f}  "
-                          f"val acc {val['top1']:.2%}  ({seen / seconds:,.0f} img/s)")
-            progress.update(epochs, advance=1, status=f"val {val['top1']:.2%}")
-            if w.main:
-                save_state(state_path, model, optimizer, scaler, schedule, epoch + 1, history, meta)
-            saved_epochs[0] = epoch + 1
+def resume_run(run: Run) -> None:
+    state = resume_state(run.state_path, run.meta, run.model, run.optimizer, run.scaler, run.schedule)
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.history, run.first_epoch = state["history"], state["epoch"]
+    run.console.print(f"  resumed after epoch {run.first_epoch}")
 
-        meta = {
-            "kind": "ingredient",
-            "name": recipe.name,
-            "id": ingredient.id,
-            "settings": ingredient.settings,
-            "recipe": recipe.to_dict(),
-            "backbone": recipe.model.backbone,
-            "classes": classes,
-            "start_fingerprint": start_fingerprint,
-            "seed": t.seed,
-            "val_history": history,
-            "val_acc": history[-1]["val_top1"],
-            # The whole sweep, so that `soup cook` can name the ingredients not (yet) trained.
-            "sweep_ids": ingredient.sweep_ids or [ingredient.id],
-            # How it ran, for metrics.json: in the checkpoint too, so that a resume can rebuild that file.
-            "run": {"trainable_params": trainable, "total_params": total, "device": str(device),
-                    "amp": str(amp_dtype), "data_path": pipeline.description, "skipped_images": skipped,
-                    "processes": w.size},
-        }
-        if w.main:
-            # In this order; a kill between two steps leaves what is_finished() completes on --resume.
-            save_checkpoint(final, model.state_dict(), meta)
-            write_metrics(run_dir, meta)
-            state_path.unlink(missing_ok=True)  # the checkpoint holds everything now; the state is large
-        distributed.barrier()  # the other ranks return once the checkpoint they return exists
+
+def mix_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
+    """The mixup/cutmix draws of one rank's epoch: reproducible on resume, apart across ranks."""
+    state = np.random.SeedSequence([_MIX_STREAM, seed % 2**32, rank, epoch]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def train_step(run: Run, inputs: torch.Tensor, targets: torch.Tensor, generator) -> torch.Tensor:
+    """One optimizer step; returns the batch's loss, still on the device."""
+    t, device = run.recipe.train, run.device
+    if run.mixer is not None:
+        if inputs.dim() != 4:
+            raise SoupError(f"train.mixup/train.cutmix mix images, but the data path ({run.pipeline.description}) "
+                            f"feeds {tuple(inputs.shape)} features; set model.freeze: 0 or train with --no-cache")
+        inputs, targets = run.mixer(inputs, targets, generator)
+    with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        loss = classification_loss(run.step_model(inputs), targets, t.label_smoothing)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if t.grad_clip is not None:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the loss-scaled ones
+        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], t.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.schedule.step()
+    if run.ema is not None:
+        run.ema.update()
+    return loss.detach()
+
+
+def check_losses(run: Run, losses: list[torch.Tensor], start: int, epoch: int) -> None:
+    """Stop at a non-finite loss among steps `start`... of `losses` (one read from the device)."""
+    if start >= len(losses):
+        return
+    window = torch.stack(losses[start:]).float()
+    bad = (~torch.isfinite(window)).nonzero()
+    if len(bad) == 0:
+        return
+    step = start + int(bad[0])
+    kept = (f"its last good state (after epoch {epoch}) is kept in {run.state_path}"
+            if epoch > run.first_epoch or run.state_path.exists() else "nothing was saved")
+    raise SoupError(
+        f"{run.ingredient.id}: loss became {window[step - start].item()} at epoch {epoch + 1}, step {step + 1} "
+        f"(lr {run.optimizer.param_groups[-1]['lr']:g}, amp {run.recipe.train.amp}); lower train.lr or set "
+        f"train.amp=off; {kept}")
+
+
+def train_epoch(run: Run, epoch: int, progress: Progress) -> dict:
+    """One epoch of training, then the val scores: the epoch's record in the history."""
+    w, t = distributed.world(), run.recipe.train
+    if w.distributed:
+        # Per-rank streams (augmentation differs across ranks), drawn from (seed, rank, epoch) so a
+        # resumed run is reproducible although state.pt holds rank 0's RNG state only.
+        seed_everything((t.seed * 1_000_003 + w.rank * 10_007 + epoch) % 2**32)
+    run.model.train()
+    lr = run.optimizer.param_groups[-1]["lr"]  # the full-rate group's lr at the epoch's first step
+    generator = mix_generator(t.seed, w.rank, epoch) if run.mixer is not None else None
+    batches = progress.add_task(f"epoch {epoch + 1}", total=run.pipeline.steps_per_epoch, status="")
+    started, losses, sizes, checked = time.perf_counter(), [], [], 0
+    for step, (inputs, targets) in enumerate(run.pipeline.train_batches(epoch)):
+        losses.append(train_step(run, inputs, targets, generator))
+        sizes.append(len(targets))
+        if (step + 1) % CHECK_EVERY == 0:
+            check_losses(run, losses, checked, epoch)
+            checked = step + 1
+            mean = sum(loss * n for loss, n in zip(torch.stack(losses).tolist(), sizes)) / sum(sizes)
+            progress.update(batches, status=f"loss {mean:.3f}")
+        progress.update(batches, advance=1)
+    check_losses(run, losses, checked, epoch)
+    seconds = time.perf_counter() - started
+    progress.remove_task(batches)
+    seen, loss_sum = sum(sizes), sum(loss * n for loss, n in zip(torch.stack(losses).tolist(), sizes))
+    if w.distributed:
+        seen, loss_sum = distributed.all_sum([seen, loss_sum], run.device)  # the global epoch's figures
+        if seen != distributed.rank_count(run.n_train, w.size) * w.size:
+            # A data path that does not shard feeds every rank the whole epoch: N times the work,
+            # and DDP averaging over batches that are not the global ones.
+            raise RuntimeError(f"data path {run.pipeline.description!r}: the ranks trained on {seen:.0f} "
+                               f"images together, not one epoch of {run.n_train}; draw each rank's "
+                               "order as distributed.rank_slice(epoch_order(...), rank, size)")
+    val, raw = validate(run)
+    record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "val_top1": val["top1"],
+              "val_top5": val["top5"], "val_loss": val["loss"], "images_per_s": seen / seconds}
+    if raw is not None:
+        record |= {"raw_val_top1": raw["top1"], "raw_val_top5": raw["top5"], "raw_val_loss": raw["loss"]}
+    ema = f" (EMA; raw weights {raw['top1']:.2%})" if raw is not None else ""
+    run.console.print(f"  epoch {epoch + 1}/{t.epochs}  lr {lr:.2g}  train loss {loss_sum / seen:.3f}  "
+                      f"val acc {val['top1']:.2%}{ema}  ({seen / seconds:,.0f} img/s)")
+    return record
+
+
+def validate(run: Run) -> tuple[dict, dict | None]:
+    """(scores of the weights the checkpoint will hold, scores of the raw trained weights when that is an
+    EMA, else None). Rank 0 scores the whole val set and tells the others: all ranks hold the same
+    weights, and the data path (and any cache of it) stays unsharded for val."""
+    main = distributed.world().main
+    raw = distributed.from_main(run.pipeline.evaluate() if main else None)
+    if run.ema is None:
+        return raw, None
+    with run.ema.swapped():
+        return distributed.from_main(run.pipeline.evaluate() if main else None), raw
+
+
+def finish(run: Run) -> Path:
+    """The checkpoint (the EMA's weights when there is one), metrics.json, and the state removed."""
+    w, recipe, history, ingredient = distributed.world(), run.recipe, run.history, run.ingredient
+    final = run.run_dir / INGREDIENT_FILE
+    meta = {
+        "kind": run.kind,
+        "name": recipe.name,
+        "id": ingredient.id,
+        "settings": ingredient.settings,
+        "recipe": recipe.to_dict(),
+        "backbone": recipe.model.backbone,
+        "classes": run.classes,
+        "start_fingerprint": run.meta["start_fingerprint"],
+        "seed": recipe.train.seed,
+        "val_history": history,
+        "val_acc": history[-1]["val_top1"],
+        # The raw trained weights' accuracy: val_acc's own without an EMA.
+        "raw_val_acc": history[-1].get("raw_val_top1", history[-1]["val_top1"]),
+        "probe": run.probe,  # the probed start: its id and val accuracy, or None
+        # The whole sweep, so that `soup cook` can name the ingredients not (yet) trained.
+        "sweep_ids": ingredient.sweep_ids or [ingredient.id],
+        # How it ran, for metrics.json: in the checkpoint too, so that a resume can rebuild that file.
+        "run": {**run.counts, "device": str(run.device), "amp": str(run.amp_dtype),
+                "data_path": run.pipeline.description, "skipped_images": run.skipped,
+                "processes": w.size},
+    }
+    if w.main:
+        # In this order; a kill between two steps leaves what is_finished() completes on --resume.
+        with run.ema.swapped() if run.ema is not None else contextlib.nullcontext():
+            save_checkpoint(final, run.model.state_dict(), meta)
+        write_metrics(run.run_dir, meta)
+        run.state_path.unlink(missing_ok=True)  # the checkpoint holds everything now; the state is large
+    distributed.barrier()  # the other ranks return once the checkpoint they return exists
     return final
 
 

@@ -13,14 +13,16 @@ from safetensors import safe_open
 from soup.backbones import build_model, fingerprint
 from soup.checkpoint import Checkpoint
 from soup.errors import SoupError
+from soup.probe import probed_start
 from soup.recipe import recipe_from_dict
 
 
 def starting_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     """The weights `checkpoint`'s ingredients started from, rebuilt from its recipe exactly as training
-    built them (pretrained backbone or model.weights, head from init_seed), checked by fingerprint."""
+    built them (pretrained backbone or model.weights, head from init_seed or the probed head), checked by fingerprint."""
     recipe = recipe_from_dict(checkpoint.recipe)
     model = build_model(recipe.model, checkpoint.classes, recipe.data.image_size, recorded_in=checkpoint.path)
+    model = probed_start(model, recipe, checkpoint.path)
     rebuilt = fingerprint(model)
     if rebuilt != checkpoint.fingerprint:
         source = recipe.model.weights or recipe.model.backbone

@@ -22,12 +22,14 @@ from click.testing import CliRunner
 from rich.console import Console
 from torch import nn
 
+import soup.state
 import soup.train
 from soup.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint, write_text_atomic
 from soup.cli import cli
 from soup.errors import SoupError
 from soup.recipe import expand_sweep, load_recipe, recipe_from_dict
-from soup.train import METRICS_FILE, METRICS_KEYS, STATE_FILE, ingredient_lock, save_state, train_ingredient
+from soup.state import METRICS_FILE, METRICS_KEYS, STATE_FILE, ingredient_lock, save_state
+from soup.train import train_ingredient
 
 from conftest import tiny_recipe
 
@@ -203,7 +205,7 @@ def test_a_full_disk_under_torch_save_is_one_error(tmp_path, monkeypatch):
                 raise OSError(errno.ENOSPC, "No space left on device")
             return super().write(data)
 
-    monkeypatch.setattr(soup.train, "open", lambda path, mode: FullDisk(path, mode), raising=False)
+    monkeypatch.setattr(soup.state, "open", lambda path, mode: FullDisk(path, mode), raising=False)
     with pytest.raises(SoupError, match="cannot write .*state.pt: No space left on device"):
         _state(target)
     assert target.read_bytes() == b"old"

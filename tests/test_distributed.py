@@ -134,7 +134,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(small_sk
     use_cache = data_path == "caches"
     model = tiny_vit_model(freeze=0.5) if use_cache else _masked_hub_model(tmp_path)
     raw = tiny_recipe(small_sketch_root, data={"image_size": 28}, model=model,
-                      train={"epochs": 2, "batch_size": 16, "seed": 4},
+                      train={"epochs": 2, "batch_size": 16, "seed": 4, "schedule": "cosine", "warmup_epochs": 0.5,
+                             "label_smoothing": 0.1, "ema": 0.9},
                       sweep={"model.freeze": [0.5, 0.0]} if use_cache else {})
     recipe_path = _write_recipe(tmp_path / "recipe.yaml", raw)
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",

@@ -21,7 +21,8 @@ from soup.cook import cook
 from soup.data import load_rgb
 from soup.errors import SoupError
 from soup.recipe import expand_sweep, recipe_from_dict
-from soup.train import STATE_FILE, ingredient_lock, train_ingredient, train_recipe
+from soup.state import STATE_FILE, ingredient_lock
+from soup.train import train_ingredient, train_recipe
 
 from conftest import state_close, tiny_recipe, tiny_vit_model
 
@@ -49,7 +50,8 @@ def wait_for(path, process, timeout=120):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_run_resumes_to_the_same_weights(sketch_root, tmp_path, sig):
-    recipe = vit_recipe(sketch_root)
+    # The lr schedule steps per optimizer step and the EMA's weights travel with the state.
+    recipe = vit_recipe(sketch_root, schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1, ema=0.9)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run_dir = tmp_path / "out" / "tiny" / "00"
@@ -216,14 +218,14 @@ def test_nan_loss_keeps_the_last_good_state(small_sketch_root, tmp_path):
         loss = original(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 4 else loss
 
-    import soup.train
+    import soup.augment
 
     try:
-        soup.train.F.cross_entropy = explode_later
+        soup.augment.F.cross_entropy = explode_later
         with pytest.raises(SoupError, match=r"loss became nan at epoch 2, step \d+ .*last good state \(after epoch 1\)"):
             train_ingredient(ingredient, tmp_path / "second")
     finally:
-        soup.train.F.cross_entropy = original
+        soup.augment.F.cross_entropy = original
     assert (tmp_path / "second" / "tiny" / "00" / STATE_FILE).exists()
     assert not (tmp_path / "second" / "tiny" / "00" / "model.safetensors").exists()
 
