@@ -176,6 +176,12 @@ class Ingredient:
     drawn: dict = field(default_factory=dict)  # the values the random search drew for it (sorted keys)
 
 
+# Ids name each set value; long key names are shortened so that a search's ids stay readable in a table.
+SHORT_KEYS = {"label_smoothing": "ls", "weight_decay": "wd", "augment": "aug", "optimizer": "opt",
+              "warmup_epochs": "warmup", "layer_decay": "ld", "grad_clip": "clip", "drop_path_rate": "dpr",
+              "momentum": "mom", "schedule": "sched", "lr_drop_epoch": "drop", "lr_drop_factor": "dropx"}
+
+
 def _slug(value: Any) -> str:
     text = f"{value:g}" if isinstance(value, float) else str(value)
     return "".join(c if c.isalnum() or c in ".-_" else "_" for c in text)
@@ -198,7 +204,8 @@ def expand_sweep(recipe: Recipe) -> list[Ingredient]:
             resolved = recipe_from_dict(base, list(settings.items()))
         except SoupError as err:  # values valid one by one, not together (e.g. train.min_lr > train.lr)
             raise SoupError(f"ingredient {index} ({search.describe(settings)}): {err}") from None
-        parts = [f"{index:02d}"] + [f"{k.split('.')[-1]}{_slug(v)}" for k, v in settings.items()]
+        parts = [f"{index:02d}"] + [f"{SHORT_KEYS.get(k.split('.')[-1], k.split('.')[-1])}{_slug(v)}"
+                                     for k, v in settings.items()]
         ingredients.append(Ingredient(index, "-".join(parts), resolved, settings, drawn=drawn))
     ids = [item.id for item in ingredients]
     for item in ingredients:

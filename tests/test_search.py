@@ -57,8 +57,8 @@ def test_search_ids_are_short_and_name_the_drawn_values(tmp_path):
     assert item.settings == item.drawn
     lr = item.drawn["train.lr"]
     assert lr == float(f"{lr:.3g}")  # 3 significant digits: id, settings and recipe hold the same number
-    assert re.fullmatch(r"03-augment(none|randaugment|trivialaugment)-label_smoothing[0-9.e-]+-lr[0-9.e-]+"
-                        r"-seed\d+-weight_decay[0-9.e-]+", item.id), item.id
+    assert re.fullmatch(r"03-aug(none|randaugment|trivialaugment)-ls[0-9.e-]+-lr[0-9.e-]+"
+                        r"-seed\d+-wd[0-9.e-]+", item.id), item.id
     assert f"-lr{lr:g}-" in item.id and len(item.id) < 100
     assert item.recipe.train.lr == lr and item.recipe.data.augment == item.drawn["data.augment"]
     assert item.recipe.search is None and item.recipe.sweep == {}  # resolved: values, not the search
@@ -85,7 +85,7 @@ def test_grid_times_search_is_trial_major(tmp_path):
     assert len(ingredients) == 6
     assert [i.recipe.train.optimizer for i in ingredients] == ["sgd", "adamw"] * 3
     assert ingredients[0].drawn == ingredients[1].drawn != ingredients[2].drawn
-    assert ingredients[1].id.startswith("01-optimizeradamw-augment")
+    assert ingredients[1].id.startswith("01-optadamw-aug")
     assert ingredients[1].settings == {"train.optimizer": "adamw", **ingredients[1].drawn}
 
 

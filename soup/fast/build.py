@@ -145,7 +145,7 @@ def _prefix_pipeline(recipe: Recipe, split, model: nn.Module, folders: tuple, ro
         suffix, batches,
         lambda: score_rows(suffix, val_f.tokens, val_f.targets, rows[1], load, device, eval_batch), steps,
         f"prefix cache: {split.k} blocks, {human(train_f.nbytes + val_f.nbytes)} on {where} ({fresh}); "
-        f"training runs blocks {split.k}-{len(split.blocks) - 1} + head")
+        f"training runs {trained_part(split.k, len(split.blocks))}")
 
 
 def _decoded_pipeline(recipe: Recipe, model: nn.Module, folders: tuple, rows: tuple, transform: tuple,
@@ -172,3 +172,8 @@ def _decoded_pipeline(recipe: Recipe, model: nn.Module, folders: tuple, rows: tu
         lambda: score_rows(model, val_d.images, val_d.targets, rows[1], load, device, eval_batch), steps,
         f"decoded-image cache: {len(train_d.images) + len(val_d.images)} images at {sizes}, {human(nbytes)} "
         f"({where}){augmented}; no prefix cache: {why}")
+
+
+def trained_part(k: int, depth: int) -> str:
+    """What runs in training after a cached prefix of k of `depth` blocks (all of them, as for a probe)."""
+    return "no block: the final norm + head" if k >= depth else f"blocks {k}-{depth - 1} + head"
