@@ -24,7 +24,7 @@ for s in "${STEPS[@]}"; do
             python3 -c "import torch, timm, torchvision; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"timm\", timm.__version__, \"torchvision\", torchvision.__version__, torch.cuda.get_device_name())"' ;;
     tests) step tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider ;;
     one) step one 150 python3 benchmarks/train_speed.py --data /tmp/soup_bench_vitb ;;
-    sweep) step sweep 200 python3 benchmarks/train_speed.py --sweep 8 --data /tmp/soup_bench_vitb ;;
+    sweep) step sweep 420 python3 benchmarks/train_speed.py --sweep 8 --data /tmp/soup_bench_vitb ;;
     compile) step compile 200 python3 benchmarks/train_speed.py --sweep 8 --compile --data /tmp/soup_bench_vitb ;;
     augment) step augment 200 python3 benchmarks/train_speed.py --augment randaugment --data /tmp/soup_bench_vitb ;;
     *) echo "unknown step $s" ;;
