@@ -18,13 +18,11 @@ from soup.calibrate import calibration_record, print_calibration
 from soup.checkpoint import Checkpoint, save_checkpoint
 from soup.errors import SoupError
 from soup.metrics import scores
-# Importing soup.methods registers every method in METHODS. greedy_soup, parse_alphas, starting_weights
-# and weighted_average are re-exported: tests and benchmarks written before the split import them from here.
-from soup.methods import METHODS, Kitchen, greedy_soup, parse_alphas  # noqa: F401
+# Importing soup.methods registers every method in METHODS.
+from soup.methods import METHODS, Kitchen
 from soup.outputs import check_output
 from soup.report import versus_best
 from soup.selector import Selector
-from soup.weights import starting_weights, weighted_average  # noqa: F401
 
 
 def first_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, bool] | None:

@@ -41,6 +41,11 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# Scalar annotation -> (Python types a YAML value may have, what the error line calls it).
+SCALARS = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
+           str: (str, "a string")}
+
+
 def coerce(value: Any, tp, where: str) -> Any:
     """Check `value` against the annotation `tp`; return it, converted where YAML is ambiguous."""
     origin = typing.get_origin(tp)
@@ -78,28 +83,18 @@ def coerce(value: Any, tp, where: str) -> Any:
         if not isinstance(value, dict):
             raise SoupError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise SoupError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SoupError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
+    if tp is float and isinstance(value, str):
         # YAML 1.1 reads `5e-3` (no dot) as a string; a user means the number.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SoupError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise SoupError(f"{where}: expected a string, got {value!r}")
-        return value
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in SCALARS:
+        accepted, name = SCALARS[tp]
+        # bool is an int in Python, but `true` is no number in a recipe.
+        if not isinstance(value, accepted) or (tp is not bool and isinstance(value, bool)):
+            raise SoupError(f"{where}: expected {name}, got {value!r}")
+        return float(value) if tp is float else value
     raise TypeError(f"unsupported annotation {tp!r}")  # pragma: no cover - programming error
 
 

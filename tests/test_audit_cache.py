@@ -136,7 +136,7 @@ def test_prefix_cache_only_where_train_mode_computes_the_same(small_sketch_root,
 
 
 def test_probe_leaves_batch_norm_statistics_alone():
-    from soup.prefix_probe import train_mode_difference
+    from soup.fast.determinism import train_mode_difference
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     before = {k: v.clone() for k, v in net.state_dict().items()}

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from soup.backbones import build_model, fingerprint
 from soup.checkpoint import read_checkpoint, save_checkpoint
 from soup.cli import cli
-from soup.cook import weighted_average
+from soup.weights import weighted_average
 from soup.data import load_split
 from soup.errors import SoupError
 from soup.recipe import ModelConfig, recipe_from_dict

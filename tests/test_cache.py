@@ -8,7 +8,8 @@ from rich.console import Console
 
 from soup.backbones import build_model, freeze_prefix
 from soup.checkpoint import read_checkpoint
-from soup.cook import Selector, weighted_average
+from soup.selector import Selector
+from soup.weights import weighted_average
 from soup.data import class_list, load_split
 from soup.fast import build as fast_build, decoded as fast_decoded, prefix as fast_prefix, store as fast_store
 from soup.fast.build import build_pipeline

@@ -7,7 +7,9 @@ from torch.optim.swa_utils import AveragedModel
 
 from soup.backbones import build_model, model_from_checkpoint
 from soup.checkpoint import read_checkpoint, save_checkpoint
-from soup.cook import METHODS, cook, greedy_soup, weighted_average
+from soup.cook import cook
+from soup.methods import METHODS, greedy_soup
+from soup.weights import weighted_average
 from soup.errors import SoupError
 from soup.recipe import expand_sweep
 from soup.train import train_ingredient

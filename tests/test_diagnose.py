@@ -10,7 +10,8 @@ from rich.console import Console
 
 from soup.checkpoint import read_checkpoint
 from soup.cli import cli
-from soup.cook import cook, starting_weights
+from soup.cook import cook
+from soup.weights import starting_weights
 from soup.diagnose import loss_line, pair_geometry
 from soup.evaluate import Evaluator, eval_rows
 from soup.recipe import expand_sweep, recipe_from_dict

@@ -8,7 +8,9 @@ from rich.console import Console
 from soup.backbones import build_model
 from soup.checkpoint import read_checkpoint, save_checkpoint
 from soup.cli import cli
-from soup.cook import METHODS, cook, parse_alphas, starting_weights
+from soup.cook import cook
+from soup.methods import METHODS, parse_alphas
+from soup.weights import starting_weights
 from soup.errors import SoupError
 from soup.recipe import expand_sweep, recipe_from_dict
 from soup.train import train_ingredient

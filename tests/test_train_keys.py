@@ -14,7 +14,7 @@ import soup.train
 from soup import schedule
 from soup.backbones import build_model, fingerprint
 from soup.checkpoint import find_checkpoints, read_checkpoint, rewrite_metadata
-from soup.cook import starting_weights
+from soup.weights import starting_weights
 from soup.data import class_list
 from soup.errors import SoupError
 from soup.pipeline import Pipeline

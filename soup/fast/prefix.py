@@ -8,7 +8,7 @@ runs only the suffix (`SuffixModel`) every epoch of every ingredient of a sweep,
 greedy soup selection) runs only the suffix.
 
 The prefix runs in eval mode when cached, so it is used only when running it shows that train and eval
-mode compute the same function (soup.prefix_probe: no dropout, drop-path, patch dropout or batch norm;
+mode compute the same function (soup.fast.determinism: no dropout, drop-path, patch dropout or batch norm;
 DinoV2 has none by default). Features are keyed by the prefix's weights, the model's spec and kwargs,
 and its output on a fixed probe input, so two models that compute differently never share them.
 """
@@ -32,7 +32,7 @@ from soup.errors import SoupError
 from soup.fast.decoded import Normalizer, decoded_images, decoded_key
 from soup.fast.store import (CACHE_VERSION, available_ram, cache_dir, create_store, fits_on_device, hash_of,
                              open_store, remember)
-from soup.prefix_probe import mode, output_digest, probe_images, train_mode_difference
+from soup.fast.determinism import mode, output_digest, probe_images, train_mode_difference
 
 # Where prefix features live: auto (device if it fits, else pinned/plain CPU memory, else a file), or
 # forced to "device", "cpu" or "disk" (tests and benchmarks use this to exercise every placement).
@@ -63,7 +63,7 @@ class ViTSplit(nn.Module):
         super().__init__()
         self.backbone, self.kind, self.k = backbone, kind, k
         self.blocks = _blocks(backbone)
-        self.probe = ""  # prefix_probe.output_digest on the probe images (find_prefix sets it)
+        self.probe = ""  # determinism.output_digest on the probe images (find_prefix sets it)
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         b = self.backbone
