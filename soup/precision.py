@@ -3,15 +3,24 @@
 On a GPU, bf16 where it has it, else fp16 with a grad scaler. On a CPU, bf16 autocast only pays where the
 CPU computes bf16 natively (avx512_bf16 or AMX on x86): elsewhere oneDNN emulates it, and a training step
 runs 10-30x slower than in fp32, so such CPUs train in fp32.
+
+Attention under CPU bf16 autocast: torch's fused attention kernel on the CPU is 2-4x slower than plain
+matmul + softmax at ViT token counts (65-257 tokens; equal at about 1,000), and its backward 3-5x
+(benchmarks/RESULTS.md), so training steps there run timm's attention unfused (`explicit_attention`). The
+same function, computed in other kernels: outputs agree within bf16 rounding. fp32 and GPUs keep the fused
+kernel, which is as fast or faster there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 import time
+from typing import Iterator
 
 import torch
+from torch import nn
 
 # The flags that decide CPU training speed, as lscpu names them, and torch's check for each.
 CPU_FLAG_CHECKS = {"avx2": "_is_avx2_supported", "avx512f": "_is_avx512_supported",
@@ -75,3 +84,24 @@ def choose_autocast(amp: str, device: torch.device) -> tuple[torch.dtype | None,
     if torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16, f"train.amp: {amp}; this GPU computes bf16 natively"
     return torch.float16, f"train.amp: {amp}; this GPU has no native bf16"
+
+
+def unfused_attention_modules(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> list[nn.Module]:
+    """The timm attention modules a training step should run unfused (see the module comment): all of
+    them under bf16 autocast on a CPU, none elsewhere."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return []
+    return [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
+
+
+@contextlib.contextmanager
+def explicit_attention(modules: list[nn.Module]) -> Iterator[None]:
+    """These attention modules compute q·kᵀ, softmax and ·v as separate ops inside the block (timm's
+    `fused_attn` switch, read at every forward), fused again after it."""
+    for module in modules:
+        module.fused_attn = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.fused_attn = True

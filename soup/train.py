@@ -36,7 +36,7 @@ from soup.errors import SoupError, interrupt_on_signals
 from soup.fast.build import build_pipeline
 from soup.inference import resolve_device
 from soup.pipeline import Pipeline
-from soup.precision import choose_autocast
+from soup.precision import choose_autocast, explicit_attention, unfused_attention_modules
 from soup.probe import KIND as PROBE, load_probe, probe_ingredient
 from soup.recipe import Ingredient, Recipe, TrainConfig, expand_sweep
 from soup.state import (STATE_FILE, ingredient_lock, is_finished, remove_stale_temps, resume_hint_on_interrupt,
@@ -87,6 +87,7 @@ class Run:
     amp_dtype: torch.dtype | None
     ema: schedule.EMA | None
     mixer: Mixer | None
+    unfused: list[nn.Module]  # attention modules a step runs unfused (soup.precision.explicit_attention)
     meta: dict  # what a saved state must match: recipe and start
     counts: dict  # parameter counts, for metrics.json
     probe: dict | None = None  # the probed start this run began from
@@ -198,6 +199,7 @@ def set_up(ingredient: Ingredient, run_dir: Path, console: Console, use_cache: b
               torch.compile(train_module) if t.compile else train_module, optimizer,
               schedule.make_scheduler(optimizer, t, pipeline.steps_per_epoch), scaler, amp_dtype,
               schedule.EMA(model, t.ema) if t.ema is not None else None, make_mixer(t, len(classes)),
+              unfused_attention_modules(model, device, amp_dtype),
               {"recipe": recipe.to_dict(), "start_fingerprint": start_fingerprint}, counts,
               probe and {"id": probe["id"], "val_acc": probe["val_acc"]})
     describe(run, amp_why, rank_batch, synced_bn)
@@ -209,7 +211,8 @@ def describe(run: Run, amp_why: str, rank_batch: int, synced_bn: bool) -> None:
     console.print(f"  data path: {run.pipeline.description}")
     # The recipe's amp names a wish; say what this device makes of it, and why.
     precision = "fp32" if run.amp_dtype is None else f"{str(run.amp_dtype).removeprefix('torch.')} autocast"
-    console.print(f"  precision: {precision}{' + grad scaler' if run.scaler.is_enabled() else ''} ({amp_why})")
+    unfused = "; attention unfused in training steps (faster than the fused CPU kernel in bf16)" if run.unfused else ""
+    console.print(f"  precision: {precision}{' + grad scaler' if run.scaler.is_enabled() else ''} ({amp_why}){unfused}")
     if w.distributed:
         bn = ("BatchNorm synchronised across ranks" if synced_bn else
               "BatchNorm statistics per rank (no SyncBatchNorm on CPU)"
@@ -240,7 +243,8 @@ def train_step(run: Run, inputs: torch.Tensor, targets: torch.Tensor, generator)
             raise SoupError(f"train.mixup/train.cutmix mix images, but the data path ({run.pipeline.description}) "
                             f"feeds {tuple(inputs.shape)} features; set model.freeze: 0 or train with --no-cache")
         inputs, targets = run.mixer(inputs, targets, generator)
-    with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+    with (torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None),
+          explicit_attention(run.unfused)):
         loss = classification_loss(run.step_model(inputs), targets, t.label_smoothing)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()

@@ -131,7 +131,7 @@ def test_prefix_cache_only_where_train_mode_computes_the_same(small_sketch_root,
     if cached:
         assert description.startswith("prefix cache: 2 blocks"), description
     else:
-        assert description.startswith("decoded-image cache") and "no prefix cache: the frozen prefix" in description
+        assert description.startswith("decoded-image cache") and "no prefix cache for training: the frozen prefix" in description
         assert "train mode" in description
 
 

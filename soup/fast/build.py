@@ -164,14 +164,38 @@ def _decoded_pipeline(recipe: Recipe, model: nn.Module, folders: tuple, rows: tu
     where = str(train_d.images.device) if train_d.images.device.type == "cuda" else "memory map"
     batches, steps = batch_iterator(train_d.images, train_d.targets, rows[0], load, device, t.seed, t.batch_size,
                                     augment)
+    evaluate, val_path = _val_pass(recipe, model, folders[1], rows[1], transform, device)
+    if evaluate is None:
+        def evaluate():
+            return score_rows(model, val_d.images, val_d.targets, rows[1], load, device, eval_batch)
     sizes = f"{size} px" if stored == size else f"{stored} px (train, for crops) and {size} px (val)"
     augmented = (f"; {augment_name} on the {device.type} per batch (equal to the PIL path in distribution)"
                  if augment is not None else "")
     return Pipeline(
-        model, batches,
-        lambda: score_rows(model, val_d.images, val_d.targets, rows[1], load, device, eval_batch), steps,
+        model, batches, evaluate, steps,
         f"decoded-image cache: {len(train_d.images) + len(val_d.images)} images at {sizes}, {human(nbytes)} "
-        f"({where}){augmented}; no prefix cache: {why}")
+        f"({where}){augmented}; no prefix cache for training: {why}{val_path}")
+
+
+def _val_pass(recipe: Recipe, model: nn.Module, folder: Dataset, rows: torch.Tensor, transform: tuple,
+              device: torch.device) -> tuple[Callable[[], dict] | None, str]:
+    """(val scores through the frozen prefix's cached tokens, how) for a pipeline whose training cannot
+    use them, or (None, "") where they do not apply. Val images are never augmented nor mixed, and a
+    frozen prefix's weights do not move, so its eval-mode tokens stay valid for every epoch's val pass:
+    each pass runs the trained part only (exact within bf16 rounding of the stored tokens, as the prefix
+    pipeline's val pass)."""
+    split, _ = find_prefix(model.backbone, transform[0], eval_only=True)
+    if split is None:
+        return None, ""
+    t, eval_batch = recipe.train, recipe.train.batch_size * 2
+    config = {"backbone": recipe.model.backbone, "kwargs": recipe.model.kwargs}
+    features = prefix_features(split, folder, transform, device, eval_batch, t.num_workers, config=config)
+    if features is None:
+        return None, ""
+    suffix, positions, load = SuffixModel(model, split), features.positions(rows), to_float(device)
+    return (lambda: score_rows(suffix, features.tokens, features.targets, positions, load, device, eval_batch),
+            f"; val: prefix cache ({split.k} blocks, {human(features.nbytes)}), then "
+            f"{trained_part(split.k, len(split.blocks))}")
 
 
 def trained_part(k: int, depth: int) -> str:

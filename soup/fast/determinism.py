@@ -71,6 +71,18 @@ def train_mode_difference(prefix: Callable[[torch.Tensor], torch.Tensor], module
     return "computes differently in train mode than in eval mode (dropout, drop-path, patch dropout, batch norm)"
 
 
+def moves_state_in_train_mode(prefix: Callable[[torch.Tensor], torch.Tensor], modules: list[nn.Module],
+                              images: torch.Tensor) -> bool:
+    """Whether a train-mode forward moves the prefix's buffers (batch-norm statistics): then its eval-mode
+    output drifts while training runs, and eval-mode features computed before training go stale."""
+    buffers = [b for top in modules for b in top.buffers()]
+    before = [b.detach().clone() for b in buffers]
+    with (torch.no_grad(), torch.autocast(images.device.type, enabled=False), untouched(modules, images.device),
+          mode(modules, True)):
+        prefix(images)
+        return not all(_same(a, b) for a, b in zip(before, buffers))
+
+
 def output_digest(prefix: Callable[[torch.Tensor], torch.Tensor], modules: list[nn.Module],
                   images: torch.Tensor) -> str:
     """A digest of the prefix's eval-mode output on the probe batch, at bf16 precision (what the cache

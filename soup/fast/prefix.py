@@ -32,7 +32,7 @@ from soup.errors import SoupError
 from soup.fast.decoded import Normalizer, decoded_images, decoded_key
 from soup.fast.store import (CACHE_VERSION, available_ram, cache_dir, create_store, fits_on_device, hash_of,
                              open_store, remember)
-from soup.fast.determinism import mode, output_digest, probe_images, train_mode_difference
+from soup.fast.determinism import mode, moves_state_in_train_mode, output_digest, probe_images, train_mode_difference
 
 # Where prefix features live: auto (device if it fits, else pinned/plain CPU memory, else a file), or
 # forced to "device", "cpu" or "disk" (tests and benchmarks use this to exercise every placement).
@@ -116,9 +116,13 @@ def vit_kind(backbone: nn.Module) -> str | None:
     return None
 
 
-def find_prefix(backbone: nn.Module, size: int | None = None) -> tuple[ViTSplit | None, str]:
+def find_prefix(backbone: nn.Module, size: int | None = None,
+                eval_only: bool = False) -> tuple[ViTSplit | None, str]:
     """The largest frozen block prefix of a ViT (from requires_grad flags) that computes the same in train
     and eval mode on `size`-px probe images (default: the patch embedding's size), or (None, why not).
+    With `eval_only` (features for scoring only, never for training) train mode may compute differently
+    (dropout, drop-path), as long as a train-mode forward leaves the prefix's state alone: the features
+    then stay valid while the model trains.
 
     A partly frozen block k runs in the suffix with its frozen tensors: still exact, just less cached."""
     kind = vit_kind(backbone)
@@ -137,9 +141,13 @@ def find_prefix(backbone: nn.Module, size: int | None = None) -> tuple[ViTSplit 
         return None, "no whole block is frozen"
     split.k = k
     images = probe_images(size or _embed_size(backbone), next(backbone.parameters()).device)
-    why = train_mode_difference(split.prefix, split.prefix_modules(), images)
-    if why:
-        return None, f"the frozen prefix {why}: features cached in eval mode would not train the same"
+    if eval_only:
+        if moves_state_in_train_mode(split.prefix, split.prefix_modules(), images):
+            return None, "the frozen prefix moves its buffers in train mode (batch norm): cached features go stale"
+    else:
+        why = train_mode_difference(split.prefix, split.prefix_modules(), images)
+        if why:
+            return None, f"the frozen prefix {why}: features cached in eval mode would not train the same"
     split.probe = output_digest(split.prefix, split.prefix_modules(), images)
     return split, ""
 

@@ -68,7 +68,7 @@ class CachedScorer:
         flags = [p.requires_grad for p in model.backbone.parameters()]
         freeze_prefix(model.backbone, freeze)  # the k the ingredients trained with
         try:
-            split, why = find_prefix(model.backbone, size)
+            split, why = find_prefix(model.backbone, size, eval_only=True)  # scoring never trains
         finally:
             for p, flag in zip(model.backbone.parameters(), flags):
                 p.requires_grad_(flag)
