@@ -29,11 +29,12 @@ from soup.methods import METHODS
 from soup.outputs import check_output
 from soup.plot import plot_checkpoints
 from soup.recipe import load_recipe
-from soup.report import add_per_class, add_statistics, default_reference, print_eval_table, print_per_class
+from soup.report import (add_per_class, add_statistics, default_reference, ingredient_table, print_eval_table,
+                         print_per_class)
 from soup.sketches import generate_sketches
 from soup.submit import check_submission_output, predict_submission, write_provenance, write_submission
 from soup.sweeps import sweep_status
-from soup.train import ingredient_table, select_ingredients, train_recipe
+from soup.train import select_ingredients, train_recipe
 
 console = Console(highlight=False)
 

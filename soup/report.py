@@ -1,9 +1,12 @@
 """The evaluation table and what makes its figures honest: bootstrap intervals per row, paired
 differences to a reference row with McNemar p-values, per-class breakdowns; and a one-line "soup vs
-ingredient" verdict for `soup cook`. Statistics come from soup.stats; this module attaches and prints them.
+ingredient" verdict for `soup cook`; the table of a recipe's trained ingredients (`soup train`). Statistics
+come from soup.stats; this module attaches and prints them.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from rich import box
@@ -14,9 +17,10 @@ from rich.table import Table
 
 from soup import stats
 from soup.calibrate import temperature_label
-from soup.checkpoint import Checkpoint
+from soup.checkpoint import Checkpoint, read_checkpoint
 from soup.errors import SoupError, one_line
 from soup.evaluate import Evaluator, Predictions, predictions
+from soup.recipe import Ingredient
 
 # At a narrow console these columns are left out, first to last, until the table fits (README: soup eval);
 # checkpoint, top-1 and its interval, the difference and p always stay. The checkpoint name folds.
@@ -222,3 +226,12 @@ def add_per_class(evaluated: list[tuple[dict, Predictions]], k: int) -> tuple[di
     row, outcome = max(evaluated, key=lambda pair: pair[0]["top1"])
     row["per_class"] = stats.per_class(outcome.predicted, outcome.targets, outcome.classes, k)
     return row, row["per_class"]
+
+
+def ingredient_table(name: str, results: list[tuple[Ingredient, Path]]) -> Table:
+    table = Table(title=f"{name}: ingredients")
+    for column in ("ingredient", "val acc", "checkpoint"):
+        table.add_column(column, no_wrap=column != "checkpoint")
+    for item, path in results:
+        table.add_row(item.id, f"{read_checkpoint(path).meta['val_acc']:.2%}", str(path))
+    return table

@@ -159,10 +159,12 @@ def write_metrics(run_dir: Path, meta: dict) -> None:
     write_text_atomic(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
 
 
-def is_finished(ingredient: Ingredient, run_dir: Path, resume: bool, console: Console, main: bool = True) -> bool:
+def is_finished(ingredient: Ingredient, run_dir: Path, resume: bool, console: Console, main: bool = True,
+                announce: bool = True) -> bool:
     """Whether the ingredient is trained (with --resume; without, a trained or started one is refused).
     Finishing is idempotent: what a kill right after the checkpoint's rename left undone (metrics.json,
-    removing the state) is done here, by the lock holder."""
+    removing the state) is done here, by the lock holder. `announce`: say that it is skipped (a shared
+    probed start is reported by its user instead; a repair is always said)."""
     recipe, final, state_path = ingredient.recipe, run_dir / INGREDIENT_FILE, run_dir / STATE_FILE
     if not final.exists():
         if state_path.exists() and not resume:
@@ -186,5 +188,6 @@ def is_finished(ingredient: Ingredient, run_dir: Path, resume: bool, console: Co
         state_path.unlink()
         completed.append(f"removed the stale {STATE_FILE}")
     done = f" ({'; '.join(completed)})" if completed else ""
-    console.print(f"[bold]{recipe.name}/{ingredient.id}[/]: finished already, skipped{done}")
+    if announce or completed:
+        console.print(f"[bold]{recipe.name}/{ingredient.id}[/]: finished already, skipped{done}")
     return True

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 from torch import nn
 
 from soup import distributed, schedule
@@ -125,7 +124,7 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
     with ingredient_lock(run_dir, wait=kind == PROBE) if w.main else contextlib.nullcontext():
         if w.main:
             remove_stale_temps(run_dir)
-        if is_finished(ingredient, run_dir, resume or kind == PROBE, console, w.main):
+        if is_finished(ingredient, run_dir, resume or kind == PROBE, console, w.main, announce=kind != PROBE):
             return run_dir / INGREDIENT_FILE
         run = set_up(ingredient, run_dir, console, use_cache, probe, kind)
         if resume and run.state_path.exists():
@@ -152,9 +151,11 @@ def ensure_probe(recipe: Recipe, out: str | Path, console: Console, use_cache: b
     item = probe_ingredient(recipe)
     if item is None:
         return None
+    trained_before = (Path(out) / recipe.name / item.id / INGREDIENT_FILE).exists()
     path = train_ingredient(item, out, console, resume=True, use_cache=use_cache, kind=PROBE)
     acc = read_checkpoint(path).meta["val_acc"]
-    console.print(f"  probed start {item.id}: frozen backbone + linear head, val acc {acc:.2%}")
+    console.print(f"  probed start {item.id}: frozen backbone + linear head, val acc {acc:.2%}"
+                  f"{' (trained earlier, reused)' if trained_before else ''}")
     return {"id": item.id, "path": path, "val_acc": acc}
 
 
@@ -389,12 +390,3 @@ def train_recipe(recipe: Recipe, out: str | Path = "checkpoints", index: int | N
     with distributed.session(resolve_device(ingredients[0].recipe.train.device)):
         return [(ingredient, train_ingredient(ingredient, out, console, resume, use_cache))
                 for ingredient in ingredients]
-
-
-def ingredient_table(name: str, results: list[tuple[Ingredient, Path]]) -> Table:
-    table = Table(title=f"{name}: ingredients")
-    for column in ("ingredient", "val acc", "checkpoint"):
-        table.add_column(column, no_wrap=column != "checkpoint")
-    for item, path in results:
-        table.add_row(item.id, f"{read_checkpoint(path).meta['val_acc']:.2%}", str(path))
-    return table

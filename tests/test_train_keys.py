@@ -158,6 +158,8 @@ def test_the_probe_trains_the_head_once_for_all_ingredients(small_sketch_root, t
     probe = read_checkpoint(probe_dir / "model.safetensors")
     assert probe.kind == "probe" and said.count("parameters train") == 3  # the probe, then 2 ingredients
     assert f"probed start {probe_dir.name}: frozen backbone + linear head, val acc" in said
+    # Trained for the first ingredient, reused by the second, without a "skipped" line of its own.
+    assert said.count("(trained earlier, reused)") == 1 and "finished already" not in said
 
     # Only the head trained: the backbone is the recipe's start, the head is not.
     start = build_model(recipe.model, probe.classes, 28).state_dict()
