@@ -185,7 +185,7 @@ def _checkpoints(paths, kinds: set[str] | None = None):
               "fewer than two are ingredients): mean of logits, or of probabilities across architectures.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (with intervals, comparisons "
               "and --per-class).")
-@click.option("--no-cache", is_flag=True, help="Decode every image for every checkpoint (no soup.cache).")
+@click.option("--no-cache", is_flag=True, help="Decode every image for every checkpoint (no soup.fast caches).")
 @click.option("--bootstrap", "resamples", type=click.IntRange(min=0), default=1000, show_default=True,
               metavar="N", help="Bootstrap resamples over images for the 95% intervals (0: no intervals).")
 @click.option("--compare", "compare", default=None, metavar="REF",

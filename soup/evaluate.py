@@ -85,8 +85,11 @@ class Evaluator:
             raise SoupError(f"{checkpoint.path}: weights do not fit {checkpoint.backbone} "
                             f"({str(err).splitlines()[0]})") from None
         if scorer is not None:
-            logits, targets = scorer.logits()
-            return logits, targets.tolist()
+            try:
+                logits, targets = scorer.logits()
+                return logits, targets.tolist()
+            except CacheUnavailable:  # its decoded store could not be made (full disk): the plain forward
+                pass
         return predict(model, self.data_for(checkpoint).loader, self.device)
 
     def __call__(self, checkpoint: Checkpoint, state_dict: dict | None = None) -> dict:

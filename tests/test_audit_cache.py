@@ -17,7 +17,6 @@ import torch
 import yaml
 from click.testing import CliRunner
 from PIL import Image
-from rich.console import Console
 from torchvision.datasets import ImageFolder
 
 from soup import precision
@@ -27,7 +26,7 @@ from soup.data import class_list, load_rgb, load_split
 from soup.fast import decoded as fast_decoded, prefix as fast_prefix, store as fast_store
 from soup.fast.build import build_pipeline
 
-from conftest import CLASSES, tiny_recipe, tiny_vit_model
+from conftest import tiny_recipe, tiny_vit_model
 
 CPU = torch.device("cpu")
 
@@ -157,7 +156,7 @@ def test_models_that_compute_differently_never_share_features(data_copy, monkeyp
         assert pipeline.description.startswith("prefix cache"), pipeline.description
         return pipeline, next(iter(pipeline.train_batches(0)))[0]
 
-    (first, a), (second, b) = tokens(gelu), tokens(relu)
+    (_, a), (second, b) = tokens(gelu), tokens(relu)
     assert "(computed now)" in second.description and not torch.equal(a, b)
 
     monkeypatch.setenv(fast_prefix.FEATURE_STORE_ENV, "disk")

@@ -11,7 +11,7 @@ from soup.checkpoint import read_checkpoint
 from soup.selector import Selector
 from soup.weights import weighted_average
 from soup.data import class_list, load_split
-from soup.fast import build as fast_build, decoded as fast_decoded, prefix as fast_prefix, store as fast_store
+from soup.fast import decoded as fast_decoded, prefix as fast_prefix, store as fast_store
 from soup.fast.build import build_pipeline
 from soup.recipe import expand_sweep
 from soup.pipeline import plain_pipeline

@@ -189,7 +189,10 @@ def _val_pass(recipe: Recipe, model: nn.Module, folder: Dataset, rows: torch.Ten
         return None, ""
     t, eval_batch = recipe.train, recipe.train.batch_size * 2
     config = {"backbone": recipe.model.backbone, "kwargs": recipe.model.kwargs}
-    features = prefix_features(split, folder, transform, device, eval_batch, t.num_workers, config=config)
+    try:
+        features = prefix_features(split, folder, transform, device, eval_batch, t.num_workers, config=config)
+    except CacheUnavailable:  # no room for its store: val runs the whole model, training is unaffected
+        features = None
     if features is None:
         return None, ""
     suffix, positions, load = SuffixModel(model, split), features.positions(rows), to_float(device)

@@ -12,6 +12,7 @@ stores' users share (placement on the device, an LRU registry, sizes for humans)
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -152,7 +153,7 @@ def create_store(path: Path, key: str, shape: tuple, dtype, fill: Callable[[np.n
     # The writer's lock outlives the rename, so no later run takes this file for a killed one's leftover.
     with contextlib.ExitStack() as writing, atomic_path(path) as tmp:
         f = writing.enter_context(writer_lock(tmp))
-        f.truncate(HEADER_BYTES + math.prod(shape) * dtype.itemsize)
+        reserve(f, HEADER_BYTES + math.prod(shape) * dtype.itemsize, path)
         array = np.memmap(tmp, dtype=dtype, mode="r+", offset=HEADER_BYTES, shape=shape)
         fill(array)
         array.flush()
@@ -164,6 +165,25 @@ def create_store(path: Path, key: str, shape: tuple, dtype, fill: Callable[[np.n
         if stale != path:  # same folder and size, older file list: never read again
             stale.unlink(missing_ok=True)
     return np.memmap(path, dtype=dtype, mode="c", offset=HEADER_BYTES, shape=shape)
+
+
+def reserve(f: BinaryIO, nbytes: int, path: Path) -> None:
+    """Give a new store its disk blocks before the memory map fills them: a disk that runs full under a
+    memory map kills the process (SIGBUS), while a refused reservation only means no store. Where the file
+    system cannot reserve (or the OS has no posix_fallocate) the file is sparse, as before."""
+    allocate = getattr(os, "posix_fallocate", None)
+    try:
+        if allocate is None:
+            raise OSError(errno.EOPNOTSUPP, "no posix_fallocate")
+        allocate(f.fileno(), 0, nbytes)
+    except OSError as err:
+        if err.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            f.truncate(nbytes)
+            return
+        message = (f"cannot make the {human(nbytes)} cache store {path}: {err.strerror or err}; going on without "
+                   f"it (slower): free space there or set {CACHE_DIR_ENV}")
+        warn(message)
+        raise CacheUnavailable(message) from None
 
 
 def cache_dir(root: Path) -> Path:
