@@ -34,13 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from torchvision import transforms  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
 from soup.backbones import build_model, freeze_prefix  # noqa: E402
 from soup.data import build_transform, class_list, load_split  # noqa: E402
 from soup.fast import decoded as fast_decoded, prefix as fast_prefix  # noqa: E402
-from soup.precision import choose_autocast, cpu_flags_line  # noqa: E402
+from soup.precision import cpu_flags_line  # noqa: E402
 from soup.recipe import AUGMENTS, recipe_from_dict  # noqa: E402
 from soup.sketches import generate_sketches  # noqa: E402
 from soup.train import train_recipe  # noqa: E402
@@ -95,12 +94,10 @@ def seed_style(recipe, device: torch.device, seed: int) -> tuple[float, int]:
     torch.manual_seed(seed)
     started = time.perf_counter()
     d, t = recipe.data, recipe.train
-    tf = transforms.Compose([transforms.Resize((d.image_size, d.image_size)), transforms.ToTensor(),
-                             transforms.Normalize(d.mean, d.std)])
-    # The same random augmentation as soup's recipe, done the seed's way: PIL, per image, in the loader.
-    train_tf = tf if d.augment == "none" else build_transform(d, train=True)
-    train = ImageFolder(str(Path(d.root) / "train_images"), train_tf)
-    val = ImageFolder(str(Path(d.root) / "val_images"), tf)
+    # Resize + normalise, with the recipe's random augmentation for training done the seed's way: PIL, per
+    # image, in the loader.
+    train = ImageFolder(str(Path(d.root) / "train_images"), build_transform(d, train=True))
+    val = ImageFolder(str(Path(d.root) / "val_images"), build_transform(d))
     cuda = device.type == "cuda"
     loader = DataLoader(train, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers, pin_memory=cuda)
     val_loader = DataLoader(val, batch_size=t.batch_size * 2, num_workers=t.num_workers, pin_memory=cuda)
@@ -185,9 +182,6 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; {raw['model']['backbone']} {raw['model']['kwargs']}, "
           f"freeze {args.freeze}; {args.classes} classes; {args.epochs} epochs x batch {args.batch_size}; "
           f"amp {args.amp}; workers {args.workers}; augment {args.augment}; ingredients {args.sweep}", flush=True)
-    dtype, why = choose_autocast(args.amp, args.device)
-    chosen = "fp32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
-    print(f"soup's precision: {chosen} ({why})", flush=True)
 
     runs = max(1, min(args.seed_runs, args.sweep))
     extrapolated = f" (measured {runs} of {args.sweep} ingredients)" if runs < args.sweep else ""

@@ -17,7 +17,7 @@ Interface:
   store_size(...) -> uint8 (N, 3, image_size, image_size) on the same device (a new tensor; the input
   itself for none: it is never modified). Normalise after it (soup.fast.decoded.Normalizer). Every random draw comes from `generator`.
 - `augment_generator(seed, rank, epoch)`: that generator for one rank's epoch: a resumed run and every
-  DDP rank get their own reproducible stream.
+  DDP rank get their own reproducible stream; `mix_generator(seed, rank, epoch)` the same for mixup/cutmix.
 - `make_mixer(train, num_classes)` -> `Mixer` or None (mixup and cutmix both 0): `mixer(images, targets,
   generator)` mixes normalised float images and returns soft targets (rows sum to 1) with the label
   smoothing folded in; `classification_loss(logits, targets, label_smoothing)` takes either kind.
@@ -47,7 +47,9 @@ from soup.recipe import TrainConfig
 
 CROP_SCALE = (0.8, 1.0)
 POLICIES = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide, "autoaugment": v2.AutoAugment}
-_STREAM = 0x617567  # "aug": keeps these seeds apart from other streams drawn from the same train.seed
+# Streams drawn from the same train.seed, kept apart: the augmentation's ("aug") and mixup/cutmix's ("mix").
+_STREAM = 0x617567
+_MIX_STREAM = 0x6D6978
 
 
 def store_size(augment: str, image_size: int) -> int:
@@ -56,9 +58,18 @@ def store_size(augment: str, image_size: int) -> int:
     return image_size
 
 
-def augment_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
-    state = np.random.SeedSequence([_STREAM, seed % 2**32, rank, epoch]).generate_state(1, np.uint64)[0]
+def _stream_generator(stream: int, seed: int, rank: int, epoch: int) -> torch.Generator:
+    state = np.random.SeedSequence([stream, seed % 2**32, rank, epoch]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+def augment_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
+    return _stream_generator(_STREAM, seed, rank, epoch)
+
+
+def mix_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
+    """The mixup/cutmix draws of one rank's epoch: reproducible on resume, apart across ranks."""
+    return _stream_generator(_MIX_STREAM, seed, rank, epoch)
 
 
 def _to(drawn: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -63,8 +63,6 @@ def _create_timm(name: str, pretrained: bool, kwargs: dict, weights_file: str | 
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise SoupError(f"model.backbone: timm has no model {name!r}; see timm.list_models()") from None
         if not weights_file:
             raise
         detail = " ".join(str(err).split())

@@ -129,13 +129,9 @@ def save_checkpoint(path: str | Path, state_dict: dict, meta: dict) -> Path:
 
 
 def rewrite_metadata(path: str | Path, meta: dict) -> Path:
-    """Replace a checkpoint's soup metadata, atomically; every tensor is written back exactly as read
-    (same bytes, same dtype), so only the metadata changes."""
-    with _open(Path(path)) as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps({"format": FORMAT, **meta})})
-    return Path(path)
+    """Replace a checkpoint's soup metadata, atomically. Its tensors are written back as read: a soup
+    checkpoint holds fp32 and integer tensors only, which save_checkpoint keeps byte for byte."""
+    return save_checkpoint(path, Checkpoint(Path(path), meta).state_dict(), meta)
 
 
 @dataclass
@@ -201,8 +197,17 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise SoupError(f"{path}: no such checkpoint file")
+    return _checkpoint_from(path, _soup_metadata(path))
+
+
+def _soup_metadata(path: Path) -> str | None:
+    """The raw soup metadata of a safetensors file (None: a file soup did not write); one header read."""
     with _open(path) as f:
-        raw = (f.metadata() or {}).get(METADATA_KEY)
+        return (f.metadata() or {}).get(METADATA_KEY)
+
+
+def _checkpoint_from(path: Path, raw: str | None) -> Checkpoint:
+    """A Checkpoint from its raw metadata, checked (one line naming the file when it is not soup's)."""
     if raw is None:
         raise SoupError(f"{path}: a safetensors file without soup metadata; only files written by "
                         "`soup train` or `soup cook` can be souped (use model.weights to start from it)")
@@ -239,10 +244,9 @@ def _in_folder(folder: Path, warn: Callable[[str], None] | None) -> list[Checkpo
         if file.name.startswith("."):
             continue
         try:
-            with _open(file) as f:
-                if METADATA_KEY not in (f.metadata() or {}):
-                    continue
-            found.append(read_checkpoint(file))
+            raw = _soup_metadata(file)
+            if raw is not None:  # other safetensors files (weights kept there) are not checkpoints
+                found.append(_checkpoint_from(file, raw))
         except SoupError as err:
             if warn is None:
                 raise

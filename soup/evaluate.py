@@ -14,6 +14,7 @@ from soup.calibrate import temperature_of
 from soup.checkpoint import Checkpoint
 from soup.data import load_split
 from soup.errors import SoupError
+from soup.fast.prefix import feature_config
 from soup.fast.scorer import CachedScorer
 from soup.fast.store import CacheUnavailable
 from soup.inference import make_loader, predict, resolve_device
@@ -71,8 +72,7 @@ class Evaluator:
                 try:
                     self._scorers[key] = CachedScorer(model, data.loader.dataset, recipe.model.freeze,
                                                       self.device, self.batch_size, self.num_workers,
-                                                      {"backbone": checkpoint.backbone,
-                                                       "kwargs": recipe.model.kwargs})
+                                                      feature_config(checkpoint.backbone, recipe.model.kwargs))
                 except CacheUnavailable:
                     pass
         return self._models[key], self._scorers[key]

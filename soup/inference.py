@@ -29,12 +29,16 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: tor
                       persistent_workers=num_workers > 0 and shuffle)
 
 
+def eval_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast of every evaluation pass: bf16 on a GPU, none (fp32) on a CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, list]:
     """fp32 logits on the CPU for every item, and the items' labels (targets or ids), in loader order."""
     model.eval()
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    logits, labels = [], []
+    dtype, logits, labels = eval_dtype(device), [], []
     for images, batch_labels in loader:
         images = images.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -26,13 +26,13 @@ Python promises across versions (`randint`/`choice` algorithms may change). Draw
 
 from __future__ import annotations
 
-import difflib
 import math
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from soup.errors import SoupError
+from soup.recipe_checks import close_match
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 SECTIONS = ("sweep", "search")  # recipe sections that no sweep or search may set
@@ -86,8 +86,7 @@ def parse(key: str, spec: Any) -> Distribution:
                         f"got {spec!r}")
     (kind, args), = spec.items()
     if kind not in DISTRIBUTIONS:
-        match = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1)
-        hint = f" (did you mean '{match[0]}'?)" if match else ""
+        hint = close_match(str(kind), DISTRIBUTIONS)
         raise SoupError(f"{where}: unknown distribution {kind!r}{hint}; use one of {', '.join(DISTRIBUTIONS)}")
     if kind == "choice":
         if not isinstance(args, list) or not args:

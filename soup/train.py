@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from soup import distributed, schedule
-from soup.augment import Mixer, classification_loss, make_mixer
+from soup.augment import Mixer, classification_loss, make_mixer, mix_generator
 from soup.backbones import build_model, fingerprint, freeze_prefix
 from soup.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint
 from soup.data import class_list, load_split
@@ -36,13 +36,12 @@ from soup.fast.build import build_pipeline
 from soup.inference import resolve_device
 from soup.pipeline import Pipeline
 from soup.precision import choose_autocast, explicit_attention, unfused_attention_modules
-from soup.probe import KIND as PROBE, load_probe, probe_ingredient
+from soup.probe import KIND as PROBE, load_probe, probe_file, probe_ingredient
 from soup.recipe import Ingredient, Recipe, TrainConfig, expand_sweep
 from soup.state import (STATE_FILE, ingredient_lock, is_finished, remove_stale_temps, resume_hint_on_interrupt,
                         resume_state, save_state, seed_everything, write_metrics)
 
 CHECK_EVERY = 200  # steps between reads of the losses (NaN check, progress); each read waits for the device
-_MIX_STREAM = 0x6D6978  # "mix": apart from the augmentation stream drawn from the same seed
 
 
 def make_optimizer(t: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -151,7 +150,7 @@ def ensure_probe(recipe: Recipe, out: str | Path, console: Console, use_cache: b
     item = probe_ingredient(recipe)
     if item is None:
         return None
-    trained_before = (Path(out) / recipe.name / item.id / INGREDIENT_FILE).exists()
+    trained_before = probe_file(recipe, out).exists()
     path = train_ingredient(item, out, console, resume=True, use_cache=use_cache, kind=PROBE)
     acc = read_checkpoint(path).meta["val_acc"]
     console.print(f"  probed start {item.id}: frozen backbone + linear head, val acc {acc:.2%}"
@@ -230,12 +229,6 @@ def resume_run(run: Run) -> None:
     run.console.print(f"  resumed after epoch {run.first_epoch}")
 
 
-def mix_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
-    """The mixup/cutmix draws of one rank's epoch: reproducible on resume, apart across ranks."""
-    state = np.random.SeedSequence([_MIX_STREAM, seed % 2**32, rank, epoch]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
 def train_step(run: Run, inputs: torch.Tensor, targets: torch.Tensor, generator) -> torch.Tensor:
     """One optimizer step; returns the batch's loss, still on the device."""
     t, device = run.recipe.train, run.device
@@ -260,21 +253,19 @@ def train_step(run: Run, inputs: torch.Tensor, targets: torch.Tensor, generator)
     return loss.detach()
 
 
-def check_losses(run: Run, losses: list[torch.Tensor], start: int, epoch: int) -> None:
-    """Stop at a non-finite loss among steps `start`... of `losses` (one read from the device)."""
-    if start >= len(losses):
-        return
-    window = torch.stack(losses[start:]).float()
-    bad = (~torch.isfinite(window)).nonzero()
-    if len(bad) == 0:
-        return
-    step = start + int(bad[0])
-    kept = (f"its last good state (after epoch {epoch}) is kept in {run.state_path}"
-            if epoch > run.first_epoch or run.state_path.exists() else "nothing was saved")
-    raise SoupError(
-        f"{run.ingredient.id}: loss became {window[step - start].item()} at epoch {epoch + 1}, step {step + 1} "
-        f"(lr {run.optimizer.param_groups[-1]['lr']:g}, amp {run.recipe.train.amp}); lower train.lr or set "
-        f"train.amp=off; {kept}")
+def read_losses(run: Run, losses: list[torch.Tensor], sizes: list[int], start: int, epoch: int) -> float:
+    """The epoch's loss sum so far (each batch's mean loss x its size), in one read from the device; stops
+    at a non-finite loss among steps `start`..."""
+    values = torch.stack(losses).tolist() if losses else []
+    bad = next((step for step in range(start, len(values)) if not math.isfinite(values[step])), None)
+    if bad is not None:
+        kept = (f"its last good state (after epoch {epoch}) is kept in {run.state_path}"
+                if epoch > run.first_epoch or run.state_path.exists() else "nothing was saved")
+        raise SoupError(
+            f"{run.ingredient.id}: loss became {values[bad]} at epoch {epoch + 1}, step {bad + 1} "
+            f"(lr {run.optimizer.param_groups[-1]['lr']:g}, amp {run.recipe.train.amp}); lower train.lr or set "
+            f"train.amp=off; {kept}")
+    return sum(value * n for value, n in zip(values, sizes))
 
 
 def train_epoch(run: Run, epoch: int, progress: Progress) -> dict:
@@ -293,15 +284,14 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict:
         losses.append(train_step(run, inputs, targets, generator))
         sizes.append(len(targets))
         if (step + 1) % CHECK_EVERY == 0:
-            check_losses(run, losses, checked, epoch)
+            mean = read_losses(run, losses, sizes, checked, epoch) / sum(sizes)
             checked = step + 1
-            mean = sum(loss * n for loss, n in zip(torch.stack(losses).tolist(), sizes)) / sum(sizes)
             progress.update(batches, status=f"loss {mean:.3f}")
         progress.update(batches, advance=1)
-    check_losses(run, losses, checked, epoch)
+    loss_sum = read_losses(run, losses, sizes, checked, epoch)
     seconds = time.perf_counter() - started
     progress.remove_task(batches)
-    seen, loss_sum = sum(sizes), sum(loss * n for loss, n in zip(torch.stack(losses).tolist(), sizes))
+    seen = sum(sizes)
     if w.distributed:
         seen, loss_sum = distributed.all_sum([seen, loss_sum], run.device)  # the global epoch's figures
         if seen != distributed.rank_count(run.n_train, w.size) * w.size:

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from soup.backbones import build_model, freeze_prefix
+from soup.data import class_list, load_split
+from soup.fast import decoded as fast_decoded, prefix as fast_prefix
 from soup.recipe import recipe_from_dict
 from soup.sketches import generate_sketches
 
@@ -61,6 +64,31 @@ def tiny_vit_model(**extra) -> dict:
     """DinoV2's ViT architecture from timm, shrunk (same code path as ViT-B/14)."""
     return {"backbone": "timm:vit_small_patch14_dinov2", "pretrained": False,
             "kwargs": {"img_size": 28, "depth": 4, "embed_dim": 32, "num_heads": 2}, **extra}
+
+
+def vit_setup(root, augment: str = "none", **kwargs):
+    """(recipe, model, train set, val set) for a 4-block DinoV2-architecture ViT at 28 px, freeze 0.75 (its
+    first 2 blocks frozen), ready for soup.fast.build.build_pipeline; `kwargs` go to the model."""
+    model_cfg = tiny_vit_model(freeze=0.75, kwargs={"img_size": 28, "depth": 4, "embed_dim": 32, "num_heads": 2,
+                                                    **kwargs})
+    recipe = recipe_from_dict(tiny_recipe(root, model=model_cfg, data={"image_size": 28, "augment": augment},
+                                          train={"batch_size": 8}))
+    classes = class_list(root)
+    train_set = load_split(recipe.data, "train", train=True, classes=classes)
+    val_set = load_split(recipe.data, "val", classes=classes)
+    model = build_model(recipe.model, classes, 28)
+    freeze_prefix(model.backbone, recipe.model.freeze)
+    return recipe, model, train_set, val_set
+
+
+@pytest.fixture
+def fresh_caches():
+    """The in-process decoded-image and prefix-feature registries empty before and after the test."""
+    fast_decoded._DECODED.clear()
+    fast_prefix._FEATURES.clear()
+    yield
+    fast_decoded._DECODED.clear()
+    fast_prefix._FEATURES.clear()
 
 
 HUBCONF = textwrap.dedent('''

@@ -20,13 +20,13 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from soup import precision
-from soup.backbones import build_model, fingerprint, freeze_prefix
+from soup.backbones import fingerprint
 from soup.cli import cli
 from soup.data import class_list, load_rgb, load_split
 from soup.fast import decoded as fast_decoded, prefix as fast_prefix, store as fast_store
 from soup.fast.build import build_pipeline
 
-from conftest import tiny_recipe, tiny_vit_model
+from conftest import tiny_recipe, vit_setup
 
 CPU = torch.device("cpu")
 
@@ -36,15 +36,6 @@ def data_copy(small_sketch_root, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(small_sketch_root, root, ignore=shutil.ignore_patterns(".soup_cache"))
     return root
-
-
-@pytest.fixture
-def fresh_caches():
-    fast_decoded._DECODED.clear()
-    fast_prefix._FEATURES.clear()
-    yield
-    fast_decoded._DECODED.clear()
-    fast_prefix._FEATURES.clear()
 
 
 # ------------------------------------------------------------------------------------ CPU autocast
@@ -102,21 +93,6 @@ def test_cpu_flags_are_reported_for_benchmarks():
 
 
 # ------------------------------------------------------------------------------ prefix: behaviour
-
-def vit_setup(root, **kwargs):
-    model_cfg = tiny_vit_model(freeze=0.75, kwargs={"img_size": 28, "depth": 4, "embed_dim": 32, "num_heads": 2,
-                                                    **kwargs})
-    from soup.recipe import recipe_from_dict
-
-    recipe = recipe_from_dict(tiny_recipe(root, model=model_cfg, data={"image_size": 28},
-                                          train={"batch_size": 8}))
-    classes = class_list(root)
-    train_set = load_split(recipe.data, "train", train=True, classes=classes)
-    val_set = load_split(recipe.data, "val", classes=classes)
-    model = build_model(recipe.model, classes, 28)
-    freeze_prefix(model.backbone, recipe.model.freeze)
-    return recipe, model, train_set, val_set
-
 
 @pytest.mark.parametrize("kwargs, cached", [({"patch_drop_rate": 0.5}, False), ({"drop_path_rate": 0.05}, False),
                                             ({}, True)])

@@ -10,40 +10,16 @@ from rich.console import Console
 from timm.layers.attention import Attention
 
 from soup import precision
-from soup.backbones import build_model, freeze_prefix
-from soup.data import class_list, load_split
-from soup.fast import decoded as fast_decoded, prefix as fast_prefix
+from soup.backbones import build_model
 from soup.fast.build import build_pipeline
 from soup.fast.determinism import moves_state_in_train_mode
 from soup.inference import evaluate, make_loader
 from soup.recipe import expand_sweep, recipe_from_dict
 from soup.train import train_ingredient
 
-from conftest import tiny_recipe, tiny_vit_model
+from conftest import tiny_recipe, tiny_vit_model, vit_setup
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def fresh_caches():
-    fast_decoded._DECODED.clear()
-    fast_prefix._FEATURES.clear()
-    yield
-    fast_decoded._DECODED.clear()
-    fast_prefix._FEATURES.clear()
-
-
-def vit_run(root, augment="randaugment", **kwargs):
-    model_cfg = tiny_vit_model(freeze=0.75, kwargs={"img_size": 28, "depth": 4, "embed_dim": 32, "num_heads": 2,
-                                                    **kwargs})
-    recipe = recipe_from_dict(tiny_recipe(root, model=model_cfg, data={"image_size": 28, "augment": augment},
-                                          train={"batch_size": 8}))
-    classes = class_list(root)
-    train_set = load_split(recipe.data, "train", train=True, classes=classes)
-    val_set = load_split(recipe.data, "val", classes=classes)
-    model = build_model(recipe.model, classes, 28)
-    freeze_prefix(model.backbone, recipe.model.freeze)
-    return recipe, model, train_set, val_set
 
 
 def plain_val(model, val_set):
@@ -61,7 +37,7 @@ def agree(cached: dict, plain: dict) -> None:
 ])
 def test_val_runs_the_trained_part_on_cached_prefix_tokens(small_sketch_root, fresh_caches, augment, kwargs,
                                                            train_why):
-    recipe, model, train_set, val_set = vit_run(small_sketch_root, augment, **kwargs)
+    recipe, model, train_set, val_set = vit_setup(small_sketch_root, augment, **kwargs)
     pipeline = build_pipeline(recipe, model, train_set, val_set, CPU)
     assert pipeline.description.startswith("decoded-image cache"), pipeline.description
     assert "no prefix cache for training: " in pipeline.description and train_why in pipeline.description

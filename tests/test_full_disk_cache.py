@@ -11,13 +11,13 @@ import yaml
 from click.testing import CliRunner
 
 from soup.cli import cli
-from soup.fast import decoded as fast_decoded, prefix as fast_prefix, store as fast_store
+from soup.fast import store as fast_store
 
 from conftest import tiny_recipe, tiny_vit_model
 
 
 @pytest.fixture
-def full_disk(small_sketch_root, tmp_path, monkeypatch):
+def full_disk(small_sketch_root, tmp_path, monkeypatch, fresh_caches):
     data, cache = tmp_path / "data", tmp_path / "cache"
     shutil.copytree(small_sketch_root, data, ignore=shutil.ignore_patterns(".soup_cache"))
     monkeypatch.setenv(fast_store.CACHE_DIR_ENV, str(cache))
@@ -28,11 +28,7 @@ def full_disk(small_sketch_root, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)
-    fast_decoded._DECODED.clear()
-    fast_prefix._FEATURES.clear()
-    yield data, cache, reserved
-    fast_decoded._DECODED.clear()
-    fast_prefix._FEATURES.clear()
+    return data, cache, reserved
 
 
 def test_train_and_eval_go_on_without_the_cache(full_disk, tmp_path):

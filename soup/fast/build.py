@@ -32,7 +32,7 @@ from soup import distributed
 from soup.augment import DeviceAugment, augment_generator, store_size
 from soup.data import build_transform
 from soup.fast.decoded import Normalizer, decoded_images, decoded_on, move, plain_transform, unwrap
-from soup.fast.prefix import SuffixModel, find_prefix, prefix_features, to_float
+from soup.fast.prefix import SuffixModel, feature_config, find_prefix, prefix_features, to_float
 from soup.fast.scorer import score_rows
 from soup.fast.store import CacheUnavailable, human
 from soup.pipeline import Pipeline, epoch_order, plain_pipeline
@@ -52,16 +52,6 @@ def build_pipeline(recipe: Recipe, model: nn.Module, train_set: Dataset, val_set
     if isinstance(found, Pipeline):
         return found
     return _plain(recipe, model, train_set, val_set, device, found)
-
-
-def fast_pipeline(recipe: Recipe, model: nn.Module, train_set: Dataset, val_set: Dataset,
-                  device: torch.device) -> Pipeline | None:
-    """The fastest cached pipeline for this recipe and model, or None (then the plain one runs)."""
-    try:
-        found = _fast(recipe, model, train_set, val_set, device)
-    except CacheUnavailable:
-        return None
-    return found if isinstance(found, Pipeline) else None
 
 
 def _plain(recipe, model, train_set, val_set, device, why: str) -> Pipeline:
@@ -130,22 +120,28 @@ def _train_transform_known(recipe: Recipe, train_folder: Dataset, val_transform:
 def _prefix_pipeline(recipe: Recipe, split, model: nn.Module, folders: tuple, rows: tuple, transform: tuple,
                      device: torch.device) -> Pipeline | None:
     t, eval_batch = recipe.train, recipe.train.batch_size * 2
-    config = {"backbone": recipe.model.backbone, "kwargs": recipe.model.kwargs}
+    config = feature_config(recipe.model.backbone, recipe.model.kwargs)
     train_f = prefix_features(split, folders[0], transform, device, eval_batch, t.num_workers, config=config)
     val_f = (prefix_features(split, folders[1], transform, device, eval_batch, t.num_workers, config=config)
              if train_f is not None else None)
     if train_f is None or val_f is None:
         return None
     suffix = SuffixModel(model, split)
-    load = to_float(device)
     fresh = "computed now" if train_f.built or val_f.built else "shared with an earlier run"
     where = train_f.where if train_f.where == val_f.where else f"{train_f.where}/{val_f.where}"
-    batches, steps = batch_iterator(train_f.tokens, train_f.targets, rows[0], load, device, t.seed, t.batch_size)
+    batches, steps = batch_iterator(train_f.tokens, train_f.targets, rows[0], to_float(device), device, t.seed,
+                                    t.batch_size)
     return Pipeline(
-        suffix, batches,
-        lambda: score_rows(suffix, val_f.tokens, val_f.targets, rows[1], load, device, eval_batch), steps,
+        suffix, batches, _suffix_scores(suffix, val_f, rows[1], device, eval_batch), steps,
         f"prefix cache: {split.k} blocks, {human(train_f.nbytes + val_f.nbytes)} on {where} ({fresh}); "
         f"training runs {trained_part(split.k, len(split.blocks))}")
+
+
+def _suffix_scores(suffix: SuffixModel, features, rows: torch.Tensor, device: torch.device,
+                   batch_size: int) -> Callable[[], dict]:
+    """Val scores of the current weights from stored prefix tokens: the trained part runs, nothing else."""
+    positions, load = features.positions(rows), to_float(device)
+    return lambda: score_rows(suffix, features.tokens, features.targets, positions, load, device, batch_size)
 
 
 def _decoded_pipeline(recipe: Recipe, model: nn.Module, folders: tuple, rows: tuple, transform: tuple,
@@ -155,7 +151,7 @@ def _decoded_pipeline(recipe: Recipe, model: nn.Module, folders: tuple, rows: tu
     stored = store_size(augment_name, size)
     augment = DeviceAugment(augment_name, size) if augment_name != "none" else None
     train_d = decoded_on(decoded_images(folders[0], stored, t.num_workers), device)
-    val_d = decoded_on(decoded_images(folders[1], size, t.num_workers), device)
+    val_d = decoded_images(folders[1], size, t.num_workers)  # moved to the device only if val needs images
     convnet = device.type == "cuda" and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     if convnet:  # cuDNN's fast convolutions want NHWC; checkpoints stay contiguous (fp32_state)
         model.to(memory_format=torch.channels_last)
@@ -164,10 +160,12 @@ def _decoded_pipeline(recipe: Recipe, model: nn.Module, folders: tuple, rows: tu
     where = str(train_d.images.device) if train_d.images.device.type == "cuda" else "memory map"
     batches, steps = batch_iterator(train_d.images, train_d.targets, rows[0], load, device, t.seed, t.batch_size,
                                     augment)
-    evaluate, val_path = _val_pass(recipe, model, folders[1], rows[1], transform, device)
+    evaluate, val_path = _val_pass(recipe, model, folders[1], rows[1], transform, device, val_d.key)
     if evaluate is None:
+        val_images = decoded_on(val_d, device)
+
         def evaluate():
-            return score_rows(model, val_d.images, val_d.targets, rows[1], load, device, eval_batch)
+            return score_rows(model, val_images.images, val_images.targets, rows[1], load, device, eval_batch)
     sizes = f"{size} px" if stored == size else f"{stored} px (train, for crops) and {size} px (val)"
     augmented = (f"; {augment_name} on the {device.type} per batch (equal to the PIL path in distribution)"
                  if augment is not None else "")
@@ -178,7 +176,7 @@ def _decoded_pipeline(recipe: Recipe, model: nn.Module, folders: tuple, rows: tu
 
 
 def _val_pass(recipe: Recipe, model: nn.Module, folder: Dataset, rows: torch.Tensor, transform: tuple,
-              device: torch.device) -> tuple[Callable[[], dict] | None, str]:
+              device: torch.device, dkey: str) -> tuple[Callable[[], dict] | None, str]:
     """(val scores through the frozen prefix's cached tokens, how) for a pipeline whose training cannot
     use them, or (None, "") where they do not apply. Val images are never augmented nor mixed, and a
     frozen prefix's weights do not move, so its eval-mode tokens stay valid for every epoch's val pass:
@@ -188,15 +186,14 @@ def _val_pass(recipe: Recipe, model: nn.Module, folder: Dataset, rows: torch.Ten
     if split is None:
         return None, ""
     t, eval_batch = recipe.train, recipe.train.batch_size * 2
-    config = {"backbone": recipe.model.backbone, "kwargs": recipe.model.kwargs}
     try:
-        features = prefix_features(split, folder, transform, device, eval_batch, t.num_workers, config=config)
+        features = prefix_features(split, folder, transform, device, eval_batch, t.num_workers, dkey,
+                                   config=feature_config(recipe.model.backbone, recipe.model.kwargs))
     except CacheUnavailable:  # no room for its store: val runs the whole model, training is unaffected
         features = None
     if features is None:
         return None, ""
-    suffix, positions, load = SuffixModel(model, split), features.positions(rows), to_float(device)
-    return (lambda: score_rows(suffix, features.tokens, features.targets, positions, load, device, eval_batch),
+    return (_suffix_scores(SuffixModel(model, split), features, rows, device, eval_batch),
             f"; val: prefix cache ({split.k} blocks, {human(features.nbytes)}), then "
             f"{trained_part(split.k, len(split.blocks))}")
 

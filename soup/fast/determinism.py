@@ -29,14 +29,14 @@ def mode(modules: list[nn.Module], training: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def untouched(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+def untouched(modules: list[nn.Module], device: torch.device) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Buffers (batch-norm statistics) and RNG states as they were before: a probe must change nothing
-    that training later sees."""
+    that training later sees. Yields (buffer, its value before) pairs."""
     buffers = [b for top in modules for b in top.buffers()]
     saved = [b.detach().clone() for b in buffers]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
-            yield
+            yield list(zip(buffers, saved))
         finally:
             with torch.no_grad():
                 for buffer, value in zip(buffers, saved):
@@ -75,12 +75,10 @@ def moves_state_in_train_mode(prefix: Callable[[torch.Tensor], torch.Tensor], mo
                               images: torch.Tensor) -> bool:
     """Whether a train-mode forward moves the prefix's buffers (batch-norm statistics): then its eval-mode
     output drifts while training runs, and eval-mode features computed before training go stale."""
-    buffers = [b for top in modules for b in top.buffers()]
-    before = [b.detach().clone() for b in buffers]
-    with (torch.no_grad(), torch.autocast(images.device.type, enabled=False), untouched(modules, images.device),
-          mode(modules, True)):
+    with (torch.no_grad(), torch.autocast(images.device.type, enabled=False),
+          untouched(modules, images.device) as buffers, mode(modules, True)):
         prefix(images)
-        return not all(_same(a, b) for a, b in zip(before, buffers))
+        return not all(_same(buffer, before) for buffer, before in buffers)
 
 
 def output_digest(prefix: Callable[[torch.Tensor], torch.Tensor], modules: list[nn.Module],

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from soup.errors import SoupError
-from soup.fast.decoded import Normalizer, decoded_images, decoded_key
+from soup.fast.decoded import Normalizer, decoded_images, decoded_key, move
 from soup.fast.store import (CACHE_VERSION, available_ram, cache_dir, create_store, fits_on_device, hash_of,
                              open_store, remember)
 from soup.fast.determinism import mode, moves_state_in_train_mode, output_digest, probe_images, train_mode_difference
@@ -222,6 +222,11 @@ def _placement(nbytes: int, device: torch.device) -> str:
     return "cpu"
 
 
+def feature_config(backbone: str, kwargs: dict) -> dict:
+    """The model configuration that is part of a feature store's key (prefix_features' `config`)."""
+    return {"backbone": backbone, "kwargs": kwargs}
+
+
 def prefix_features(split: ViTSplit, folder: Dataset, transform: tuple, device: torch.device,
                     batch_size: int, num_workers: int = 0, dkey: str | None = None,
                     rows: list[int] | None = None, config: dict | None = None) -> PrefixFeatures | None:
@@ -314,12 +319,6 @@ class SuffixModel(nn.Module):
 
 
 def to_float(device: torch.device):
-    """Stored bf16 tokens -> fp32 suffix input on `device`."""
-    def load(tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.device.type != device.type:
-            if device.type == "cuda":
-                tokens = tokens.pin_memory()
-            tokens = tokens.to(device, non_blocking=True)
-        # fp32 residual stream, as in the full forward (patch embedding + fp32 position embedding)
-        return tokens.float()
-    return load
+    """Stored bf16 tokens -> fp32 suffix input on `device` (fp32 residual stream, as in the full forward:
+    patch embedding + fp32 position embedding)."""
+    return lambda tokens: move(tokens, device).float()

@@ -1,7 +1,7 @@
 """Scoring weights from the fast paths' stores: each training epoch's val pass (soup.fast.build) and
 cooking's `CachedScorer`, which scores every checkpoint of one architecture, start and freeze on one
 split (soup.evaluate) through the prefix features when the weights' prefix is the one they were
-computed with, else a full forward over the decoded images. Same arithmetic as soup.inference.predict.
+computed with, else a full forward over the decoded images. Same arithmetic as soup.inference.predict (same eval_dtype).
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ from soup.backbones import freeze_prefix
 from soup.fast.decoded import Normalizer, decoded_images, decoded_key, decoded_on, gather, plain_transform, unwrap
 from soup.fast.prefix import SuffixModel, find_prefix, prefix_features, to_float
 from soup.fast.store import CacheUnavailable
+from soup.inference import eval_dtype
 from soup.metrics import scores
-
-
-def _eval_dtype(device: torch.device) -> torch.dtype | None:
-    return torch.bfloat16 if device.type == "cuda" else None  # as soup.inference.predict
 
 
 def score_rows(model: nn.Module, store: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, load,
@@ -34,7 +31,7 @@ def logits_rows(model: nn.Module, store: torch.Tensor, rows: torch.Tensor, load,
     to the CPU once, at the end, so the device runs ahead of the host."""
     was_training = model.training
     model.eval()
-    dtype, logits = _eval_dtype(device), []
+    dtype, logits = eval_dtype(device), []
     try:
         for start in range(0, len(rows), batch_size):
             x = load(gather(store, rows[start:start + batch_size]))
@@ -61,8 +58,8 @@ class CachedScorer:
         size, mean, std = transform
         dkey = decoded_key(folder, size)
         # Decoded images are needed only for a full forward (weights with another prefix): load on demand.
-        self._decoded, self._decode = None, lambda: decoded_on(decoded_images(folder, size, num_workers, dkey),
-                                                                device)
+        self._decoded, self._decode_failed = None, None
+        self._decode = lambda: decoded_on(decoded_images(folder, size, num_workers, dkey), device)
         self.normalize = Normalizer(mean, std, device)
         self.split, self.features, self.reference = None, None, []
         flags = [p.requires_grad for p in model.backbone.parameters()]
@@ -97,7 +94,13 @@ class CachedScorer:
             rows = self.features.positions(self.rows)
             return (logits_rows(self.suffix, self.features.tokens, rows, to_float(self.device), self.device,
                                 self.batch_size), self.features.targets[rows])
+        if self._decode_failed is not None:  # tried once (e.g. no room on the disk): not again per weight set
+            raise self._decode_failed
         if self._decoded is None:
-            self._decoded = self._decode()
+            try:
+                self._decoded = self._decode()
+            except CacheUnavailable as err:
+                self._decode_failed = err
+                raise
         return (logits_rows(self.model, self._decoded.images, self.rows, self.normalize, self.device,
                             self.batch_size), self._decoded.targets[self.rows])
