@@ -7,7 +7,8 @@ the probe's epochs/lr/optimizer/batch size, seeded by model.init_seed), so it ta
 an ingredient. Its checkpoint, kind "probe", lives at `<out>/<recipe name>/probe-<key>/model.safetensors`;
 the key hashes the derived recipe, so ingredients of a sweep that differ only in training settings share
 one probe, and those that differ in their start (backbone, data, init_seed, ...) get their own.
-`soup cook` finds it the same way from an ingredient's recorded recipe (`probed_start`).
+`soup cook` finds it from a checkpoint's recorded recipe and place: beside an ingredient, or for a soup
+beside the members it records, wherever the soup itself lives (`probed_start`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from soup.backbones import fingerprint
-from soup.checkpoint import INGREDIENT_FILE, read_checkpoint
+from soup.checkpoint import INGREDIENT_FILE, Checkpoint, read_checkpoint
 from soup.errors import SoupError
 from soup.recipe import Ingredient, Recipe, TrainConfig
 
@@ -68,13 +69,33 @@ def load_probe(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
-def probed_start(model: nn.Module, recipe: Recipe, ingredient_path: str | Path) -> nn.Module:
-    """The start of an ingredient saved at `ingredient_path` (`<out>/<name>/<id>/model.safetensors`):
-    `model`, built from its recipe, plus its probed head when the recipe has `model.probe`."""
-    path = probe_file(recipe, Path(ingredient_path).parent.parent.parent)
-    if path is None:
-        return model
-    if not path.is_file():
-        raise SoupError(f"{ingredient_path} started from the probed start {path}, which is missing; keep the "
-                        f"{path.parent.name} folder beside the ingredients (or retrain it with soup train)")
-    return load_probe(model, path)
+def probe_places(checkpoint: Checkpoint, recipe: Recipe) -> list[Path]:
+    """Where the probed start of `checkpoint` (built from `recipe`) may be, in the order searched: beside
+    the checkpoint when it is an ingredient, and for a soup beside each member it records (the recorded
+    path, and the same path taken from the soup's own folder) and in the default layout, where soups sit in
+    `<out>/soups/` next to `<out>/<name>/`. Each member counts both as an ingredient
+    (`<out>/<name>/<id>/`) and as a soup (`<out>/soups/`), so soups of soups find it too."""
+    item = probe_ingredient(recipe)
+    if item is None:
+        return []
+    members = checkpoint.meta.get("members")
+    recorded = [Path(m["path"]) for m in members if isinstance(m, dict) and isinstance(m.get("path"), str)] \
+        if isinstance(members, list) else []
+    files = [checkpoint.path, *(p for r in recorded for p in (r, checkpoint.path.parent / r))]
+    places = [place for file in files for place in (file.parent.parent / item.id / INGREDIENT_FILE,
+                                                    file.parent.parent / recipe.name / item.id / INGREDIENT_FILE)]
+    return list(dict.fromkeys(places))
+
+
+def probed_start(model: nn.Module, recipe: Recipe, checkpoint: Checkpoint) -> Path | None:
+    """The probed start `checkpoint`'s ingredients began from (None when its recipe has no model.probe),
+    found wherever the checkpoint lives (probe_places); one line naming where it looked when it is gone."""
+    places = probe_places(checkpoint, recipe)
+    if not places:
+        return None
+    for place in places:
+        if place.is_file():
+            return place
+    looked = ", ".join(str(p.parent) for p in places)
+    raise SoupError(f"{checkpoint.path} started from the probed start {places[0].parent.name}, which is missing "
+                    f"(looked in {looked}); keep that folder beside the ingredients (or retrain it with soup train)")

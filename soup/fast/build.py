@@ -2,8 +2,8 @@
 one (soup.pipeline.plain_pipeline, always correct).
 
   prefix cache    data.augment none, no mixup/cutmix, the frozen part a ViT block prefix that computes
-                  the same in train and eval mode: training runs the suffix on stored tokens (exact
-                  within bf16 rounding of the stored tokens)
+                  the same in train and eval mode: training runs the suffix on stored fp32 tokens
+                  (what the full forward's frozen blocks compute; evaluation is exactly the full model's)
   decoded images  otherwise, for the course's image folders: images decoded and resized once; with
                   data.augment none the batches are bit-identical to the plain path's; with random
                   augmentation the store is a little larger where crops need it (soup.augment.store_size)
@@ -180,8 +180,7 @@ def _val_pass(recipe: Recipe, model: nn.Module, folder: Dataset, rows: torch.Ten
     """(val scores through the frozen prefix's cached tokens, how) for a pipeline whose training cannot
     use them, or (None, "") where they do not apply. Val images are never augmented nor mixed, and a
     frozen prefix's weights do not move, so its eval-mode tokens stay valid for every epoch's val pass:
-    each pass runs the trained part only (exact within bf16 rounding of the stored tokens, as the prefix
-    pipeline's val pass)."""
+    each pass runs the trained part only, on fp32 tokens: the figures are the full model's own."""
     split, _ = find_prefix(model.backbone, transform[0], eval_only=True)
     if split is None:
         return None, ""

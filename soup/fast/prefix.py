@@ -3,7 +3,8 @@
 When the frozen part of a ViT is its patch embedding plus the first k blocks, `ViTSplit` cuts the
 backbone there: `prefix(images) -> tokens`, `suffix(tokens) -> features`. `prefix_features` computes
 the prefix's output tokens for every image once per (prefix weights, k, image store) and keeps them in
-bf16 (on the GPU when they fit, else in pinned CPU memory, else in a memory-mapped store). Training then
+fp32, the precision of the residual stream in the full forward (on the GPU when they fit, else in pinned
+CPU memory, else in a memory-mapped store), so that a figure scored through them is the full model's own. Training then
 runs only the suffix (`SuffixModel`) every epoch of every ingredient of a sweep, and evaluation (also
 greedy soup selection) runs only the suffix.
 
@@ -32,6 +33,7 @@ from soup.errors import SoupError
 from soup.fast.decoded import Normalizer, decoded_images, decoded_key, move
 from soup.fast.store import (CACHE_VERSION, available_ram, cache_dir, create_store, fits_on_device, hash_of,
                              open_store, remember)
+from soup.inference import eval_dtype
 from soup.fast.determinism import mode, moves_state_in_train_mode, output_digest, probe_images, train_mode_difference
 
 # Where prefix features live: auto (device if it fits, else pinned/plain CPU memory, else a file), or
@@ -166,12 +168,10 @@ def prefix_fingerprint(split: ViTSplit) -> str:
     return digest.hexdigest()[:16]
 
 
-def prefix_dtype(device: torch.device) -> torch.dtype | None:
-    """The prefix is computed once, so precision is cheap there: fp32 on the CPU; on a GPU what the
-    evaluation path uses (bf16 where supported)."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+# The tokens' storage: the residual stream between blocks is fp32 in the full forward, autocast or not
+# (autocast rounds inside a block, never the sum it adds to), so anything narrower would make a cached
+# figure differ from a plain evaluation of the same weights.
+TOKEN_DTYPE = torch.float32
 
 
 def split_matches(split: ViTSplit, images: torch.Tensor) -> bool:
@@ -188,7 +188,7 @@ def split_matches(split: ViTSplit, images: torch.Tensor) -> bool:
 
 @dataclass
 class PrefixFeatures:
-    """bf16 prefix output tokens (N, T, D) of every image of one folder, in the folder's sample order."""
+    """Prefix output tokens (N, T, D, fp32) of every image of one folder, in the folder's sample order."""
 
     tokens: torch.Tensor
     targets: torch.Tensor  # int64, CPU
@@ -237,11 +237,11 @@ def prefix_features(split: ViTSplit, folder: Dataset, transform: tuple, device: 
     size, mean, std = transform
     dkey = dkey or decoded_key(folder, size)
     fp = prefix_fingerprint(split)
-    dtype = prefix_dtype(device)
+    dtype = eval_dtype(device)  # the plain evaluation's autocast, so the prefix computes as it does
     probe = split.probe or output_digest(split.prefix, split.prefix_modules(), probe_images(size, device))
     family = {"prefix": fp, "probe": probe, "model": config or {}, "kind": split.kind, "k": split.k}
     base = {"version": CACHE_VERSION, **family, "size": size, "mean": mean, "std": std, "decoded": dkey,
-            "dtype": str(dtype)}
+            "dtype": str(dtype), "tokens": str(TOKEN_DTYPE)}
     whole = hash_of(base)
     if rows is not None and sorted(set(rows)) == list(range(len(folder.samples))):
         rows = None
@@ -271,7 +271,7 @@ def prefix_features(split: ViTSplit, folder: Dataset, transform: tuple, device: 
         x = normalize(source[start:start + batch_size])
         with (torch.no_grad(), mode(split.prefix_modules(), False),
               torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)):
-            return split.prefix(x).to(torch.bfloat16)
+            return split.prefix(x).to(TOKEN_DTYPE)
 
     tokens, label, built = _all_tokens(run, n, batch_size, device, key, folder)
     features = PrefixFeatures(tokens, targets, key, label, built, lookup)
@@ -283,23 +283,23 @@ def _all_tokens(run, n: int, batch_size: int, device: torch.device, key: str,
     """(tokens of all n images, where they live, whether computed now): `run(start)` gives one batch."""
     first = run(0)
     shape = (n, *first.shape[1:])
-    where = _placement(math.prod(shape) * 2, device)
+    where = _placement(math.prod(shape) * first.element_size(), device)
     if where == "disk":
         path = cache_dir(Path(folder.root).parent) / f"prefix-{Path(folder.root).name}-{key[:16]}.bin"
         array, built = open_store(path, key), False
         if array is None or array.shape != shape:
             def fill(out: np.ndarray) -> None:
-                out[:len(first)] = first.cpu().view(torch.int16).numpy()
+                out[:len(first)] = first.cpu().numpy()
                 for start in range(len(first), n, batch_size):
-                    out[start:start + batch_size] = run(start).cpu().view(torch.int16).numpy()
+                    out[start:start + batch_size] = run(start).cpu().numpy()
 
-            array, built = create_store(path, key, shape, np.int16, fill), True
-        return torch.from_numpy(array).view(torch.bfloat16), "memory map", built
+            array, built = create_store(path, key, shape, np.float32, fill), True
+        return torch.from_numpy(array), "memory map", built
     if where == "device":
-        tokens, label = torch.empty(shape, dtype=torch.bfloat16, device=device), str(device)
+        tokens, label = torch.empty(shape, dtype=TOKEN_DTYPE, device=device), str(device)
     else:
         pin = device.type == "cuda"
-        tokens = torch.empty(shape, dtype=torch.bfloat16, pin_memory=pin)
+        tokens = torch.empty(shape, dtype=TOKEN_DTYPE, pin_memory=pin)
         label = "pinned cpu" if pin else "cpu"
     tokens[:len(first)] = first
     for start in range(len(first), n, batch_size):
@@ -319,6 +319,5 @@ class SuffixModel(nn.Module):
 
 
 def to_float(device: torch.device):
-    """Stored bf16 tokens -> fp32 suffix input on `device` (fp32 residual stream, as in the full forward:
-    patch embedding + fp32 position embedding)."""
-    return lambda tokens: move(tokens, device).float()
+    """Stored tokens -> the suffix's input on `device`: the fp32 residual stream, as in the full forward."""
+    return lambda tokens: move(tokens, device)

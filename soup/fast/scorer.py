@@ -80,9 +80,9 @@ class CachedScorer:
                             else "decoded-image cache")
 
     def prefix_unchanged(self) -> bool:
-        # An average of equal tensors equals them up to float rounding (Σ θ/n), far below bf16 storage.
-        return all(torch.equal(a, b) if not a.is_floating_point() else torch.allclose(a, b, rtol=1e-5, atol=1e-7)
-                   for a, b in zip(self.split.prefix_state(), self.reference))
+        # Exactly equal, or the tokens are not these weights' own: soups keep a tensor that all their
+        # members share bit for bit (soup.weights.weighted_average), so their frozen prefix qualifies.
+        return all(torch.equal(a, b) for a, b in zip(self.split.prefix_state(), self.reference))
 
     def __call__(self) -> dict:
         """Scores of the weights now loaded in the model."""
