@@ -65,7 +65,8 @@ def test_killed_run_resumes_to_the_same_weights(sketch_root, tmp_path, sig):
     if sig == signal.SIGINT:  # Ctrl-C: one clean line, exit 130, state kept
         assert process.returncode == 130, output
         assert "interrupted" in output and "--resume" in output and "Traceback" not in output
-    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+        assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    # A kill -9 that lands while state.pt is being written leaves its temporary file: the resume removes it.
 
     refused = CliRunner().invoke(cli, ["train", str(path), "--out", str(tmp_path / "out")])
     assert refused.exit_code == 2 and "add --resume" in refused.output
@@ -73,6 +74,7 @@ def test_killed_run_resumes_to_the_same_weights(sketch_root, tmp_path, sig):
     assert resumed.exit_code == 0, resumed.output
     assert "resumed after epoch" in resumed.output
     assert not (run_dir / STATE_FILE).exists()
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
 
     [(_, reference)] = train_recipe(recipe_from_dict(recipe), tmp_path / "reference")
     a, b = read_checkpoint(run_dir / "model.safetensors"), read_checkpoint(reference)
