@@ -26,7 +26,7 @@ from soup.distributed import is_main
 from soup.errors import SoupError, interrupt_on_signals, one_line
 from soup.evaluate import Evaluator, evaluate_rows
 from soup.methods import METHODS
-from soup.outputs import check_output
+from soup.outputs import check_output, data_roots
 from soup.plot import plot_checkpoints
 from soup.recipe import load_recipe
 from soup.report import (add_per_class, add_statistics, default_reference, ingredient_table, print_eval_table,
@@ -145,7 +145,7 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     output = output or Path("checkpoints") / "soups" / f"{method}.safetensors"
     png = (output.parent / plot_path if plot_path == "soups.png" else Path(plot_path)) if plot_path else None
     if png:  # a picture is redrawn freely, but never over a checkpoint: checked before cooking
-        check_output(png, list(paths), overwrite=True, what="picture")
+        check_output(png, list(paths), overwrite=True, what="picture", roots=data_roots(ingredients, data_root))
     options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None)) if v is not None}
     path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, console,
                      options=options, calibrate=calibrate, overwrite=overwrite)
@@ -260,12 +260,13 @@ def inspect_command(paths, line, points, data_root, split, as_json):
 def plot_command(output, paths, data_root, split, reliability_path):
     """Picture of held-out accuracy: ingredients (sorted), the greedy path, every soup, and the ensemble
     (default: everything under checkpoints/). Needs matplotlib: pip install 'soup[plot]'."""
-    check_output(output, list(paths), overwrite=True, what="picture")  # redrawn freely, never over a checkpoint
     checkpoints = _checkpoints(paths)
     if reliability_path == "reliability.png":
         reliability_path = Path(output).parent / reliability_path
     if reliability_path is not None and Path(reliability_path).resolve() == Path(output).resolve():
         raise SoupError(f"--reliability {reliability_path} is also the -o picture; name another file")
+    for picture in filter(None, (output, reliability_path)):  # redrawn freely, never over a checkpoint
+        check_output(picture, list(paths), overwrite=True, what="picture", roots=data_roots(checkpoints, data_root))
     plot_checkpoints(checkpoints, output, split, data_root, console, reliability_path)
 
 
@@ -281,8 +282,8 @@ def plot_command(output, paths, data_root, split, reliability_path):
               "may not); the members are listed in <output>.json.")
 def submit(checkpoint_paths, data_root, output, overwrite, ensemble):
     """Write Id,Category predictions for the test images."""
-    check_submission_output(output, checkpoint_paths, overwrite)
     checkpoints = [read_checkpoint(p) for p in checkpoint_paths]
+    check_submission_output(output, checkpoints, overwrite, data_root)
     ids, categories, provenance = predict_submission(checkpoints, data_root, ensemble)
     write_submission(output, ids, categories)
     sidecar = write_provenance(output, provenance)

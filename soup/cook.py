@@ -20,7 +20,7 @@ from soup.errors import SoupError
 from soup.metrics import scores
 # Importing soup.methods registers every method in METHODS.
 from soup.methods import METHODS, Kitchen
-from soup.outputs import check_output
+from soup.outputs import check_output, data_roots
 from soup.report import versus_best
 from soup.selector import Selector
 
@@ -101,7 +101,8 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     names = [c.name for c in ingredients]
     if len({c.path.resolve() for c in ingredients}) != len(ingredients):
         raise SoupError("the same ingredient is listed twice; a soup counts each ingredient once")
-    check_output(out, [c.path for c in ingredients], overwrite, "soup", checkpoint=True)
+    check_output(out, [c.path for c in ingredients], overwrite, "soup", checkpoint=True,
+                 roots=data_roots(ingredients, data_root))
     check_compatible(ingredients, force, console)
     check_finite(ingredients)
     if spec.needs_selection and select_on is None:

@@ -15,7 +15,7 @@ from soup.data import TestImages, build_transform
 from soup.errors import SoupError
 from soup.evaluate import ensemble_logits
 from soup.inference import make_loader, predict, resolve_device
-from soup.outputs import check_output
+from soup.outputs import check_output, data_roots
 from soup.recipe import recipe_from_dict
 
 
@@ -79,10 +79,12 @@ def provenance_path(submission: str | Path) -> Path:
     return Path(f"{submission}.json")
 
 
-def check_submission_output(submission: str | Path, inputs: list[str | Path], overwrite: bool) -> None:
-    """Before predicting: the CSV and its sidecar go where soup.outputs allows."""
+def check_submission_output(submission: str | Path, checkpoints: list[Checkpoint], overwrite: bool,
+                            data_root: str | Path | None = None) -> None:
+    """Before predicting: the CSV and its sidecar go where soup.outputs allows, never into a data root."""
+    roots = data_roots(checkpoints, data_root)
     for path in (Path(submission), provenance_path(submission)):
-        check_output(path, inputs, overwrite, "submission")
+        check_output(path, [c.path for c in checkpoints], overwrite, "submission", roots=roots)
 
 
 def write_provenance(submission: str | Path, provenance: dict) -> Path:

@@ -1,0 +1,111 @@
+"""Hostile inputs on the new surfaces (issue 17): outputs aimed at the data, stored temperatures at the edge
+of floats, huge bootstrap counts, nested recipe keys, unrepresentable rates, long ids, links, odd names."""
+
+import json
+import os
+import shutil
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from soup.checkpoint import read_checkpoint
+from soup.cli import cli
+
+from conftest import tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_sketch_root):
+    """Two tiny ResNet ingredients of one start under <work>/checkpoints/tiny/, and a copy of their data
+    (<work>/data, their recipe's data.root), so that a test aiming at the data can only harm a copy."""
+    work = tmp_path_factory.mktemp("hostile")
+    shutil.copytree(small_sketch_root, work / "data")
+    recipe = tiny_recipe(work / "data", sweep={"train.seed": [0, 1]})
+    (work / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(cli, ["train", str(work / "tiny.yaml"), "--out", str(work / "checkpoints")])
+    assert result.exit_code == 0, result.output
+    return work
+
+
+def ingredient_path(work, index=0):
+    return sorted((work / "checkpoints" / "tiny").glob("*/model.safetensors"))[index]
+
+
+def one_error_line(result, *fragments):
+    """Exit 2 and one line on stderr holding every fragment, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1, result.output
+    for fragment in fragments:
+        assert fragment in result.stderr, result.output
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# 1. Outputs never replace the data, nor land among its images --------------------------------------------
+
+def test_submit_never_replaces_a_test_or_val_image_even_with_overwrite(trained, tmp_path):
+    data = trained / "data"
+    before = snapshot(data)
+    test_image = sorted((data / "test_images" / "mistery_category").iterdir())[0]
+    val_image = sorted((data / "val_images" / "circle").iterdir())[0]
+    for target in (test_image, val_image, data / "test_images" / "mistery_category" / "s.csv",
+                   data / "val_images" / "s.csv"):
+        result = CliRunner().invoke(cli, ["submit", str(ingredient_path(trained)), "--data", str(data),
+                                          "-o", str(target), "--overwrite"])
+        one_error_line(result, str(target), "data root")
+    (data / "notes.csv").write_text("mine\n")  # a file of the data root, outside its image folders
+    result = CliRunner().invoke(cli, ["submit", str(ingredient_path(trained)), "-o", str(data / "notes.csv"),
+                                      "--overwrite"])  # the recipe's data.root: the same folder
+    one_error_line(result, "notes.csv", "never replaces")
+    (data / "notes.csv").unlink()
+    assert snapshot(data) == before
+
+
+def test_submit_companion_json_obeys_the_same_rule(trained, tmp_path):
+    data = trained / "data"
+    test_image = sorted((data / "test_images" / "mistery_category").iterdir())[0]
+    before = test_image.read_bytes()
+    (tmp_path / "s.csv.json").symlink_to(test_image)  # the companion would be written through into the data
+    result = CliRunner().invoke(cli, ["submit", str(ingredient_path(trained)), "-o", str(tmp_path / "s.csv"),
+                                      "--overwrite"])
+    one_error_line(result, "s.csv.json")
+    assert test_image.read_bytes() == before and not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.parametrize("name,existing", [("photo.jpeg", True), ("photo.JPG", True), ("new.png", False),
+                                           ("scan.tiff", False), ("anim.gif", True)])
+def test_a_submission_never_takes_an_image_suffix(trained, tmp_path, name, existing):
+    target = tmp_path / name
+    if existing:
+        target.write_bytes(b"an image")
+    result = CliRunner().invoke(cli, ["submit", str(ingredient_path(trained)), "-o", str(target), "--overwrite"])
+    one_error_line(result, str(target), "image")
+    assert target.exists() == existing and (not existing or target.read_bytes() == b"an image")
+
+
+def test_cook_and_plot_never_write_into_the_data(trained, tmp_path):
+    data = trained / "data"
+    before = snapshot(data)
+    a, b = str(ingredient_path(trained, 0)), str(ingredient_path(trained, 1))
+    val_image = sorted((data / "val_images" / "circle").iterdir())[0]
+    for target in (data / "val_images" / "circle" / "soup.safetensors", data / "train_images" / "s.safetensors",
+                   val_image):
+        one_error_line(CliRunner().invoke(cli, ["cook", "--no-eval", a, b, "-o", str(target), "--overwrite"]),
+                       str(target))
+    for args in (["-o", str(data / "val_images" / "circle" / "soups.png")], ["-o", str(val_image)],
+                 ["-o", str(tmp_path / "p.png"), "--reliability", str(data / "train_images" / "circle" / "r.png")]):
+        one_error_line(CliRunner().invoke(cli, ["plot", a, b, *args]), "data root")
+    one_error_line(CliRunner().invoke(cli, ["cook", "--no-eval", a, b, "-o", str(tmp_path / "u.safetensors"),
+                                            "--plot", str(data / "val_images" / "circle" / "p.png")]), "data root")
+    assert snapshot(data) == before and not (tmp_path / "u.safetensors").exists()
+
+
+def test_plot_reliability_never_replaces_a_checkpoint(trained, tmp_path):
+    a = ingredient_path(trained)
+    before = a.read_bytes()
+    result = CliRunner().invoke(cli, ["plot", str(a), "-o", str(tmp_path / "p.png"), "--reliability", str(a)])
+    one_error_line(result, str(a))
+    assert a.read_bytes() == before
