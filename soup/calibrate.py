@@ -56,15 +56,18 @@ def calibration_record(logits: torch.Tensor, targets, split: str) -> dict:
 
 
 def temperature_of(checkpoint: Checkpoint) -> float:
-    """The stored temperature, 1.0 when none; metadata is data, so anything but a finite positive
-    number is refused rather than used."""
+    """The stored temperature, 1.0 when none; metadata is data, so anything but a number within the bounds
+    that fitting keeps to is refused rather than used: a T of 1e-300 passes "finite positive" yet turns
+    logits into infinities (NaN losses, changed ensemble votes)."""
     record = checkpoint.meta.get(KEY)
     if record is None:
         return 1.0
     value = record.get("temperature") if isinstance(record, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise SoupError(f"{checkpoint.path}: metadata {KEY}.temperature is {value!r}, not a finite positive "
-                        "number; re-run `soup calibrate` on it")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not _BOUNDS[0] <= value <= _BOUNDS[1]:  # NaN fails the comparison too
+        raise SoupError(f"{checkpoint.path}: metadata {KEY}.temperature is {value!r}, not a number from "
+                        f"{_BOUNDS[0]:g} to {_BOUNDS[1]:g} (the range `soup calibrate` fits in); re-run "
+                        "`soup calibrate` on it")
     return float(value)
 
 

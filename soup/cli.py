@@ -8,7 +8,6 @@ this module, so a Ctrl-C during those seconds is still one line.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import click
@@ -30,7 +29,7 @@ from soup.outputs import check_output, data_roots
 from soup.plot import plot_checkpoints
 from soup.recipe import load_recipe
 from soup.report import (add_per_class, add_statistics, default_reference, ingredient_table, print_eval_table,
-                         print_per_class)
+                         print_per_class, to_json)
 from soup.sketches import generate_sketches
 from soup.submit import check_submission_output, predict_submission, write_provenance, write_submission
 from soup.sweeps import sweep_status
@@ -200,7 +199,7 @@ def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples
     rows = add_statistics(evaluated, resamples, compare or default_reference([r for r, _ in evaluated]))
     best = add_per_class(evaluated, per_class) if per_class else None
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(to_json(rows))
         return
     print_eval_table(rows, split, console)
     if best:
@@ -238,7 +237,7 @@ def inspect_command(paths, line, points, data_root, split, as_json):
     if line:
         report["line"] = loss_line(read_checkpoint(line[0]), read_checkpoint(line[1]), points, split, data_root)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(to_json(report))
         return
     for checkpoint in checkpoints:
         if checkpoint.kind != "ingredient":

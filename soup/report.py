@@ -6,6 +6,8 @@ come from soup.stats; this module attaches and prints them.
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import torch
@@ -26,6 +28,18 @@ from soup.recipe import Ingredient
 # checkpoint, top-1 and its interval, the difference and p always stay. The checkpoint name folds.
 DROP_ORDER = ("images", "members", "kind", "top-5", "NLL", "ECE", "Δ 95% CI")
 SOUPLESS = ("ingredient", "ensemble")
+
+
+def to_json(data) -> str:
+    """`data` as JSON for scripts (--json). Bare NaN or Infinity is not JSON, and a parser would choke on
+    it: a non-finite float (the loss of a diverged model) is written as null."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        return [finite(item) for item in value] if isinstance(value, (list, tuple)) else value
+    return json.dumps(finite(data), indent=2, allow_nan=False)
 
 
 def default_reference(rows: list[dict]) -> str | None:

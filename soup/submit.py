@@ -44,14 +44,15 @@ def predict_test_ensemble(checkpoints: list[Checkpoint], data_root: str | Path |
     if len(checkpoints) < 2:
         raise SoupError("--ensemble needs at least two checkpoints")
     members, ids = [], None
-    for checkpoint in checkpoints:
+    temperatures = [temperature_of(c) for c in checkpoints]  # a bad one stops the command before any work
+    for checkpoint, temperature in zip(checkpoints, temperatures):
         member_ids, logits = test_logits(checkpoint, data_root, device)
         if ids is not None and member_ids != ids:
             raise SoupError(f"--ensemble: {checkpoint.path} reads other test images than {checkpoints[0].path}; "
                             "pass --data ROOT so that all read the same ones")
         ids = member_ids
         # Calibrated members: a probability ensemble across architectures averages calibrated probabilities.
-        members.append((checkpoint, logits / temperature_of(checkpoint)))
+        members.append((checkpoint, logits / temperature))
     combined, how = ensemble_logits(members)
     provenance = {"kind": "ensemble", "combined": how, "classes": checkpoints[0].classes,
                   "members": [_member(c) for c in checkpoints]}

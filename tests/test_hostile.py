@@ -9,8 +9,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from soup.checkpoint import read_checkpoint
+import soup.evaluate
+from soup.checkpoint import read_checkpoint, rewrite_metadata
 from soup.cli import cli
+from soup.metrics import scores
 
 from conftest import tiny_recipe
 
@@ -109,3 +111,46 @@ def test_plot_reliability_never_replaces_a_checkpoint(trained, tmp_path):
     result = CliRunner().invoke(cli, ["plot", str(a), "-o", str(tmp_path / "p.png"), "--reliability", str(a)])
     one_error_line(result, str(a))
     assert a.read_bytes() == before
+
+
+# 2. Stored temperatures within the fitting bounds; --json never prints bare NaN ---------------------------
+
+def calibrated_copy(trained, tmp_path, temperature, index=0, name="calibrated.safetensors"):
+    path = tmp_path / name
+    shutil.copy(ingredient_path(trained, index), path)
+    rewrite_metadata(path, {**read_checkpoint(path).meta, "calibration": {"temperature": temperature}})
+    return path
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-4, 1e4, 1e300])
+def test_a_temperature_outside_the_fitting_bounds_is_refused(trained, tmp_path, temperature):
+    path = calibrated_copy(trained, tmp_path, temperature)
+    for args in (["eval", str(path), "--json"], ["submit", str(path), str(ingredient_path(trained, 1)), "--ensemble",
+                                                  "-o", str(tmp_path / "s.csv")]):
+        one_error_line(CliRunner().invoke(cli, args), str(path), "calibration.temperature", "soup calibrate")
+    assert not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 1e3])
+def test_the_fitting_bounds_themselves_are_accepted(trained, tmp_path, temperature):
+    path = calibrated_copy(trained, tmp_path, temperature)
+    result = CliRunner().invoke(cli, ["eval", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["temperature"] == temperature
+
+
+def strict_json(text):
+    """json.loads that refuses what Python's parser lets through but JSON has not: NaN, Infinity."""
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} in --json output")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_eval_json_writes_a_non_finite_figure_as_null(trained, monkeypatch):
+    # A diverged model's loss or calibration error is NaN; JSON has no NaN.
+    monkeypatch.setattr(soup.evaluate, "expected_calibration_error", lambda *args, **kwargs: float("nan"))
+    monkeypatch.setattr(soup.evaluate, "scores", lambda *args: {**scores(*args), "loss": float("inf")})
+    result = CliRunner().invoke(cli, ["eval", str(ingredient_path(trained)), "--json"])
+    assert result.exit_code == 0, result.output
+    [row] = strict_json(result.stdout)
+    assert row["ece"] is None and row["nll"] is None and row["loss"] is None and 0 <= row["top1"] <= 1
