@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from soup import sweeps
+from soup import stats, sweeps
 from soup.backbones import trusting_hubs
 from soup.calibrate import calibrate_paths
 from soup.checkpoint import find_checkpoints, read_checkpoint
@@ -185,8 +185,9 @@ def _checkpoints(paths, kinds: set[str] | None = None):
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (with intervals, comparisons "
               "and --per-class).")
 @click.option("--no-cache", is_flag=True, help="Decode every image for every checkpoint (no soup.fast caches).")
-@click.option("--bootstrap", "resamples", type=click.IntRange(min=0), default=1000, show_default=True,
-              metavar="N", help="Bootstrap resamples over images for the 95% intervals (0: no intervals).")
+@click.option("--bootstrap", "resamples", type=click.IntRange(min=0), default=stats.RESAMPLES, show_default=True,
+              metavar="N", help=f"Bootstrap resamples over images for the 95% intervals (0: no intervals; at most "
+              f"{stats.MAX_RESAMPLES:,}).")
 @click.option("--compare", "compare", default=None, metavar="REF",
               help="Show each row's difference to REF (a row's name, or best: the best ingredient on the "
               "split; the default when soups are present) with a paired interval and McNemar p.")
@@ -194,6 +195,9 @@ def _checkpoints(paths, kinds: set[str] | None = None):
               help="Also show the best row's K worst classes and K most confused class pairs.")
 def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples, compare, per_class):
     """Evaluate checkpoints side by side (default: everything under checkpoints/)."""
+    if resamples > stats.MAX_RESAMPLES:
+        raise SoupError(f"--bootstrap {resamples:,}: at most {stats.MAX_RESAMPLES:,} resamples (more costs minutes "
+                        f"and memory for no gain in the printed intervals); the default is {stats.RESAMPLES:,}")
     checkpoints = _checkpoints(paths)
     evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root, use_cache=not no_cache), ensemble)
     rows = add_statistics(evaluated, resamples, compare or default_reference([r for r, _ in evaluated]))

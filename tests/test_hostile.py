@@ -154,3 +154,18 @@ def test_eval_json_writes_a_non_finite_figure_as_null(trained, monkeypatch):
     assert result.exit_code == 0, result.output
     [row] = strict_json(result.stdout)
     assert row["ece"] is None and row["nll"] is None and row["loss"] is None and 0 <= row["top1"] <= 1
+
+
+# 3. --bootstrap is bounded ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("resamples", [100_001, 10**9, 10**30])
+def test_bootstrap_beyond_its_bound_is_one_line(trained, resamples):
+    result = CliRunner().invoke(cli, ["eval", str(ingredient_path(trained)), "--bootstrap", str(resamples)])
+    one_error_line(result, "--bootstrap", "at most 100,000")
+
+
+def test_bootstrap_at_its_bound_runs(trained):
+    result = CliRunner().invoke(cli, ["eval", str(ingredient_path(trained)), "--json", "--bootstrap", "100000"])
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    assert row["top1_low"] <= row["top1"] <= row["top1_high"]
