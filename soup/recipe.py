@@ -138,6 +138,9 @@ def recipe_from_dict(raw: dict, overrides: list[tuple[str, Any]] = ()) -> Recipe
             raise SoupError(f"sweep.{key}: expected a non-empty list of values, got {values!r}")
         if key.split(".")[0] in search.SECTIONS:
             raise SoupError(f"sweep.{key}: a sweep cannot sweep itself or the search")
+        other = search.nested_key(key, recipe.sweep)
+        if other is not None:
+            raise search.nesting_error(f"sweep.{key}", f"sweep.{other}")
     combinations = math.prod(len(values) for values in recipe.sweep.values())
     if combinations > MAX_INGREDIENTS:
         sizes = " x ".join(str(len(values)) for values in recipe.sweep.values())

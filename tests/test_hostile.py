@@ -169,3 +169,32 @@ def test_bootstrap_at_its_bound_runs(trained):
     assert result.exit_code == 0, result.output
     [row] = json.loads(result.stdout)
     assert row["top1_low"] <= row["top1"] <= row["top1_high"]
+
+
+# 4. A recipe key together with its parent ------------------------------------------------------------------
+
+KWARGS = [{"drop_path_rate": 0.0}, {"drop_path_rate": 0.1}]
+DPR = "model.kwargs.drop_path_rate"
+
+
+@pytest.mark.parametrize("sweep,space,named", [
+    ({"model.kwargs": KWARGS}, {DPR: {"uniform": [0.0, 0.2]}}, ("sweep.model.kwargs", f"search.space.{DPR}")),
+    ({DPR: [0.0, 0.1]}, {"model.kwargs": {"choice": KWARGS}}, (f"sweep.{DPR}", "search.space.model.kwargs")),
+    ({}, {"model.kwargs": {"choice": KWARGS}, DPR: {"uniform": [0.0, 0.2]}},
+     ("search.space.model.kwargs", f"search.space.{DPR}")),
+    ({"model.kwargs": KWARGS, DPR: [0.0, 0.1]}, None, ("sweep.model.kwargs", f"sweep.{DPR}")),
+    ({"model": [{"backbone": "timm:test_resnet"}], "model.freeze": [0.0]}, None, ("sweep.model", "sweep.model.freeze")),
+])
+def test_a_key_and_its_parent_are_refused(tmp_path, sweep, space, named):
+    sections = {"sweep": sweep} | ({"search": {"trials": 2, "space": space}} if space else {})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp_path, **sections)))
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), "--list"])
+    one_error_line(result, *named, "one key lies inside the other")
+
+
+def test_keys_that_share_a_prefix_but_do_not_nest_are_fine(tmp_path):
+    recipe = tiny_recipe(tmp_path, sweep={"train.lr": [1e-3, 2e-3]},
+                         search={"trials": 2, "space": {"train.lr_drop_factor": {"uniform": [0.1, 0.5]}}})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), "--list"])
+    assert result.exit_code == 0 and len(result.output.splitlines()) == 4, result.output
