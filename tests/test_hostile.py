@@ -8,11 +8,15 @@ import shutil
 import pytest
 import yaml
 from click.testing import CliRunner
+from rich.console import Console
 
 import soup.evaluate
 from soup.checkpoint import read_checkpoint, rewrite_metadata
 from soup.cli import cli
+from soup.errors import SoupError
 from soup.metrics import scores
+from soup.recipe import expand_sweep, recipe_from_dict
+from soup.train import train_ingredient
 
 from conftest import tiny_recipe
 
@@ -198,3 +202,38 @@ def test_keys_that_share_a_prefix_but_do_not_nest_are_fine(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), "--list"])
     assert result.exit_code == 0 and len(result.output.splitlines()) == 4, result.output
+
+
+# 5, 6. Rates and alphas a float32 step can hold ------------------------------------------------------------
+
+@pytest.mark.parametrize("sections,message", [
+    ({"train": {"lr": 1e38}}, "train.lr must be a positive number, at most 10000"),
+    ({"train": {"lr": float("nan")}}, "train.lr must be"),
+    ({"train": {"min_lr": 1e308}}, "train.min_lr must be 0 or more, at most 10000"),
+    ({"train": {"weight_decay": 1e300}}, "train.weight_decay must be a number from 0 to 10000"),
+    ({"train": {"lr_drop_factor": 1e300}}, "train.lr_drop_factor must be a positive number, at most 10000"),
+    ({"model": {"probe": {"epochs": 1, "lr": float("inf")}}}, "model.probe.lr must be positive, at most 10000"),
+    ({"train": {"mixup": float("inf")}}, "train.mixup must be 0 (off) or a positive alpha, finite in float32"),
+    ({"train": {"cutmix": 1e39}}, "train.cutmix must be 0 (off) or a positive alpha, finite in float32"),
+    ({"search": {"trials": 2, "space": {"train.lr": {"loguniform": [1e-4, 1e308]}}}},
+     "search.space.train.lr: high 1e+308: train.lr must be"),
+    ({"search": {"trials": 2, "space": {"train.weight_decay": {"uniform": [0, 1e38]}}}},
+     "search.space.train.weight_decay: high 1e+38"),
+    ({"search": {"trials": 2, "space": {"train.mixup": {"uniform": [0, float("inf")]}}}},
+     "search.space.train.mixup: high inf: train.mixup must be"),
+    ({"search": {"trials": 2, "space": {"train.cutmix": {"choice": [0.2, float("inf")]}}}},
+     "search.space.train.cutmix: choice inf: train.cutmix must be"),
+])
+def test_rates_and_alphas_a_float32_step_cannot_hold_are_refused_at_load(tmp_path, sections, message):
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp_path, **sections)))
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), "--list"])
+    one_error_line(result, message)
+
+
+def test_an_overflowing_optimizer_step_is_the_nan_stop_line(small_sketch_root, tmp_path):
+    [ingredient] = expand_sweep(recipe_from_dict(tiny_recipe(small_sketch_root, train={"lr": 1e-3})))
+    ingredient.recipe.train.lr = 1e38  # past the recipe checks: whatever overflows in a step is the NaN stop
+    with pytest.raises(SoupError, match=r"^00: the step failed \(value cannot be converted to type float without "
+                       r"overflow\) at epoch 1, step 1 \(lr 1e\+38, amp off\); lower train.lr .*nothing was saved$"):
+        train_ingredient(ingredient, tmp_path / "out", Console(quiet=True))
+    assert not (tmp_path / "out" / "tiny" / "00" / "model.safetensors").exists()
