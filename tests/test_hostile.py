@@ -237,3 +237,42 @@ def test_an_overflowing_optimizer_step_is_the_nan_stop_line(small_sketch_root, t
                        r"overflow\) at epoch 1, step 1 \(lr 1e\+38, amp off\); lower train.lr .*nothing was saved$"):
         train_ingredient(ingredient, tmp_path / "out", Console(quiet=True))
     assert not (tmp_path / "out" / "tiny" / "00" / "model.safetensors").exists()
+
+
+# 7. Ids that fit a folder name ----------------------------------------------------------------------------
+
+def long_root(tmp_path, source, length=300):
+    """A copy of `source` at a path whose folder names add up to `length` characters."""
+    root = tmp_path
+    while len(str(root)) < length:
+        root = root / ("d" * min(200, length - len(str(root))))
+    shutil.copytree(source, root)
+    return root
+
+
+def test_an_id_too_long_for_a_folder_name_is_cut_with_a_hash_and_trains(small_sketch_root, tmp_path):
+    root = long_root(tmp_path, small_sketch_root)
+    recipe = tiny_recipe(root, sweep={"data.root": [str(root)], "train.seed": [0, 1]})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    listed = CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), "--list"])
+    assert listed.exit_code == 0, listed.output
+    ids = [line.split("\t")[1] for line in listed.output.splitlines()]
+    assert all(len(i.encode()) <= 255 and "~" in i for i in ids) and ids[0].endswith("-seed0")
+    assert ids[0].split("-seed")[0][2:] == ids[1].split("-seed")[0][2:]  # the same value, the same cut part
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), "--ingredient", "0",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(tmp_path / "out" / "tiny" / ids[0] / "model.safetensors").meta["id"] == ids[0]
+
+
+def test_an_id_that_fits_is_never_changed(tmp_path):
+    value = "y" * 240  # 00-<value> is 245 bytes: long, but a folder name may hold it
+    [item] = expand_sweep(recipe_from_dict(tiny_recipe(tmp_path, sweep={"model.kwargs.note": [value]})))
+    assert item.id == f"00-note{value}"
+
+
+def test_an_id_too_long_even_cut_is_refused_at_load(tmp_path):
+    sweep = {f"model.kwargs.key{i}": ["v" * 100] for i in range(8)}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp_path, sweep=sweep)))
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), "--list"])
+    one_error_line(result, "ingredient 0", "model.kwargs.key0", "255", "sweep or search fewer keys")
