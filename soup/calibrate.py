@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from soup.checkpoint import Checkpoint, read_checkpoint, rewrite_metadata
+from soup.checkpoint import Checkpoint, read_checkpoint, rewritable, rewrite_metadata
 from soup.errors import SoupError
 from soup.stats import confidences, expected_calibration_error, nll
 
@@ -99,6 +99,8 @@ def calibration_split(checkpoint: Checkpoint, split: str | None) -> str:
 def calibrate_paths(paths, split: str | None, make_evaluator, console: Console) -> list[dict]:
     """`soup calibrate`: each checkpoint on its split; `make_evaluator(split)` builds one per split."""
     evaluators, records = {}, []
+    for path in paths:
+        rewritable(path)  # before any work: a file that cannot be rewritten in place stops the command
     for path in paths:
         checkpoint = read_checkpoint(path)
         chosen = calibration_split(checkpoint, split)

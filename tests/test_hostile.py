@@ -276,3 +276,29 @@ def test_an_id_too_long_even_cut_is_refused_at_load(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp_path, sweep=sweep)))
     result = CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), "--list"])
     one_error_line(result, "ingredient 0", "model.kwargs.key0", "255", "sweep or search fewer keys")
+
+
+# 8. soup calibrate through links -----------------------------------------------------------------------------
+
+def test_calibrate_through_a_symlink_calibrates_the_file_it_names(trained, tmp_path):
+    target = tmp_path / "kept" / "soup.safetensors"
+    target.parent.mkdir()
+    shutil.copy(ingredient_path(trained), target)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    result = CliRunner().invoke(cli, ["calibrate", str(link)])
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert "calibration" in read_checkpoint(target).meta
+    assert [p.name for p in target.parent.iterdir()] == ["soup.safetensors"]  # no temporary file left
+
+
+def test_calibrate_refuses_a_hard_linked_file_before_any_work(trained, tmp_path):
+    path = tmp_path / "a.safetensors"
+    shutil.copy(ingredient_path(trained), path)
+    os.link(path, tmp_path / "b.safetensors")
+    before = path.read_bytes()
+    result = CliRunner().invoke(cli, ["calibrate", str(path)])
+    one_error_line(result, str(path), "2 hard links", "copy")
+    assert "fitted" not in result.output and path.read_bytes() == before
+    assert os.stat(path).st_nlink == 2 and "calibration" not in read_checkpoint(tmp_path / "b.safetensors").meta
