@@ -16,6 +16,7 @@ from rich.console import Console
 from soup.checkpoint import Checkpoint, read_checkpoint, rewritable, rewrite_metadata
 from soup.errors import SoupError
 from soup.stats import confidences, expected_calibration_error, nll
+from soup.text import shown
 
 KEY = "calibration"
 _BOUNDS = (1e-3, 1e3)  # a fitted T outside these means logits that carry no usable scale
@@ -86,7 +87,7 @@ def calibrate(checkpoint: Checkpoint, evaluator, console: Console) -> dict:
 
 
 def print_calibration(name: str, record: dict, console: Console) -> None:
-    console.print(f"  {name}: T={record['temperature']:.2f} fitted on {record['split']} "
+    console.print(f"  {shown(name)}: T={record['temperature']:.2f} fitted on {record['split']} "
                   f"({record['images']} images): NLL {record['nll_before']:.3f} -> {record['nll_after']:.3f}, "
                   f"ECE {record['ece_before']:.2%} -> {record['ece_after']:.2%}; top-1 unchanged")
 

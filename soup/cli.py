@@ -12,7 +12,6 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.markup import escape
 
 from soup import stats, sweeps
 from soup.backbones import trusting_hubs
@@ -33,6 +32,7 @@ from soup.report import (add_per_class, add_statistics, default_reference, ingre
 from soup.sketches import generate_sketches
 from soup.submit import check_submission_output, predict_submission, write_provenance, write_submission
 from soup.sweeps import sweep_status
+from soup.text import printable, shown
 from soup.train import select_ingredients, train_recipe
 
 console = Console(highlight=False)
@@ -78,7 +78,7 @@ def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
     main = is_main()  # under torchrun, rank 0 alone prints
     if list_only:
         for item in select_ingredients(recipe, ingredient):
-            settings = ", ".join(f"{k}={v}" for k, v in item.settings.items()) or "(no sweep)"
+            settings = printable(", ".join(f"{k}={v}" for k, v in item.settings.items())) or "(no sweep)"
             if main:
                 click.echo(f"{item.index}\t{item.id}\t{settings}")
         return
@@ -155,7 +155,7 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
 
 
 def _warn(message: str) -> None:
-    console.print(f"[yellow]warning[/]: {escape(message)}")
+    console.print(f"[yellow]warning[/]: {shown(message)}")
 
 
 def _report_sweeps(ingredients, paths) -> None:
@@ -291,7 +291,7 @@ def submit(checkpoint_paths, data_root, output, overwrite, ensemble):
     write_submission(output, ids, categories)
     sidecar = write_provenance(output, provenance)
     what = f"the ensemble ({provenance['combined']}) of {len(checkpoints)} checkpoints" if ensemble else "1 checkpoint"
-    console.print(f"wrote {output}: {len(ids)} predictions from {what}; provenance in {sidecar}")
+    console.print(f"wrote {shown(output)}: {len(ids)} predictions from {what}; provenance in {shown(sidecar)}")
 
 
 @cli.command()

@@ -23,6 +23,7 @@ from soup.methods import METHODS, Kitchen
 from soup.outputs import check_output, data_roots
 from soup.report import versus_best
 from soup.selector import Selector
+from soup.text import shown
 
 
 def first_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, bool] | None:
@@ -67,7 +68,7 @@ def check_compatible(ingredients: list[Checkpoint], force: bool, console: Consol
             continue
         reason, forceable = difference
         if forceable and force:
-            console.print(f"[yellow]warning[/]: {other.path} vs {reference.path}: {reason}; averaging anyway "
+            console.print(f"[yellow]warning[/]: {shown(other.path)} vs {shown(reference.path)}: {shown(reason)}; averaging anyway "
                           "(--force): expect a poor soup")
             continue
         hint = "; --force averages them anyway" if forceable else ""
@@ -146,5 +147,5 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
         **extra,
     }
     path = save_checkpoint(out, soup.state_dict, meta)
-    console.print(f"  wrote {path}")
+    console.print(f"  wrote {shown(path)}")
     return path

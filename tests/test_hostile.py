@@ -10,6 +10,7 @@ import yaml
 from click.testing import CliRunner
 from rich.console import Console
 
+import soup.cli
 import soup.evaluate
 from soup.checkpoint import read_checkpoint, rewrite_metadata
 from soup.cli import cli
@@ -302,3 +303,53 @@ def test_calibrate_refuses_a_hard_linked_file_before_any_work(trained, tmp_path)
     one_error_line(result, str(path), "2 hard links", "copy")
     assert "fitted" not in result.output and path.read_bytes() == before
     assert os.stat(path).st_nlink == 2 and "calibration" not in read_checkpoint(tmp_path / "b.safetensors").meta
+
+
+# 9. Names printed whole and as written -------------------------------------------------------------------------
+
+ODD = {"circle": "cir\ncle", "cross": "\u202ecross", "square": "[red]square"}
+
+
+@pytest.fixture(scope="module")
+def odd_names(tmp_path_factory, small_sketch_root):
+    """An ingredient trained on classes named with a newline, a right-to-left override and rich markup."""
+    work = tmp_path_factory.mktemp("odd")
+    shutil.copytree(small_sketch_root, work / "data")
+    for split in ("train_images", "val_images"):
+        for plain, odd in ODD.items():
+            (work / "data" / split / plain).rename(work / "data" / split / odd)
+    (work / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(work / "data")))
+    result = CliRunner().invoke(cli, ["train", str(work / "r.yaml"), "--out", str(work / "out")])
+    assert result.exit_code == 0, result.output
+    return work
+
+
+def test_per_class_rows_show_odd_class_names_escaped_on_one_line(odd_names, monkeypatch):
+    monkeypatch.setattr(soup.cli, "console", Console(width=200, highlight=False))
+    path = next((odd_names / "out").rglob("model.safetensors"))
+    assert set(ODD.values()) <= set(read_checkpoint(path).classes)
+    result = CliRunner().invoke(cli, ["eval", str(path), "--per-class", "4"])
+    assert result.exit_code == 0, result.output
+    assert "cir\\ncle" in result.output and "\\u202ecross" in result.output and "[red]square" in result.output
+    assert "\u202e" not in result.output and not any(line.strip().startswith("cle") for line in
+                                                      result.output.splitlines())
+
+
+def test_an_error_naming_an_odd_folder_stays_one_whole_line(odd_names, tmp_path):
+    shutil.copytree(odd_names / "data", tmp_path / "data")
+    (tmp_path / "data" / "train_images" / "em\npty\u202e").mkdir()
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp_path / "data")))
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")])
+    one_error_line(result, "em\\npty\\u202e", "class folder holds no images")
+
+
+def test_a_soup_file_name_with_a_newline_and_markup_is_shown_as_written(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(soup.cli, "console", Console(width=200, highlight=False))
+    soup_path = tmp_path / "x\ny[bold]\u2066.safetensors"
+    a, b = str(ingredient_path(trained, 0)), str(ingredient_path(trained, 1))
+    cooked = CliRunner().invoke(cli, ["cook", "--no-eval", a, b, "-o", str(soup_path)])
+    assert cooked.exit_code == 0, cooked.output
+    assert "x\\ny[bold]\\u2066.safetensors" in cooked.output
+    result = CliRunner().invoke(cli, ["eval", str(soup_path), a])
+    assert result.exit_code == 0, result.output
+    assert "x\\ny[bold]\\u2066" in result.output and "\u2066" not in result.output
