@@ -23,12 +23,12 @@ def _in_ingredient_folder(path: Path) -> bool:
 
 
 def data_roots(checkpoints: list[Checkpoint], given: str | Path | None = None) -> list[Path]:
-    """The data roots a command on `checkpoints` reads or may read: --data, and each one's recipe data.root."""
-    roots = [given] if given is not None else []
-    for checkpoint in checkpoints:
-        data = checkpoint.recipe.get("data")
-        roots.append(data.get("root") if isinstance(data, dict) else None)
-    return [Path(root) for root in dict.fromkeys(roots) if isinstance(root, (str, Path)) and str(root)]
+    """The data roots a command on `checkpoints` reads: --data when given, else each one's recipe data.root."""
+    if given is not None:
+        return [Path(given)]
+    roots = [c.recipe.get("data") for c in checkpoints]
+    roots = [data.get("root") for data in roots if isinstance(data, dict)]
+    return [Path(root) for root in dict.fromkeys(roots) if isinstance(root, str) and root]
 
 
 def _image_folders(root: Path) -> list[Path]:
