@@ -68,8 +68,8 @@ def check_compatible(ingredients: list[Checkpoint], force: bool, console: Consol
             continue
         reason, forceable = difference
         if forceable and force:
-            console.print(f"[yellow]warning[/]: {shown(other.path)} vs {shown(reference.path)}: {shown(reason)}; averaging anyway "
-                          "(--force): expect a poor soup")
+            console.print(f"[yellow]warning[/]: {shown(other.path)} vs {shown(reference.path)}: {shown(reason)}; "
+                          "averaging anyway (--force): expect a poor soup")
             continue
         hint = "; --force averages them anyway" if forceable else ""
         raise SoupError(f"cannot soup {reference.path} with {other.path}: {reason}{hint}")

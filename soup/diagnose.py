@@ -100,8 +100,8 @@ def describe_soup(checkpoint: Checkpoint, console: Console) -> None:
     meta = checkpoint.meta
     selection = meta.get("selection") or {}
     where = f" on {selection['split']}" if selection else ""
-    console.print(f"[bold]{shown(checkpoint.name)}[/]: {shown(checkpoint.kind)} soup of {len(meta.get('members', []))} of "
-                  f"{len(meta.get('candidates', []))} candidates" +
+    console.print(f"[bold]{shown(checkpoint.name)}[/]: {shown(checkpoint.kind)} soup of "
+                  f"{len(meta.get('members', []))} of {len(meta.get('candidates', []))} candidates" +
                   (f", {selection['top1']:.2%}{where}" if selection else ", cooked without data"))
     for member in meta.get("members", []):
         console.print(f"  member {shown(member['name'])}: weight {member['weight']:.3f}")
@@ -180,7 +180,8 @@ def print_inspection(report: dict, console: Console) -> None:
         console.print(f"[yellow]note[/]: {shown(note)}")
     if "line" in report:
         line = report["line"]
-        table = Table(title=f"the straight line {shown(line['a'])} (t=0) -> {shown(line['b'])} (t=1), on {line['split']}")
+        table = Table(title=f"the straight line {shown(line['a'])} (t=0) -> {shown(line['b'])} (t=1), "
+                            f"on {line['split']}")
         for column in ("t", "top-1", "loss"):
             table.add_column(column, justify="right")
         for point in line["line"]:

@@ -286,7 +286,8 @@ def interpolate_soup(ingredients: list[Checkpoint], select: Selector | None, con
             break
         top1 = select(mix(alpha))["top1"]
         steps.append({"alpha": alpha, "top1": top1})
-        console.print(f"  interpolate: alpha {alpha:g} ({shown(a_name)} -> {shown(b.name)}): {top1:.2%} on {select.split}")
+        console.print(f"  interpolate: alpha {alpha:g} ({shown(a_name)} -> {shown(b.name)}): {top1:.2%} "
+                      f"on {select.split}")
         if best is None or top1 > best[1]:
             best = (alpha, top1)
     alpha = best[0] if best else alphas[0]
