@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from soup.checkpoint import Checkpoint, read_checkpoint, rewrite_metadata
+from soup.checkpoint import Checkpoint, read_checkpoint, rewritable, rewrite_metadata
 from soup.errors import SoupError
 from soup.stats import confidences, expected_calibration_error, nll
+from soup.text import shown
 
 KEY = "calibration"
 _BOUNDS = (1e-3, 1e3)  # a fitted T outside these means logits that carry no usable scale
@@ -56,15 +57,18 @@ def calibration_record(logits: torch.Tensor, targets, split: str) -> dict:
 
 
 def temperature_of(checkpoint: Checkpoint) -> float:
-    """The stored temperature, 1.0 when none; metadata is data, so anything but a finite positive
-    number is refused rather than used."""
+    """The stored temperature, 1.0 when none; metadata is data, so anything but a number within the bounds
+    that fitting keeps to is refused rather than used: a T of 1e-300 passes "finite positive" yet turns
+    logits into infinities (NaN losses, changed ensemble votes)."""
     record = checkpoint.meta.get(KEY)
     if record is None:
         return 1.0
     value = record.get("temperature") if isinstance(record, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise SoupError(f"{checkpoint.path}: metadata {KEY}.temperature is {value!r}, not a finite positive "
-                        "number; re-run `soup calibrate` on it")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not _BOUNDS[0] <= value <= _BOUNDS[1]:  # NaN fails the comparison too
+        raise SoupError(f"{checkpoint.path}: metadata {KEY}.temperature is {value!r}, not a number from "
+                        f"{_BOUNDS[0]:g} to {_BOUNDS[1]:g} (the range `soup calibrate` fits in); re-run "
+                        "`soup calibrate` on it")
     return float(value)
 
 
@@ -83,7 +87,7 @@ def calibrate(checkpoint: Checkpoint, evaluator, console: Console) -> dict:
 
 
 def print_calibration(name: str, record: dict, console: Console) -> None:
-    console.print(f"  {name}: T={record['temperature']:.2f} fitted on {record['split']} "
+    console.print(f"  {shown(name)}: T={record['temperature']:.2f} fitted on {record['split']} "
                   f"({record['images']} images): NLL {record['nll_before']:.3f} -> {record['nll_after']:.3f}, "
                   f"ECE {record['ece_before']:.2%} -> {record['ece_after']:.2%}; top-1 unchanged")
 
@@ -96,6 +100,8 @@ def calibration_split(checkpoint: Checkpoint, split: str | None) -> str:
 def calibrate_paths(paths, split: str | None, make_evaluator, console: Console) -> list[dict]:
     """`soup calibrate`: each checkpoint on its split; `make_evaluator(split)` builds one per split."""
     evaluators, records = {}, []
+    for path in paths:
+        rewritable(path)  # before any work: a file that cannot be rewritten in place stops the command
     for path in paths:
         checkpoint = read_checkpoint(path)
         chosen = calibration_split(checkpoint, split)

@@ -128,10 +128,25 @@ def save_checkpoint(path: str | Path, state_dict: dict, meta: dict) -> Path:
     return Path(path)
 
 
+def rewritable(path: str | Path) -> Path:
+    """The file that rewriting `path` in place must replace: a symlink's target (replacing the link would
+    leave the file it names as it was). A file with other hard links is refused: an atomic rewrite makes a
+    new file under this name only, and writing in place could leave a half-written file behind."""
+    target = Path(path).resolve()
+    links = target.stat().st_nlink if target.is_file() else 1
+    if links > 1:
+        raise SoupError(f"{path} has {links} hard links, and rewriting it would change this name alone; rewrite a "
+                        "copy of it (cp), or remove its other links first")
+    return target
+
+
 def rewrite_metadata(path: str | Path, meta: dict) -> Path:
-    """Replace a checkpoint's soup metadata, atomically. Its tensors are written back as read: a soup
-    checkpoint holds fp32 and integer tensors only, which save_checkpoint keeps byte for byte."""
-    return save_checkpoint(path, Checkpoint(Path(path), meta).state_dict(), meta)
+    """Replace a checkpoint's soup metadata, atomically, in the file `path` names (see `rewritable`). Its
+    tensors are written back as read: a soup checkpoint holds fp32 and integer tensors only, which
+    save_checkpoint keeps byte for byte."""
+    target = rewritable(path)
+    save_checkpoint(target, Checkpoint(target, meta).state_dict(), meta)
+    return Path(path)
 
 
 @dataclass

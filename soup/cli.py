@@ -8,14 +8,12 @@ this module, so a Ctrl-C during those seconds is still one line.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.markup import escape
 
-from soup import sweeps
+from soup import stats, sweeps
 from soup.backbones import trusting_hubs
 from soup.calibrate import calibrate_paths
 from soup.checkpoint import find_checkpoints, read_checkpoint
@@ -26,14 +24,15 @@ from soup.distributed import is_main
 from soup.errors import SoupError, interrupt_on_signals, one_line
 from soup.evaluate import Evaluator, evaluate_rows
 from soup.methods import METHODS
-from soup.outputs import check_output
+from soup.outputs import check_output, data_roots
 from soup.plot import plot_checkpoints
 from soup.recipe import load_recipe
 from soup.report import (add_per_class, add_statistics, default_reference, ingredient_table, print_eval_table,
-                         print_per_class)
+                         print_per_class, to_json)
 from soup.sketches import generate_sketches
 from soup.submit import check_submission_output, predict_submission, write_provenance, write_submission
 from soup.sweeps import sweep_status
+from soup.text import printable, shown
 from soup.train import select_ingredients, train_recipe
 
 console = Console(highlight=False)
@@ -79,7 +78,7 @@ def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
     main = is_main()  # under torchrun, rank 0 alone prints
     if list_only:
         for item in select_ingredients(recipe, ingredient):
-            settings = ", ".join(f"{k}={v}" for k, v in item.settings.items()) or "(no sweep)"
+            settings = printable(", ".join(f"{k}={v}" for k, v in item.settings.items())) or "(no sweep)"
             if main:
                 click.echo(f"{item.index}\t{item.id}\t{settings}")
         return
@@ -145,7 +144,7 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     output = output or Path("checkpoints") / "soups" / f"{method}.safetensors"
     png = (output.parent / plot_path if plot_path == "soups.png" else Path(plot_path)) if plot_path else None
     if png:  # a picture is redrawn freely, but never over a checkpoint: checked before cooking
-        check_output(png, list(paths), overwrite=True, what="picture")
+        check_output(png, list(paths), overwrite=True, what="picture", roots=data_roots(ingredients, data_root))
     options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None)) if v is not None}
     path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, console,
                      options=options, calibrate=calibrate, overwrite=overwrite)
@@ -156,7 +155,7 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
 
 
 def _warn(message: str) -> None:
-    console.print(f"[yellow]warning[/]: {escape(message)}")
+    console.print(f"[yellow]warning[/]: {shown(message)}")
 
 
 def _report_sweeps(ingredients, paths) -> None:
@@ -186,8 +185,9 @@ def _checkpoints(paths, kinds: set[str] | None = None):
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (with intervals, comparisons "
               "and --per-class).")
 @click.option("--no-cache", is_flag=True, help="Decode every image for every checkpoint (no soup.fast caches).")
-@click.option("--bootstrap", "resamples", type=click.IntRange(min=0), default=1000, show_default=True,
-              metavar="N", help="Bootstrap resamples over images for the 95% intervals (0: no intervals).")
+@click.option("--bootstrap", "resamples", type=click.IntRange(min=0), default=stats.RESAMPLES, show_default=True,
+              metavar="N", help=f"Bootstrap resamples over images for the 95% intervals (0: no intervals; at most "
+              f"{stats.MAX_RESAMPLES:,}).")
 @click.option("--compare", "compare", default=None, metavar="REF",
               help="Show each row's difference to REF (a row's name, or best: the best ingredient on the "
               "split; the default when soups are present) with a paired interval and McNemar p.")
@@ -195,12 +195,15 @@ def _checkpoints(paths, kinds: set[str] | None = None):
               help="Also show the best row's K worst classes and K most confused class pairs.")
 def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples, compare, per_class):
     """Evaluate checkpoints side by side (default: everything under checkpoints/)."""
+    if resamples > stats.MAX_RESAMPLES:
+        raise SoupError(f"--bootstrap {resamples:,}: at most {stats.MAX_RESAMPLES:,} resamples (more costs minutes "
+                        f"and memory for no gain in the printed intervals); the default is {stats.RESAMPLES:,}")
     checkpoints = _checkpoints(paths)
     evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root, use_cache=not no_cache), ensemble)
     rows = add_statistics(evaluated, resamples, compare or default_reference([r for r, _ in evaluated]))
     best = add_per_class(evaluated, per_class) if per_class else None
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(to_json(rows))
         return
     print_eval_table(rows, split, console)
     if best:
@@ -238,7 +241,7 @@ def inspect_command(paths, line, points, data_root, split, as_json):
     if line:
         report["line"] = loss_line(read_checkpoint(line[0]), read_checkpoint(line[1]), points, split, data_root)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(to_json(report))
         return
     for checkpoint in checkpoints:
         if checkpoint.kind != "ingredient":
@@ -260,12 +263,13 @@ def inspect_command(paths, line, points, data_root, split, as_json):
 def plot_command(output, paths, data_root, split, reliability_path):
     """Picture of held-out accuracy: ingredients (sorted), the greedy path, every soup, and the ensemble
     (default: everything under checkpoints/). Needs matplotlib: pip install 'soup[plot]'."""
-    check_output(output, list(paths), overwrite=True, what="picture")  # redrawn freely, never over a checkpoint
     checkpoints = _checkpoints(paths)
     if reliability_path == "reliability.png":
         reliability_path = Path(output).parent / reliability_path
     if reliability_path is not None and Path(reliability_path).resolve() == Path(output).resolve():
         raise SoupError(f"--reliability {reliability_path} is also the -o picture; name another file")
+    for picture in filter(None, (output, reliability_path)):  # redrawn freely, never over a checkpoint
+        check_output(picture, list(paths), overwrite=True, what="picture", roots=data_roots(checkpoints, data_root))
     plot_checkpoints(checkpoints, output, split, data_root, console, reliability_path)
 
 
@@ -281,13 +285,13 @@ def plot_command(output, paths, data_root, split, reliability_path):
               "may not); the members are listed in <output>.json.")
 def submit(checkpoint_paths, data_root, output, overwrite, ensemble):
     """Write Id,Category predictions for the test images."""
-    check_submission_output(output, checkpoint_paths, overwrite)
     checkpoints = [read_checkpoint(p) for p in checkpoint_paths]
+    check_submission_output(output, checkpoints, overwrite, data_root)
     ids, categories, provenance = predict_submission(checkpoints, data_root, ensemble)
     write_submission(output, ids, categories)
     sidecar = write_provenance(output, provenance)
     what = f"the ensemble ({provenance['combined']}) of {len(checkpoints)} checkpoints" if ensemble else "1 checkpoint"
-    console.print(f"wrote {output}: {len(ids)} predictions from {what}; provenance in {sidecar}")
+    console.print(f"wrote {shown(output)}: {len(ids)} predictions from {what}; provenance in {shown(sidecar)}")
 
 
 @cli.command()

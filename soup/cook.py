@@ -20,9 +20,10 @@ from soup.errors import SoupError
 from soup.metrics import scores
 # Importing soup.methods registers every method in METHODS.
 from soup.methods import METHODS, Kitchen
-from soup.outputs import check_output
+from soup.outputs import check_output, data_roots
 from soup.report import versus_best
 from soup.selector import Selector
+from soup.text import shown
 
 
 def first_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, bool] | None:
@@ -67,8 +68,8 @@ def check_compatible(ingredients: list[Checkpoint], force: bool, console: Consol
             continue
         reason, forceable = difference
         if forceable and force:
-            console.print(f"[yellow]warning[/]: {other.path} vs {reference.path}: {reason}; averaging anyway "
-                          "(--force): expect a poor soup")
+            console.print(f"[yellow]warning[/]: {shown(other.path)} vs {shown(reference.path)}: {shown(reason)}; "
+                          "averaging anyway (--force): expect a poor soup")
             continue
         hint = "; --force averages them anyway" if forceable else ""
         raise SoupError(f"cannot soup {reference.path} with {other.path}: {reason}{hint}")
@@ -101,7 +102,8 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     names = [c.name for c in ingredients]
     if len({c.path.resolve() for c in ingredients}) != len(ingredients):
         raise SoupError("the same ingredient is listed twice; a soup counts each ingredient once")
-    check_output(out, [c.path for c in ingredients], overwrite, "soup", checkpoint=True)
+    check_output(out, [c.path for c in ingredients], overwrite, "soup", checkpoint=True,
+                 roots=data_roots(ingredients, data_root))
     check_compatible(ingredients, force, console)
     check_finite(ingredients)
     if spec.needs_selection and select_on is None:
@@ -145,5 +147,5 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
         **extra,
     }
     path = save_checkpoint(out, soup.state_dict, meta)
-    console.print(f"  wrote {path}")
+    console.print(f"  wrote {shown(path)}")
     return path

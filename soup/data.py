@@ -27,6 +27,10 @@ from soup.recipe import DataConfig
 
 SPLIT_FOLDERS = {"train": "train_images", "val": "val_images", "holdout": "train_images"}
 TEST_FOLDER = Path("test_images") / "mistery_category"
+# Every suffix an image may have: what torchvision's folders list, and whatever else PIL opens; soup.outputs
+# keeps a CSV or a soup from bearing one, and any output from replacing such a file.
+IMAGE_SUFFIXES = frozenset(IMG_EXTENSIONS) | {ext for ext, kind in Image.registered_extensions().items()
+                                             if kind in Image.OPEN}
 LAYOUT_HINT = "expected <root>/train_images/<class>/*.jpg, <root>/val_images/<class>/*.jpg"
 
 

@@ -18,6 +18,7 @@ from rich.table import Table
 from soup.checkpoint import Checkpoint, tensors_across
 from soup.errors import SoupError
 from soup.selector import Selector
+from soup.text import shown
 from soup.weights import starting_weights, weighted_average
 
 
@@ -99,17 +100,17 @@ def describe_soup(checkpoint: Checkpoint, console: Console) -> None:
     meta = checkpoint.meta
     selection = meta.get("selection") or {}
     where = f" on {selection['split']}" if selection else ""
-    console.print(f"[bold]{checkpoint.name}[/]: {checkpoint.kind} soup of {len(meta.get('members', []))} of "
-                  f"{len(meta.get('candidates', []))} candidates" +
+    console.print(f"[bold]{shown(checkpoint.name)}[/]: {shown(checkpoint.kind)} soup of "
+                  f"{len(meta.get('members', []))} of {len(meta.get('candidates', []))} candidates" +
                   (f", {selection['top1']:.2%}{where}" if selection else ", cooked without data"))
     for member in meta.get("members", []):
-        console.print(f"  member {member['name']}: weight {member['weight']:.3f}")
+        console.print(f"  member {shown(member['name'])}: weight {member['weight']:.3f}")
     if "start_weight" in meta:
         console.print(f"  the starting weights: weight {meta['start_weight']:.3f}")
     for step in meta.get("steps", []):
         if "candidate" in step:
             verdict = "kept" if step["kept"] else "left out: the average with it scored lower"
-            console.print(f"  greedy step {step['candidate']}: {step['top1']:.2%}{where}, {verdict}")
+            console.print(f"  greedy step {shown(step['candidate'])}: {step['top1']:.2%}{where}, {verdict}")
         elif "alpha" in step:
             console.print(f"  alpha {step['alpha']:g}: {step['top1']:.2%}{where}")
         elif "epoch" in step:
@@ -149,8 +150,8 @@ def print_inspection(report: dict, console: Console) -> None:
                          no_wrap=column not in ("checkpoint", "backbone"))
     for i, row in enumerate(report["checkpoints"]):
         norm = "?" if row["delta_norm"] is None else f"{row['delta_norm']:.4g}"
-        table.add_row(*[str(i), row["name"], row["kind"]] + ([row["backbone"]] if len(backbones) > 1 else []) +
-                      [row["start"][:8], norm])
+        names = [row["name"], row["kind"]] + ([row["backbone"]] if len(backbones) > 1 else []) + [row["start"][:8]]
+        table.add_row(str(i), *map(shown, names), norm)
     console.print(table)
     console.print("‖Δ‖: distance from the shared start θ₀ (the fine-tuning delta Δ = θ − θ₀)")
     index = {row["path"]: i for i, row in enumerate(report["checkpoints"])}
@@ -176,10 +177,11 @@ def print_inspection(report: dict, console: Console) -> None:
                           "same" if pair["same_start"] else "[red]other[/]", distance, cosine, verdict)
         console.print(table)
     for note in report["notes"]:
-        console.print(f"[yellow]note[/]: {note}")
+        console.print(f"[yellow]note[/]: {shown(note)}")
     if "line" in report:
         line = report["line"]
-        table = Table(title=f"the straight line {line['a']} (t=0) -> {line['b']} (t=1), on {line['split']}")
+        table = Table(title=f"the straight line {shown(line['a'])} (t=0) -> {shown(line['b'])} (t=1), "
+                            f"on {line['split']}")
         for column in ("t", "top-1", "loss"):
             table.add_column(column, justify="right")
         for point in line["line"]:

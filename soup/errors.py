@@ -4,6 +4,8 @@ import contextlib
 import re
 import signal
 
+from soup.text import printable
+
 
 class SoupError(Exception):
     """A user-facing error: what went wrong, where, and how to fix it, in one line."""
@@ -18,12 +20,15 @@ class Interrupted(SoupError):
 
 
 def one_line(err: BaseException) -> str:
-    """The user's line of an error, also when a DataLoader worker wrapped it with its traceback."""
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else type(err).__name__
+    """The user's line of an error, also when a DataLoader worker wrapped it with its traceback. A name in
+    it with a newline or a bidi control (a class folder's) is written as an escape (soup.text), so that
+    the line stays one and whole."""
+    text = str(err).strip()
+    if "Traceback (most recent call last)" not in text:
+        return printable(text) or type(err).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
     match = re.match(r"soup\.errors\.\w+: (.*)", lines[-1])
-    return match.group(1) if match else lines[-1]
+    return printable(match.group(1) if match else lines[-1])
 
 
 def _raise_interrupt(signum, frame):

@@ -155,9 +155,9 @@ def evaluate_rows(checkpoints: list[Checkpoint], evaluator: Evaluator,
     ingredients (of every checkpoint when fewer than two are ingredients, e.g. a DinoV2 soup and a SwinV2
     soup). A checkpoint's stored temperature divides its logits first (top-1 unchanged, NLL/ECE not)."""
     rows, all_logits, targets = [], [], None
-    for checkpoint in checkpoints:
+    temperatures = [temperature_of(c) for c in checkpoints]  # a bad one stops the command before any work
+    for checkpoint, temperature in zip(checkpoints, temperatures):
         logits, targets = evaluator.logits(checkpoint)
-        temperature = temperature_of(checkpoint)
         logits = logits / temperature
         rows.append(_row(logits, targets, checkpoint.classes,
                          name=checkpoint.name,

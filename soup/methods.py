@@ -24,6 +24,7 @@ from soup.errors import SoupError
 from soup.evaluate import Predictions
 from soup.report import describe_difference, difference
 from soup.selector import Selector
+from soup.text import shown
 from soup.weights import starting_weights, weighted_average
 
 
@@ -101,13 +102,13 @@ def greedy_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
     scored = []
     for checkpoint in ingredients:
         result, outcome = _judged(select, checkpoint.state_dict())
-        console.print(f"  {checkpoint.name}: {result['top1']:.2%} on {select.split}")
+        console.print(f"  {shown(checkpoint.name)}: {result['top1']:.2%} on {select.split}")
         scored.append((result["top1"], checkpoint, outcome))
     scored.sort(key=lambda item: -item[0])  # stable: ties keep the order given
     best_acc, best, best_outcome = scored[0]
     kept = [best]
     steps = [{"candidate": best.name, "top1": best_acc, "kept": True}]
-    console.print(f"  greedy: start from {best.name} ({best_acc:.2%})")
+    console.print(f"  greedy: start from {shown(best.name)} ({best_acc:.2%})")
     for _, candidate, _ in scored[1:]:
         trial = weighted_average([(c, 1.0 / (len(kept) + 1)) for c in kept + [candidate]])
         result, outcome = _judged(select, trial)
@@ -119,7 +120,7 @@ def greedy_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
         verdict = "[green]kept[/]" if keep else "[red]left out[/]"
         noise = " (a tie within noise)" if gain and gain["low"] is not None and gain["low"] <= 0 <= gain["high"] else ""
         said = f", gain {describe_difference(gain, p=False)}" if gain else ""
-        console.print(f"  greedy: + {candidate.name} -> {acc:.2%} on {select.split}{said}: {verdict}{noise}")
+        console.print(f"  greedy: + {shown(candidate.name)} -> {acc:.2%} on {select.split}{said}: {verdict}{noise}")
         if keep:
             kept.append(candidate)
             best_acc, best_outcome = acc, outcome
@@ -285,7 +286,8 @@ def interpolate_soup(ingredients: list[Checkpoint], select: Selector | None, con
             break
         top1 = select(mix(alpha))["top1"]
         steps.append({"alpha": alpha, "top1": top1})
-        console.print(f"  interpolate: alpha {alpha:g} ({a_name} -> {b.name}): {top1:.2%} on {select.split}")
+        console.print(f"  interpolate: alpha {alpha:g} ({shown(a_name)} -> {shown(b.name)}): {top1:.2%} "
+                      f"on {select.split}")
         if best is None or top1 > best[1]:
             best = (alpha, top1)
     alpha = best[0] if best else alphas[0]

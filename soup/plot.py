@@ -11,6 +11,7 @@ from soup.checkpoint import Checkpoint, atomic_path
 from soup.errors import SoupError
 from soup.evaluate import Evaluator, Predictions, evaluate_rows
 from soup.stats import reliability
+from soup.text import shown
 
 INSTALL_HINT = "soup plot needs matplotlib: pip install 'soup[plot]' (or pip install matplotlib)"
 
@@ -114,10 +115,10 @@ def plot_checkpoints(checkpoints: list[Checkpoint], path: str | Path, split: str
         greedy = {"name": greedy_soup.name, "steps": greedy_soup.meta["steps"],
                   "split": (greedy_soup.meta.get("selection") or {}).get("split", "?")}
     series = draw(rows, greedy, path)
-    console.print(f"wrote {path}: {len(ingredients)} ingredients, {len(rows) - len(ingredients)} soups/ensemble "
+    console.print(f"wrote {shown(path)}: {len(ingredients)} ingredients, {len(rows) - len(ingredients)} soups/ensemble "
                   f"on {split}" + (", and the greedy path" if greedy else ""))
     result = {"path": Path(path), "series": series, "rows": rows}
     if reliability_path is not None:
         result["reliability"] = draw_reliability(evaluated, reliability_path)
-        console.print(f"wrote {reliability_path}: reliability of {len(rows)} rows on {split}")
+        console.print(f"wrote {shown(reliability_path)}: reliability of {len(rows)} rows on {split}")
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import itertools
 import math
 import typing
@@ -138,6 +139,9 @@ def recipe_from_dict(raw: dict, overrides: list[tuple[str, Any]] = ()) -> Recipe
             raise SoupError(f"sweep.{key}: expected a non-empty list of values, got {values!r}")
         if key.split(".")[0] in search.SECTIONS:
             raise SoupError(f"sweep.{key}: a sweep cannot sweep itself or the search")
+        other = search.nested_key(key, recipe.sweep)
+        if other is not None:
+            raise search.nesting_error(f"sweep.{key}", f"sweep.{other}")
     combinations = math.prod(len(values) for values in recipe.sweep.values())
     if combinations > MAX_INGREDIENTS:
         sizes = " x ".join(str(len(values)) for values in recipe.sweep.values())
@@ -153,6 +157,8 @@ def recipe_from_dict(raw: dict, overrides: list[tuple[str, Any]] = ()) -> Recipe
     if recipe.search is not None:
         s = recipe.search
         search.check(s.space, s.trials, s.seed, recipe.sweep, lambda settings: _check_settings(tree, settings))
+    for index, (combo, drawn) in enumerate(_combinations(recipe)):
+        ingredient_id(index, {**combo, **drawn})  # a folder name too long: refused now, not when training
     return recipe
 
 
@@ -176,6 +182,8 @@ class Ingredient:
     drawn: dict = field(default_factory=dict)  # the values the random search drew for it (sorted keys)
 
 
+NAME_MAX = 255  # bytes in a file name (most file systems): an id is a folder under <out>/<name>/
+PART_MAX = 40  # bytes an id part is cut to, hash included, when the whole id would not fit NAME_MAX
 # Ids name each set value; long key names are shortened so that a search's ids stay readable in a table.
 SHORT_KEYS = {"label_smoothing": "ls", "weight_decay": "wd", "augment": "aug", "optimizer": "opt",
               "warmup_epochs": "warmup", "layer_decay": "ld", "grad_clip": "clip", "drop_path_rate": "dpr",
@@ -187,26 +195,57 @@ def _slug(value: Any) -> str:
     return "".join(c if c.isalnum() or c in ".-_" else "_" for c in text)
 
 
-def expand_sweep(recipe: Recipe) -> list[Ingredient]:
-    """One resolved recipe per ingredient: every combination of the sweep's values (in the order the sweep
-    lists them), times every trial of the search when there is one (trial-major, so that raising
-    search.trials appends ingredients and keeps the ids of those already there)."""
-    base = recipe.to_dict()
-    base["sweep"], base["search"] = {}, None
+def _part(key: str, value: Any) -> str:
+    name = key.split(".")[-1]
+    return f"{SHORT_KEYS.get(name, name)}{_slug(value)}"
+
+
+def _cut(part: str) -> str:
+    """`part` cut to PART_MAX bytes, ending in a hash of the whole, so that long values stay told apart."""
+    head = part.encode()[:PART_MAX - 9].decode(errors="ignore")
+    return f"{head}~{hashlib.sha256(part.encode()).hexdigest()[:8]}"
+
+
+def ingredient_id(index: int, settings: dict) -> str:
+    """`NN-<part>-<part>...`, one part per set value. An id is a folder name: one too long for it has its
+    long parts cut (an id that fits never changes: checkpoints and --resume find ingredients by it), and
+    one still too long is refused, naming the keys with the longest parts."""
+    parts = {key: _part(key, value) for key, value in settings.items()}
+    text = "-".join([f"{index:02d}", *parts.values()])
+    if len(text.encode()) > NAME_MAX:
+        parts = {key: part if len(part.encode()) <= PART_MAX else _cut(part) for key, part in parts.items()}
+        text = "-".join([f"{index:02d}", *parts.values()])
+    if len(text.encode()) > NAME_MAX:
+        longest = sorted(parts, key=lambda key: len(parts[key].encode()), reverse=True)[:3]
+        raise SoupError(f"ingredient {index}: its id (a folder name) would be {len(text.encode())} bytes, more than "
+                        f"the {NAME_MAX} a file name may have, even with long values cut; longest parts from "
+                        f"{', '.join(longest)}; sweep or search fewer keys")
+    return text
+
+
+def _combinations(recipe: Recipe) -> list[tuple[dict, dict]]:
+    """(grid values, drawn values) of each ingredient, in index order: every combination of the sweep's
+    values (in the order the sweep lists them), times every trial of the search when there is one
+    (trial-major, so that raising search.trials appends ingredients and keeps the ids of those there)."""
     keys = list(recipe.sweep)
     grid = [dict(zip(keys, combo)) for combo in itertools.product(*(recipe.sweep[k] for k in keys))]
     s = recipe.search
     trials = search.draw_trials(s.space, s.trials, s.seed) if s is not None else [{}]
+    return [(combo, drawn) for drawn, combo in itertools.product(trials, grid)]
+
+
+def expand_sweep(recipe: Recipe) -> list[Ingredient]:
+    """One resolved recipe per ingredient (see `_combinations` for their order)."""
+    base = recipe.to_dict()
+    base["sweep"], base["search"] = {}, None
     ingredients = []
-    for index, (drawn, combo) in enumerate(itertools.product(trials, grid)):
+    for index, (combo, drawn) in enumerate(_combinations(recipe)):
         settings = {**combo, **drawn}
         try:
             resolved = recipe_from_dict(base, list(settings.items()))
         except SoupError as err:  # values valid one by one, not together (e.g. train.min_lr > train.lr)
             raise SoupError(f"ingredient {index} ({search.describe(settings)}): {err}") from None
-        parts = [f"{index:02d}"] + [f"{SHORT_KEYS.get(k.split('.')[-1], k.split('.')[-1])}{_slug(v)}"
-                                     for k, v in settings.items()]
-        ingredients.append(Ingredient(index, "-".join(parts), resolved, settings, drawn=drawn))
+        ingredients.append(Ingredient(index, ingredient_id(index, settings), resolved, settings, drawn=drawn))
     ids = [item.id for item in ingredients]
     for item in ingredients:
         item.sweep_ids = ids

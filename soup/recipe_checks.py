@@ -21,6 +21,11 @@ from soup.errors import SoupError
 IMAGE_SIZES = (8, 4096)  # data.image_size: smaller cannot go through a backbone, larger cannot fit memory
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a recipe name is a folder under --out, nothing else
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+# Rates (lr, min_lr, weight decay, lr drop factor, the probe's lr) above this train nothing, and far above it
+# they overflow float32 inside an optimizer step: AdamW divides lr by 1 - beta1^t and multiplies it by the
+# weight decay, so lr 1e38 crashed its first step. Products of rates within it stay far below float32's max.
+MAX_RATE = 1e4
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: a larger number becomes inf there
 
 
 def close_match(word: str, options, prefix: str = "") -> str:
@@ -136,11 +141,11 @@ def check_values(recipe) -> None:
         (0.0 <= m.freeze <= 1.0, "model.freeze", "must be in [0, 1]"),
         (t.epochs >= 1, "train.epochs", "must be at least 1"),
         (t.batch_size >= 1, "train.batch_size", "must be at least 1"),
-        (t.lr > 0 and finite(t.lr), "train.lr", "must be a positive finite number"),
+        (0 < t.lr <= MAX_RATE, "train.lr", f"must be a positive number, at most {MAX_RATE:g}"),
         (0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)"),
-        (t.weight_decay >= 0 and finite(t.weight_decay), "train.weight_decay", "must be a finite number, 0 or more"),
-        (t.lr_drop_factor > 0 and finite(t.lr_drop_factor), "train.lr_drop_factor",
-         "must be a positive finite number"),
+        (0 <= t.weight_decay <= MAX_RATE, "train.weight_decay", f"must be a number from 0 to {MAX_RATE:g}"),
+        (0 < t.lr_drop_factor <= MAX_RATE, "train.lr_drop_factor",
+         f"must be a positive number, at most {MAX_RATE:g}"),
         (DEVICE.fullmatch(t.device), "train.device", f"must be auto, cpu, cuda or cuda:N, not {t.device!r}"),
         (t.num_workers >= 0, "train.num_workers", "must be 0 or more"),
         (t.lr_drop_epoch is None or t.lr_drop_epoch >= 1, "train.lr_drop_epoch", "must be at least 1"),
@@ -160,13 +165,14 @@ def _training_checks(t) -> list[tuple[bool, str, str]]:
         (0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)"),
         (t.warmup_epochs >= 0, "train.warmup_epochs", "must be 0 or more"),
         (t.warmup_epochs < t.epochs, "train.warmup_epochs", "must be less than train.epochs"),
-        (t.min_lr >= 0, "train.min_lr", "must be 0 or more"),
+        (0 <= t.min_lr <= MAX_RATE, "train.min_lr", f"must be 0 or more, at most {MAX_RATE:g}"),
         (t.schedule != "cosine" or t.min_lr <= t.lr, "train.min_lr", "must be at most train.lr"),
         (t.layer_decay is None or 0.0 < t.layer_decay <= 1.0, "train.layer_decay", "must be in (0, 1] or null"),
         (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive or null"),
         (t.ema is None or 0.0 < t.ema < 1.0, "train.ema", "must be a decay in (0, 1) (e.g. 0.999) or null"),
-        (t.mixup >= 0, "train.mixup", "must be 0 (off) or a positive alpha"),
-        (t.cutmix >= 0, "train.cutmix", "must be 0 (off) or a positive alpha"),
+        # torch draws Beta(alpha, alpha) in float32: an alpha of inf there mixes nothing, silently.
+        (0 <= t.mixup <= FLOAT32_MAX, "train.mixup", "must be 0 (off) or a positive alpha, finite in float32"),
+        (0 <= t.cutmix <= FLOAT32_MAX, "train.cutmix", "must be 0 (off) or a positive alpha, finite in float32"),
     ]
 
 
@@ -175,7 +181,7 @@ def _probe_checks(probe) -> list[tuple[bool, str, str]]:
         return []
     return [
         (probe.epochs >= 1, "model.probe.epochs", "must be at least 1"),
-        (probe.lr > 0, "model.probe.lr", "must be positive"),
+        (0 < probe.lr <= MAX_RATE, "model.probe.lr", f"must be positive, at most {MAX_RATE:g}"),
         (probe.batch_size is None or probe.batch_size >= 1, "model.probe.batch_size", "must be at least 1"),
     ]
 

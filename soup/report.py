@@ -6,12 +6,13 @@ come from soup.stats; this module attaches and prints them.
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import torch
 from rich import box
 from rich.console import Console
-from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
@@ -21,11 +22,24 @@ from soup.checkpoint import Checkpoint, read_checkpoint
 from soup.errors import SoupError, one_line
 from soup.evaluate import Evaluator, Predictions, predictions
 from soup.recipe import Ingredient
+from soup.text import printable, shown
 
 # At a narrow console these columns are left out, first to last, until the table fits (README: soup eval);
 # checkpoint, top-1 and its interval, the difference and p always stay. The checkpoint name folds.
 DROP_ORDER = ("images", "members", "kind", "top-5", "NLL", "ECE", "Δ 95% CI")
 SOUPLESS = ("ingredient", "ensemble")
+
+
+def to_json(data) -> str:
+    """`data` as JSON for scripts (--json). Bare NaN or Infinity is not JSON, and a parser would choke on
+    it: a non-finite float (the loss of a diverged model) is written as null."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        return [finite(item) for item in value] if isinstance(value, (list, tuple)) else value
+    return json.dumps(finite(data), indent=2, allow_nan=False)
 
 
 def default_reference(rows: list[dict]) -> str | None:
@@ -119,11 +133,11 @@ def versus_best(state_dict: dict, best: Checkpoint, split: str, data_root, devic
         soup = predictions(soup_logits, targets, best.classes)
         ingredient = predictions(evaluator.logits(best)[0], targets, best.classes)
     except SoupError as err:
-        console.print(f"  no report on {split}: {escape(one_line(err))}")
+        console.print(f"  no report on {split}: {shown(one_line(err))}")
         return None
     verdict = {"split": split, "ref": best.name, **difference(soup, ingredient)}
     console.print(f"  on {split}, which took no part in selection: soup {soup.correct.double().mean().item():.2%} vs "
-                  f"best ingredient {escape(best.name)} {ingredient.correct.double().mean().item():.2%}: "
+                  f"best ingredient {shown(best.name)} {ingredient.correct.double().mean().item():.2%}: "
                   f"{describe_difference(verdict)}")
     return verdict
 
@@ -160,14 +174,14 @@ def _columns(rows: list[dict]) -> dict:
 def _table(rows: list[dict], columns: dict, title: str) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False)
     table.add_column("checkpoint", overflow="fold", min_width=16)
-    cells = [[cell(row) for _, cell in columns.values()] for row in rows]
+    cells = [[printable(cell(row)) for _, cell in columns.values()] for row in rows]
     for j, (name, (justify, _)) in enumerate(columns.items()):
         # A figure is never cut or wrapped: its column is as wide as its widest cell, or left out.
         width = max([len(name)] + [len(line[j]) for line in cells])
         table.add_column(name, justify=justify, no_wrap=True, min_width=width)
     for row, line in zip(rows, cells):
         label = " ".join(filter(None, (row["name"], temperature_label(row.get("temperature", 1.0)))))
-        table.add_row(escape(label), *map(escape, line))
+        table.add_row(shown(label), *map(shown, line))
     return table
 
 
@@ -192,7 +206,7 @@ def _footnotes(rows: list[dict], split: str, dropped: list[str], console: Consol
     if any(r.get("top1_low") is not None for r in rows):
         console.print(f"95% CI: bootstrap over the {rows[0]['n']} images (resampled with a fixed seed).")
     if compared:
-        console.print(f"Δ pts: top-1 minus {escape(compared[0]['ref'])} on the same images, with its paired "
+        console.print(f"Δ pts: top-1 minus {shown(compared[0]['ref'])} on the same images, with its paired "
                       "95% CI; p: exact McNemar test (small p: unlikely to be noise).")
     if any(c.get("unpaired") for c in compared):
         console.print("unpaired: this row read other images than the reference; no paired comparison.")
@@ -205,17 +219,17 @@ def _footnotes(rows: list[dict], split: str, dropped: list[str], console: Consol
 
 
 def print_per_class(row: dict, report: dict, console: Console) -> None:
-    worst = Table(title=f"hardest classes for {escape(row['name'])}", padding=(0, 1))
+    worst = Table(title=f"hardest classes for {shown(row['name'])}", padding=(0, 1))
     for column in ("class", "top-1", "images"):
         worst.add_column(column, justify="left" if column == "class" else "right", overflow="fold")
     for item in report["worst"]:
-        worst.add_row(escape(item["class"]), f"{item['accuracy']:.1%}", str(item["images"]))
+        worst.add_row(shown(item["class"]), f"{item['accuracy']:.1%}", str(item["images"]))
     confused = Table(title="most confused pairs", padding=(0, 1))
     for column in ("true class", "predicted as", "images", "share"):
         confused.add_column(column, justify="left" if "class" in column or "as" in column else "right",
                             overflow="fold")
     for item in report["confused"]:
-        confused.add_row(escape(item["true"]), escape(item["predicted"]), str(item["images"]),
+        confused.add_row(shown(item["true"]), shown(item["predicted"]), str(item["images"]),
                          f"{item['share']:.1%}")
     console.print(worst)
     console.print(confused)
@@ -233,5 +247,5 @@ def ingredient_table(name: str, results: list[tuple[Ingredient, Path]]) -> Table
     for column in ("ingredient", "val acc", "checkpoint"):
         table.add_column(column, no_wrap=column != "checkpoint")
     for item, path in results:
-        table.add_row(item.id, f"{read_checkpoint(path).meta['val_acc']:.2%}", str(path))
+        table.add_row(shown(item.id), f"{read_checkpoint(path).meta['val_acc']:.2%}", shown(path))
     return table

@@ -115,8 +115,26 @@ def parse_space(space: Any, grid: dict) -> dict[str, Distribution]:
             raise SoupError(f"search.space.{key}: a search cannot set the sweep or the search itself")
         if key in grid:
             raise SoupError(f"search.space.{key}: also in sweep:; search a key or put it on the grid, not both")
+        for section, others in (("sweep", grid), ("search.space", space)):
+            other = nested_key(key, others)
+            if other is not None:
+                raise nesting_error(f"search.space.{key}", f"{section}.{other}")
         parsed[key] = parse(key, space[key])
     return parsed
+
+
+def nested_key(key: str, others) -> str | None:
+    """The first of `others` that is `key`'s parent or lies inside it (model.kwargs and
+    model.kwargs.drop_path_rate): whichever is set later would overwrite what the other set."""
+    return next((o for o in others if isinstance(o, str) and (o.startswith(f"{key}.") or key.startswith(f"{o}."))),
+                None)
+
+
+def nesting_error(where: str, other: str) -> SoupError:
+    """`where` and `other` (as the recipe spells them: sweep.X, search.space.Y) nest: one line naming both."""
+    return SoupError(f"{where} and {other}: one key lies inside the other, so the values of one would overwrite "
+                     "the other's and the ingredients would train alike while their ids name different values; "
+                     "set each value through one key only")
 
 
 def _draw(space: dict[str, Distribution], trials: int, seed: int) -> list[dict]:

@@ -15,7 +15,7 @@ from soup.data import TestImages, build_transform
 from soup.errors import SoupError
 from soup.evaluate import ensemble_logits
 from soup.inference import make_loader, predict, resolve_device
-from soup.outputs import check_output
+from soup.outputs import check_output, data_roots
 from soup.recipe import recipe_from_dict
 
 
@@ -44,14 +44,15 @@ def predict_test_ensemble(checkpoints: list[Checkpoint], data_root: str | Path |
     if len(checkpoints) < 2:
         raise SoupError("--ensemble needs at least two checkpoints")
     members, ids = [], None
-    for checkpoint in checkpoints:
+    temperatures = [temperature_of(c) for c in checkpoints]  # a bad one stops the command before any work
+    for checkpoint, temperature in zip(checkpoints, temperatures):
         member_ids, logits = test_logits(checkpoint, data_root, device)
         if ids is not None and member_ids != ids:
             raise SoupError(f"--ensemble: {checkpoint.path} reads other test images than {checkpoints[0].path}; "
                             "pass --data ROOT so that all read the same ones")
         ids = member_ids
         # Calibrated members: a probability ensemble across architectures averages calibrated probabilities.
-        members.append((checkpoint, logits / temperature_of(checkpoint)))
+        members.append((checkpoint, logits / temperature))
     combined, how = ensemble_logits(members)
     provenance = {"kind": "ensemble", "combined": how, "classes": checkpoints[0].classes,
                   "members": [_member(c) for c in checkpoints]}
@@ -79,10 +80,12 @@ def provenance_path(submission: str | Path) -> Path:
     return Path(f"{submission}.json")
 
 
-def check_submission_output(submission: str | Path, inputs: list[str | Path], overwrite: bool) -> None:
-    """Before predicting: the CSV and its sidecar go where soup.outputs allows."""
+def check_submission_output(submission: str | Path, checkpoints: list[Checkpoint], overwrite: bool,
+                            data_root: str | Path | None = None) -> None:
+    """Before predicting: the CSV and its sidecar go where soup.outputs allows, never into a data root."""
+    roots = data_roots(checkpoints, data_root)
     for path in (Path(submission), provenance_path(submission)):
-        check_output(path, inputs, overwrite, "submission")
+        check_output(path, [c.path for c in checkpoints], overwrite, "submission", roots=roots)
 
 
 def write_provenance(submission: str | Path, provenance: dict) -> Path:

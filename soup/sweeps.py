@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from soup.checkpoint import INGREDIENT_FILE, Checkpoint
+from soup.text import shown
 
 STATE_FILE = "state.pt"  # as soup.state writes it; not imported, to keep cook free of the training stack
 LOCK_FILE = ".lock"
@@ -97,4 +98,4 @@ def report(statuses: list[SweepStatus], console: Console) -> None:
         if item.missing:
             parts.append(f"missing: {', '.join(item.missing)}")
         cooking = f"cooking the {len(item.finished)} finished" if item.finished else "nothing of it to cook"
-        console.print(f"[yellow]warning[/]: sweep {item.name}: {'; '.join(parts)}; {cooking}")
+        console.print(f"[yellow]warning[/]: sweep {shown(item.name)}: {shown('; '.join(parts))}; {cooking}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from soup.state import (STATE_FILE, ingredient_lock, is_finished, remove_stale_t
                         resume_state, save_state, seed_everything, write_metrics)
 
 CHECK_EVERY = 200  # steps between reads of the losses (NaN check, progress); each read waits for the device
+DIVERGED = re.compile(r"overflow|\bnan\b|\binf\b|non-finite", re.IGNORECASE)  # a step failing on its numbers
 
 
 def make_optimizer(t: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -253,18 +255,22 @@ def train_step(run: Run, inputs: torch.Tensor, targets: torch.Tensor, generator)
     return loss.detach()
 
 
+def diverged(run: Run, what: str, epoch: int, step: int) -> SoupError:
+    """The NaN stop's line: what went wrong where, how to avoid it, and what is kept."""
+    kept = (f"its last good state (after epoch {epoch}) is kept in {run.state_path}"
+            if epoch > run.first_epoch or run.state_path.exists() else "nothing was saved")
+    return SoupError(f"{run.ingredient.id}: {what} at epoch {epoch + 1}, step {step + 1} "
+                     f"(lr {run.optimizer.param_groups[-1]['lr']:g}, amp {run.recipe.train.amp}); lower train.lr or "
+                     f"set train.amp=off; {kept}")
+
+
 def read_losses(run: Run, losses: list[torch.Tensor], sizes: list[int], start: int, epoch: int) -> float:
     """The epoch's loss sum so far (each batch's mean loss x its size), in one read from the device; stops
     at a non-finite loss among steps `start`..."""
     values = torch.stack(losses).tolist() if losses else []
     bad = next((step for step in range(start, len(values)) if not math.isfinite(values[step])), None)
     if bad is not None:
-        kept = (f"its last good state (after epoch {epoch}) is kept in {run.state_path}"
-                if epoch > run.first_epoch or run.state_path.exists() else "nothing was saved")
-        raise SoupError(
-            f"{run.ingredient.id}: loss became {values[bad]} at epoch {epoch + 1}, step {bad + 1} "
-            f"(lr {run.optimizer.param_groups[-1]['lr']:g}, amp {run.recipe.train.amp}); lower train.lr or set "
-            f"train.amp=off; {kept}")
+        raise diverged(run, f"loss became {values[bad]}", epoch, bad)
     return sum(value * n for value, n in zip(values, sizes))
 
 
@@ -281,7 +287,12 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict:
     batches = progress.add_task(f"epoch {epoch + 1}", total=run.pipeline.steps_per_epoch, status="")
     started, losses, sizes, checked = time.perf_counter(), [], [], 0
     for step, (inputs, targets) in enumerate(run.pipeline.train_batches(epoch)):
-        losses.append(train_step(run, inputs, targets, generator))
+        try:
+            losses.append(train_step(run, inputs, targets, generator))
+        except RuntimeError as err:  # e.g. AdamW's lr / bias correction overflowing float32: the run diverged
+            if not DIVERGED.search(str(err)):
+                raise  # out of memory, a bug: not the numbers
+            raise diverged(run, f"the step failed ({str(err).splitlines()[0]})", epoch, step) from None
         sizes.append(len(targets))
         if (step + 1) % CHECK_EVERY == 0:
             mean = read_losses(run, losses, sizes, checked, epoch) / sum(sizes)

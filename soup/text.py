@@ -1,0 +1,32 @@
+"""Names from outside (folder and file names, checkpoint metadata) as soup prints them: each on the line it
+was printed on, shown as written. A class folder named with a newline would otherwise split a table row,
+a right-to-left override (U+202E) reorder what follows it, and `[red]` in a file name turn into colour."""
+
+from __future__ import annotations
+
+import unicodedata
+
+from rich.markup import escape
+
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Control, format (bidi controls, zero-width characters), surrogate (bytes os.fsdecode could not decode:
+# a console cannot encode them) and line or paragraph separator characters.
+_ESCAPED = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if char in _NAMED:
+        return _NAMED[char]
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def printable(text) -> str:
+    """`text` with every character that would break its line or reorder it written as an escape: `\\n`,
+    `\\u202e`. Everything else, accents and scripts included, stays as it is."""
+    return "".join(_escape(c) if unicodedata.category(c) in _ESCAPED else c for c in str(text))
+
+
+def shown(text) -> str:
+    """`printable(text)` for a rich console: markup in it is printed as written, not interpreted."""
+    return escape(printable(text))
