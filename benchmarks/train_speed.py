@@ -13,7 +13,11 @@ soup.data.build_transform makes it, e.g. RandAugment) through a DataLoader every
 partly frozen model, fp16 autocast + GradScaler where the device has it (CUDA), a val pass every epoch.
 Soup: `soup.train.train_recipe` as `soup train` runs it (caches built from scratch inside the timing, a
 val pass every epoch, checkpoints written). img/s counts training images (epochs x train images x
-ingredients) over the whole wall time of each path. The last line is `speedup: X.XX`.
+ingredients) over the whole wall time of each path. The last lines are `speedup: X.XX` and `bound: X.XX`,
+the compute bound of the frozen split measured: (full forward + suffix backward) / (suffix forward +
+suffix backward), from the model's own FLOP counts (torch.utils.flop_counter) for one training step. It
+counts model arithmetic only: a speedup above it comes from work outside the model (decoding every
+epoch, full-model val passes), one below it from fixed costs and kernels that do not scale with FLOPs.
 """
 
 from __future__ import annotations
@@ -34,11 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
 from soup.backbones import build_model, freeze_prefix  # noqa: E402
 from soup.data import build_transform, class_list, load_split  # noqa: E402
 from soup.fast import decoded as fast_decoded, prefix as fast_prefix  # noqa: E402
+from soup.fast.prefix import SuffixModel, find_prefix  # noqa: E402
 from soup.precision import cpu_flags_line  # noqa: E402
 from soup.recipe import AUGMENTS, recipe_from_dict  # noqa: E402
 from soup.sketches import generate_sketches  # noqa: E402
@@ -143,6 +149,34 @@ def soup_path(raw_recipe: dict, out: Path, console: Console) -> tuple[float, int
     return seconds, n_train * recipe.train.epochs * len(results)
 
 
+def _flops(step) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def compute_bound(recipe, classes: int) -> tuple[float | None, str]:
+    """(seed-style FLOPs / soup FLOPs per training step, what it counts): seed-style runs the whole model
+    forward and back-propagates through the trained part; soup's prefix path runs the trained part only.
+    None where soup's training cannot use the prefix cache (then both run the same model arithmetic)."""
+    model = build_model(recipe.model, [str(i) for i in range(classes)], recipe.data.image_size)
+    freeze_prefix(model.backbone, recipe.model.freeze)
+    split, why = find_prefix(model.backbone, recipe.data.image_size)
+    if split is None or recipe.data.augment != "none":
+        return None, why or f"data.augment {recipe.data.augment}: training runs the whole model on both paths"
+    images = torch.randn(2, 3, recipe.data.image_size, recipe.data.image_size)
+    suffix = SuffixModel(model, split)
+    with torch.no_grad():
+        tokens = split.prefix(images)
+        full_forward = _flops(lambda: model(images))
+        suffix_forward = _flops(lambda: suffix(tokens))
+    suffix_both = _flops(lambda: suffix(tokens).sum().backward())
+    seed = full_forward + suffix_both - suffix_forward
+    return seed / suffix_both, (f"(full forward {full_forward / 2:.3g} + suffix backward "
+                                f"{(suffix_both - suffix_forward) / 2:.3g}) / (suffix forward + backward "
+                                f"{suffix_both / 2:.3g}) FLOPs per image, blocks {split.k}.. trained")
+
+
 def main() -> None:
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -202,6 +236,8 @@ def main() -> None:
     if args.repeat > 1:
         print(f"best of {args.repeat}: seed-style {seed_rate:,.0f} img/s, soup {soup_rate:,.0f} img/s")
     print(f"speedup: {soup_rate / seed_rate:.2f}")
+    bound, counted = compute_bound(recipe, args.classes)
+    print(f"bound: {bound:.2f} {counted}" if bound is not None else f"bound: none ({counted})")
 
 
 if __name__ == "__main__":
