@@ -53,9 +53,9 @@ def make_checkpoints(folder: Path, n: int) -> list[Path]:
     """n ViT-B/14-architecture ingredients (random weights, one start, different noise), written once."""
     import torch
 
-    from soup.backbones import build_model
-    from soup.checkpoint import save_checkpoint
-    from soup.recipe import recipe_from_dict
+    from soup.models.backbones import build_model
+    from soup.models.checkpoint import save_checkpoint
+    from soup.recipe.spec import recipe_from_dict
 
     paths = [folder / f"ing{i}" / "model.safetensors" for i in range(n)]
     if all(p.exists() for p in paths):
@@ -81,8 +81,8 @@ def make_checkpoints(folder: Path, n: int) -> list[Path]:
 def child(folder: Path, n: int) -> None:
     from rich.console import Console
 
-    from soup.checkpoint import read_checkpoint
-    from soup.cook import cook
+    from soup.models.checkpoint import read_checkpoint
+    from soup.cook.cooking import cook
 
     ingredients = [read_checkpoint(folder / f"ing{i}" / "model.safetensors") for i in range(n)]
     baseline = status_mb("VmRSS") or peak_mb()

@@ -9,9 +9,9 @@
                                                   #   500 classes
 
 Seed-style: torchvision ImageFolder + PIL transforms (with --augment, the recipe's augmentation as
-soup.data.build_transform makes it, e.g. RandAugment) through a DataLoader every epoch, full forward of the
+soup.data.folders.build_transform makes it, e.g. RandAugment) through a DataLoader every epoch, full forward of the
 partly frozen model, fp16 autocast + GradScaler where the device has it (CUDA), a val pass every epoch.
-Soup: `soup.train.train_recipe` as `soup train` runs it (caches built from scratch inside the timing, a
+Soup: `soup.train.loop.train_recipe` as `soup train` runs it (caches built from scratch inside the timing, a
 val pass every epoch, checkpoints written). img/s counts training images (epochs x train images x
 ingredients) over the whole wall time of each path. The last lines are `speedup: X.XX` and `bound: X.XX`,
 the compute bound of the frozen split measured: (full forward + suffix backward) / (suffix forward +
@@ -41,14 +41,14 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
-from soup.backbones import build_model, freeze_prefix  # noqa: E402
-from soup.data import build_transform, class_list, load_split  # noqa: E402
+from soup.data.folders import build_transform, class_list, load_split  # noqa: E402
+from soup.data.sketches import generate_sketches  # noqa: E402
 from soup.fast import decoded as fast_decoded, prefix as fast_prefix  # noqa: E402
 from soup.fast.prefix import SuffixModel, find_prefix  # noqa: E402
-from soup.precision import cpu_flags_line  # noqa: E402
-from soup.recipe import AUGMENTS, recipe_from_dict  # noqa: E402
-from soup.sketches import generate_sketches  # noqa: E402
-from soup.train import train_recipe  # noqa: E402
+from soup.models.backbones import build_model, freeze_prefix  # noqa: E402
+from soup.models.precision import cpu_flags_line  # noqa: E402
+from soup.recipe.spec import AUGMENTS, recipe_from_dict  # noqa: E402
+from soup.train.loop import train_recipe  # noqa: E402
 
 ARCHS = {
     # DinoV2's ViT (timm's port of it), shrunk in width only: 12 blocks, so freeze 0.75 caches 9 of them.

@@ -13,27 +13,29 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from soup import stats, sweeps
-from soup.backbones import trusting_hubs
-from soup.calibrate import calibrate_paths
-from soup.checkpoint import find_checkpoints, read_checkpoint
-from soup.cook import cook as cook_soup
+from soup.cook import sweeps
+from soup.cook.cooking import cook as cook_soup
+from soup.cook.diagnose import describe_soup, loss_line, pair_geometry, print_inspection
+from soup.cook.methods import METHODS
+from soup.cook.sweeps import sweep_status
+from soup.data.outputs import check_output, data_roots
+from soup.data.sketches import generate_sketches
 from soup.demo import run_demo
-from soup.diagnose import describe_soup, loss_line, pair_geometry, print_inspection
-from soup.distributed import is_main
 from soup.errors import SoupError, interrupt_on_signals, one_line
-from soup.evaluate import Evaluator, evaluate_rows
-from soup.methods import METHODS
-from soup.outputs import check_output, data_roots
-from soup.plot import plot_checkpoints
-from soup.recipe import load_recipe
-from soup.report import (add_per_class, add_statistics, default_reference, ingredient_table, print_eval_table,
-                         print_per_class, to_json)
-from soup.sketches import generate_sketches
-from soup.submit import check_submission_output, predict_submission, write_provenance, write_submission
-from soup.sweeps import sweep_status
+from soup.judge.evaluate import evaluate_rows
+from soup.judge.plot import plot_checkpoints
+from soup.judge.report import (add_per_class, add_statistics, default_reference, ingredient_table, print_eval_table,
+                               print_per_class, to_json)
+from soup.judge.submit import check_submission_output, predict_submission, write_provenance, write_submission
+from soup.models.backbones import trusting_hubs
+from soup.models.checkpoint import find_checkpoints, read_checkpoint
+from soup.models.distributed import is_main
+from soup.recipe.spec import load_recipe
+from soup.score import stats
+from soup.score.calibrate import calibrate_paths
+from soup.score.evaluator import Evaluator
 from soup.text import printable, shown
-from soup.train import select_ingredients, train_recipe
+from soup.train.loop import select_ingredients, train_recipe
 
 console = Console(highlight=False)
 

@@ -19,18 +19,19 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from soup.checkpoint import find_checkpoints, read_checkpoint, write_text_atomic
-from soup.cook import cook
-from soup.diagnose import pair_geometry, print_inspection
+from soup.cook.cooking import cook
+from soup.cook.diagnose import pair_geometry, print_inspection
+from soup.cook.methods import METHODS
+from soup.data.sketches import SHAPES, generate_sketches
 from soup.errors import SoupError
-from soup.evaluate import Evaluator, eval_rows, evaluate_rows
-from soup.methods import METHODS
-from soup.plot import draw
-from soup.recipe import recipe_from_dict
-from soup.report import add_statistics, default_reference, print_eval_table
-from soup.sketches import SHAPES, generate_sketches
-from soup.submit import predict_test, write_submission
-from soup.train import train_recipe
+from soup.judge.evaluate import eval_rows, evaluate_rows
+from soup.judge.plot import draw
+from soup.judge.report import add_statistics, default_reference, print_eval_table
+from soup.judge.submit import predict_test, write_submission
+from soup.models.checkpoint import find_checkpoints, read_checkpoint, write_text_atomic
+from soup.recipe.spec import recipe_from_dict
+from soup.score.evaluator import Evaluator
+from soup.train.loop import train_recipe
 
 PRETRAIN_CLASSES = list(SHAPES)[8:16]
 TARGET_CLASSES = list(SHAPES)[:8]

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from soup.backbones import build_model, freeze_prefix
-from soup.data import class_list, load_split
+from soup.data.folders import class_list, load_split
+from soup.data.sketches import generate_sketches
 from soup.fast import decoded as fast_decoded, prefix as fast_prefix
-from soup.recipe import recipe_from_dict
-from soup.sketches import generate_sketches
+from soup.models.backbones import build_model, freeze_prefix
+from soup.recipe.spec import recipe_from_dict
 
 CLASSES = ["circle", "cross", "square", "triangle"]
 

@@ -19,12 +19,12 @@ from click.testing import CliRunner
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from soup import precision
-from soup.backbones import fingerprint
 from soup.cli import cli
-from soup.data import class_list, load_rgb, load_split
+from soup.data.folders import class_list, load_rgb, load_split
 from soup.fast import decoded as fast_decoded, prefix as fast_prefix, store as fast_store
 from soup.fast.build import build_pipeline
+from soup.models import precision
+from soup.models.backbones import fingerprint
 
 from conftest import tiny_recipe, vit_setup
 
@@ -162,7 +162,7 @@ def test_16_bit_png_keeps_its_top_8_bits(tmp_path):
 
 def counts(root):
     data = {"root": str(root), "image_size": 32}
-    from soup.recipe import recipe_from_dict
+    from soup.recipe.spec import recipe_from_dict
 
     folder = load_split(recipe_from_dict(tiny_recipe(root, data=data)).data, "val")
     return Counter(folder.classes[t] for t in folder.targets), folder
@@ -204,7 +204,7 @@ def test_symlink_loops_are_not_followed(data_copy):
 # ---------------------------------------------------------------------------- cache: files on disk
 
 def train_folder(root):
-    from soup.recipe import recipe_from_dict
+    from soup.recipe.spec import recipe_from_dict
 
     recipe = recipe_from_dict(tiny_recipe(root))
     return fast_decoded.unwrap(load_split(recipe.data, "train", classes=class_list(root)))[0]

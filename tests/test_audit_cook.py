@@ -13,13 +13,13 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from soup.backbones import build_model, fingerprint
-from soup.checkpoint import read_checkpoint, save_checkpoint
 from soup.cli import cli
-from soup.weights import weighted_average
-from soup.data import load_split
+from soup.cook.weights import weighted_average
+from soup.data.folders import load_split
 from soup.errors import SoupError
-from soup.recipe import ModelConfig, recipe_from_dict
+from soup.models.backbones import build_model, fingerprint
+from soup.models.checkpoint import read_checkpoint, save_checkpoint
+from soup.recipe.spec import ModelConfig, recipe_from_dict
 
 from conftest import CLASSES, HUBCONF, tiny_recipe
 

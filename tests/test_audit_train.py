@@ -22,14 +22,14 @@ from click.testing import CliRunner
 from rich.console import Console
 from torch import nn
 
-import soup.state
-import soup.train
-from soup.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint, write_text_atomic
+import soup.train.state
+import soup.train.loop
 from soup.cli import cli
 from soup.errors import SoupError
-from soup.recipe import expand_sweep, load_recipe, recipe_from_dict
-from soup.state import METRICS_FILE, METRICS_KEYS, STATE_FILE, ingredient_lock, save_state
-from soup.train import train_ingredient
+from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint, write_text_atomic
+from soup.recipe.spec import expand_sweep, load_recipe, recipe_from_dict
+from soup.train.loop import train_ingredient
+from soup.train.state import METRICS_FILE, METRICS_KEYS, STATE_FILE, ingredient_lock, save_state
 
 from conftest import tiny_recipe
 
@@ -87,7 +87,7 @@ def test_a_kill_right_after_the_checkpoint_rename_is_finished_by_resume(trained,
                                                                         monkeypatch):
     [ingredient] = expand_sweep(recipe_from_dict(tiny_recipe(small_sketch_root)))
     run_dir = tmp_path / "tiny" / "00"
-    real_save = soup.train.save_checkpoint
+    real_save = soup.train.loop.save_checkpoint
 
     class Killed(BaseException):
         pass
@@ -96,7 +96,7 @@ def test_a_kill_right_after_the_checkpoint_rename_is_finished_by_resume(trained,
         real_save(*args, **kwargs)
         raise Killed
 
-    monkeypatch.setattr(soup.train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(soup.train.loop, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         train_ingredient(ingredient, tmp_path, quiet())
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", INGREDIENT_FILE, STATE_FILE]
@@ -205,7 +205,7 @@ def test_a_full_disk_under_torch_save_is_one_error(tmp_path, monkeypatch):
                 raise OSError(errno.ENOSPC, "No space left on device")
             return super().write(data)
 
-    monkeypatch.setattr(soup.state, "open", lambda path, mode: FullDisk(path, mode), raising=False)
+    monkeypatch.setattr(soup.train.state, "open", lambda path, mode: FullDisk(path, mode), raising=False)
     with pytest.raises(SoupError, match="cannot write .*state.pt: No space left on device"):
         _state(target)
     assert target.read_bytes() == b"old"
@@ -410,7 +410,7 @@ def test_an_interrupt_while_soup_starts_is_one_line(tmp_path, sig):
 @pytest.mark.parametrize("phase", ["class_list", "build_model", "build_pipeline"])  # data scan, model, cache
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_before_the_training_loop_is_one_line(small_sketch_root, tmp_path, monkeypatch, phase, sig):
-    real = getattr(soup.train, phase)
+    real = getattr(soup.train.loop, phase)
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), sig)
@@ -422,7 +422,7 @@ def test_an_interrupt_before_the_training_loop_is_one_line(small_sketch_root, tm
     def terminated(signum, frame):  # what SIGTERM did before soup handled it (exit), without ending pytest
         raise Terminated
 
-    monkeypatch.setattr(soup.train, phase, interrupted)
+    monkeypatch.setattr(soup.train.loop, phase, interrupted)
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
         path = write_recipe(tmp_path, tiny_recipe(small_sketch_root))

@@ -1,14 +1,14 @@
-"""soup.augment: device-side augmentation of uint8 batches, mixup/cutmix targets and their loss."""
+"""soup.data.augment: device-side augmentation of uint8 batches, mixup/cutmix targets and their loss."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from soup.augment import (CROP_SCALE, POLICIES, DeviceAugment, Mixer, augment_generator, classification_loss,
-                          make_mixer, store_size)
-from soup.data import build_transform, load_rgb
-from soup.recipe import AUGMENTS, DataConfig, TrainConfig
+from soup.data.augment import (CROP_SCALE, POLICIES, DeviceAugment, Mixer, augment_generator, classification_loss,
+                               make_mixer, store_size)
+from soup.data.folders import build_transform, load_rgb
+from soup.recipe.spec import AUGMENTS, DataConfig, TrainConfig
 
 RANDOM = [a for a in AUGMENTS if a != "none"]
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from soup.backbones import build_model, fingerprint, freeze_prefix, model_from_checkpoint
-from soup.checkpoint import read_checkpoint, save_checkpoint
 from soup.cli import cli
 from soup.errors import SoupError
-from soup.recipe import ModelConfig
+from soup.models.backbones import build_model, fingerprint, freeze_prefix, model_from_checkpoint
+from soup.models.checkpoint import read_checkpoint, save_checkpoint
+from soup.recipe.spec import ModelConfig
 
 from conftest import tiny_vit_model
 

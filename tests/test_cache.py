@@ -6,16 +6,16 @@ import pytest
 import torch
 from rich.console import Console
 
-from soup.backbones import build_model, freeze_prefix
-from soup.checkpoint import read_checkpoint
-from soup.selector import Selector
-from soup.weights import weighted_average
-from soup.data import class_list, load_split
+from soup.cook.selector import Selector
+from soup.cook.weights import weighted_average
+from soup.data.folders import class_list, load_split
+from soup.data.pipeline import plain_pipeline
 from soup.fast import decoded as fast_decoded, prefix as fast_prefix, store as fast_store
 from soup.fast.build import build_pipeline
-from soup.recipe import expand_sweep
-from soup.pipeline import plain_pipeline
-from soup.train import train_ingredient
+from soup.models.backbones import build_model, freeze_prefix
+from soup.models.checkpoint import read_checkpoint
+from soup.recipe.spec import expand_sweep
+from soup.train.loop import train_ingredient
 
 from conftest import CLASSES, tiny_vit_model
 
@@ -299,11 +299,12 @@ def test_eval_through_the_caches_matches_plain_eval(small_sketch_root, tmp_path)
     """`soup eval` shares decoded images / prefix features across checkpoints; the figures stay the same."""
     from conftest import tiny_recipe, tiny_vit_model
 
-    from soup.checkpoint import read_checkpoint
-    from soup.cook import cook
-    from soup.evaluate import Evaluator, eval_rows
-    from soup.recipe import expand_sweep, recipe_from_dict
-    from soup.train import train_ingredient
+    from soup.models.checkpoint import read_checkpoint
+    from soup.cook.cooking import cook
+    from soup.score.evaluator import Evaluator
+    from soup.judge.evaluate import eval_rows
+    from soup.recipe.spec import expand_sweep, recipe_from_dict
+    from soup.train.loop import train_ingredient
 
     recipe = recipe_from_dict(tiny_recipe(small_sketch_root, model=tiny_vit_model(freeze=0.5),
                                           data={"image_size": 28}, sweep={"train.seed": [0, 1]}))

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from soup.checkpoint import find_checkpoints, read_checkpoint
 from soup.cli import cli
+from soup.models.checkpoint import find_checkpoints, read_checkpoint
 
 from conftest import CLASSES, tiny_recipe
 

@@ -1,6 +1,7 @@
-"""The package's shape (issue 11): no circle in the import graph, no soup import hidden inside a function,
-modules under ~400 lines, functions under ~80, and every module importable alone. Read with `ast`, so the
-checks need no import of soup and name the file and line at fault."""
+"""The package's shape (issues 11, 18): one folder per stage, each importing only from the stages upstream
+of it; no circle in the import graph, no soup import hidden inside a function, modules under ~400 lines,
+functions under ~80, and every module importable alone. Read with `ast`, so the checks need no import of
+soup and name the file and line at fault."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 # The console script installs its signal handlers before it imports the CLI (and with it torch).
 LAZY_IMPORTS_ALLOWED = {"soup.__main__"}
+# The stages, in the order data flows through them: recipe -> train -> checkpoint -> cook -> eval/submit.
+# A stage imports only from the stages before it, never from one after it. soup.errors and soup.text (how
+# errors and outside names are printed) are below them all;
+# the entry points (soup.cli, soup.demo, soup.__main__, the package itself) sit above them all.
+STAGES = ["recipe", "models", "data", "fast", "train", "score", "cook", "judge"]
+BELOW_STAGES = {"soup.errors", "soup.text"}
+ABOVE_STAGES = {"soup", "soup.cli", "soup.demo", "soup.__main__"}
 
 
 def _module_name(path: Path) -> str:
@@ -134,10 +142,14 @@ def test_import_edges_are_read():
     def targets(source, importer):
         return _targets(ast.parse(source).body[0], importer)
 
-    assert targets("from soup import distributed, errors", "soup.pipeline") == ["soup.distributed", "soup.errors"]
-    assert targets("from soup.metrics import scores", "soup.cook") == ["soup.metrics"]
-    assert targets("from .metrics import scores", "soup.inference") == ["soup.metrics"]
-    assert targets("import soup.recipe", "soup.cli") == ["soup.recipe"]
+    assert targets("from soup.models import distributed", "soup.data.pipeline") == ["soup.models",
+                                                                                     "soup.models.distributed"]
+    assert targets("from soup import errors", "soup.data.pipeline") == ["soup.errors"]
+    assert targets("from soup.models.metrics import scores", "soup.cook.cooking") == ["soup.models",
+                                                                                      "soup.models.metrics"]
+    assert targets("from .metrics import scores", "soup.models.inference") == ["soup.models",
+                                                                               "soup.models.metrics"]
+    assert targets("import soup.recipe.spec", "soup.cli") == ["soup.recipe", "soup.recipe.spec"]
     assert targets("import torch.nn", "soup.cli") == []
 
 
@@ -145,6 +157,38 @@ def test_cycle_finder_names_a_circle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c", "a"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def _rank(module: str) -> int:
+    """A module's place in the data flow: its stage's index; -1 below every stage, len(STAGES) above."""
+    if module in BELOW_STAGES:
+        return -1
+    if module in ABOVE_STAGES:
+        return len(STAGES)
+    return STAGES.index(module.split(".")[1])
+
+
+def _backward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{importer} imports {target} ({target.split('.')[1]} comes after {importer.split('.')[1]})"
+            for importer in sorted(graph) for target in sorted(graph[importer]) if _rank(target) > _rank(importer)]
+
+
+def test_every_module_sits_in_a_stage():
+    loose = [name for name in MODULES if name not in BELOW_STAGES | ABOVE_STAGES
+             and (name.count(".") == 0 or name.split(".")[1] not in STAGES)]
+    assert not loose, ("modules outside every stage (move them into one of soup/" + ", soup/".join(STAGES) +
+                       ", or add a stage to STAGES in its data-flow place): " + ", ".join(loose))
+
+
+def test_stage_direction_rule_names_a_backward_import():
+    graph = {"soup.cook.methods": {"soup.score.stats", "soup.judge.report"}, "soup.score.stats": set(),
+             "soup.judge.report": {"soup.cook.methods"}, "soup.cli": {"soup.judge.report"}}
+    assert _backward_imports(graph) == ["soup.cook.methods imports soup.judge.report (judge comes after cook)"]
+
+
+def test_stages_import_only_from_upstream():
+    backward = _backward_imports(_graph())
+    assert not backward, ("imports against the data flow (" + " -> ".join(STAGES) + "): " + "; ".join(backward))
 
 
 def test_import_graph_has_no_cycle():

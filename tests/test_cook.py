@@ -5,14 +5,14 @@ import torch
 from rich.console import Console
 from torch.optim.swa_utils import AveragedModel
 
-from soup.backbones import build_model, model_from_checkpoint
-from soup.checkpoint import read_checkpoint, save_checkpoint
-from soup.cook import cook
-from soup.methods import METHODS, greedy_soup
-from soup.weights import weighted_average
+from soup.cook.cooking import cook
+from soup.cook.methods import METHODS, greedy_soup
+from soup.cook.weights import weighted_average
 from soup.errors import SoupError
-from soup.recipe import expand_sweep
-from soup.train import train_ingredient
+from soup.models.backbones import build_model, model_from_checkpoint
+from soup.models.checkpoint import read_checkpoint, save_checkpoint
+from soup.recipe.spec import expand_sweep
+from soup.train.loop import train_ingredient
 
 from conftest import CLASSES
 
@@ -23,7 +23,7 @@ quiet = Console(quiet=True)
 def ingredients(tmp_path_factory, small_sketch_root):
     """Three tiny ResNet ingredients (BatchNorm: integer buffers) from one start, different seeds/lrs."""
     from conftest import tiny_recipe
-    from soup.recipe import recipe_from_dict
+    from soup.recipe.spec import recipe_from_dict
 
     out = tmp_path_factory.mktemp("ingredients")
     recipe = recipe_from_dict(tiny_recipe(small_sketch_root, train={"epochs": 1},
@@ -161,7 +161,7 @@ def test_methods_are_registered_in_one_place():
 
 def test_soup_can_start_a_new_run(ingredients, tmp_path):
     soup = cook("uniform", ingredients, tmp_path / "u.safetensors", None, console=quiet)
-    from soup.recipe import recipe_from_dict
+    from soup.recipe.spec import recipe_from_dict
 
     recipe = recipe_from_dict({**ingredients[0].recipe, "model": {**ingredients[0].recipe["model"],
                                                                    "weights": str(soup)}})

@@ -9,13 +9,13 @@ import torch
 from rich.console import Console
 from timm.layers.attention import Attention
 
-from soup import precision
-from soup.backbones import build_model
 from soup.fast.build import build_pipeline
 from soup.fast.determinism import moves_state_in_train_mode
-from soup.inference import evaluate, make_loader
-from soup.recipe import expand_sweep, recipe_from_dict
-from soup.train import train_ingredient
+from soup.models import precision
+from soup.models.backbones import build_model
+from soup.models.inference import evaluate, make_loader
+from soup.recipe.spec import expand_sweep, recipe_from_dict
+from soup.train.loop import train_ingredient
 
 from conftest import tiny_recipe, tiny_vit_model, vit_setup
 

@@ -8,14 +8,15 @@ import torch
 from click.testing import CliRunner
 from rich.console import Console
 
-from soup.checkpoint import read_checkpoint
 from soup.cli import cli
-from soup.cook import cook
-from soup.weights import starting_weights
-from soup.diagnose import loss_line, pair_geometry
-from soup.evaluate import Evaluator, eval_rows
-from soup.recipe import expand_sweep, recipe_from_dict
-from soup.train import train_ingredient
+from soup.cook.cooking import cook
+from soup.cook.diagnose import loss_line, pair_geometry
+from soup.cook.weights import starting_weights
+from soup.judge.evaluate import eval_rows
+from soup.models.checkpoint import read_checkpoint
+from soup.recipe.spec import expand_sweep, recipe_from_dict
+from soup.score.evaluator import Evaluator
+from soup.train.loop import train_ingredient
 
 from conftest import CLASSES, tiny_recipe, tiny_vit_model
 
@@ -90,7 +91,7 @@ def test_plot_writes_a_png_with_the_expected_series(kitchen, tmp_path):
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread
 
-    from soup.plot import plot_checkpoints
+    from soup.judge.plot import plot_checkpoints
 
     uniform = read_checkpoint(cook("uniform", kitchen["pair"], tmp_path / "uniform.safetensors", None, console=quiet))
     checkpoints = kitchen["pair"] + [kitchen["greedy"], uniform]

@@ -14,13 +14,13 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from soup import distributed
-from soup.checkpoint import read_checkpoint
 from soup.cli import cli
+from soup.data.pipeline import EpochSampler, epoch_order
 from soup.errors import SoupError
-from soup.recipe import expand_sweep, recipe_from_dict
-from soup.pipeline import EpochSampler, epoch_order
-from soup.train import train_ingredient
+from soup.models import distributed
+from soup.models.checkpoint import read_checkpoint
+from soup.recipe.spec import expand_sweep, recipe_from_dict
+from soup.train.loop import train_ingredient
 
 from conftest import tiny_recipe, tiny_vit_model
 
@@ -220,8 +220,8 @@ def test_sweep_status_running_unfinished_missing_and_complete(tmp_path):
 
     from rich.console import Console
 
-    from soup.checkpoint import Checkpoint
-    from soup.sweeps import report, sweep_status
+    from soup.models.checkpoint import Checkpoint
+    from soup.cook.sweeps import report, sweep_status
 
     ids = ["00-seed0", "01-seed1", "02-seed2", "03-seed3"]
     out = tmp_path / "out"

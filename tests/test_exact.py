@@ -9,13 +9,13 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from soup.backbones import build_model, model_from_checkpoint
-from soup.checkpoint import read_checkpoint, save_checkpoint
 from soup.cli import cli
-from soup.data import load_split
-from soup.inference import evaluate, make_loader
-from soup.recipe import recipe_from_dict
-from soup.weights import weighted_average
+from soup.cook.weights import weighted_average
+from soup.data.folders import load_split
+from soup.models.backbones import build_model, model_from_checkpoint
+from soup.models.checkpoint import read_checkpoint, save_checkpoint
+from soup.models.inference import evaluate, make_loader
+from soup.recipe.spec import recipe_from_dict
 
 from conftest import tiny_recipe, tiny_vit_model
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from soup import distributed
-from soup.augment import CROP_SCALE, DeviceAugment, augment_generator, store_size
-from soup.backbones import build_model, freeze_prefix
-from soup.data import class_list, load_split
+from soup.data.augment import CROP_SCALE, DeviceAugment, augment_generator, store_size
+from soup.data.folders import class_list, load_split
+from soup.data.pipeline import epoch_order, plain_pipeline
 from soup.fast import decoded as fast_decoded
 from soup.fast.build import build_pipeline
-from soup.pipeline import epoch_order, plain_pipeline
-from soup.recipe import AUGMENTS
+from soup.models import distributed
+from soup.models.backbones import build_model, freeze_prefix
+from soup.recipe.spec import AUGMENTS
 
 from conftest import CLASSES, tiny_vit_model
 

@@ -11,11 +11,11 @@ from rich.console import Console
 from safetensors import safe_open
 
 import soup.cli
-from soup.checkpoint import read_checkpoint, rewrite_metadata
 from soup.cli import cli
-from soup.cook import cook
-from soup.recipe import expand_sweep, recipe_from_dict
-from soup.train import train_ingredient
+from soup.cook.cooking import cook
+from soup.models.checkpoint import read_checkpoint, rewrite_metadata
+from soup.recipe.spec import expand_sweep, recipe_from_dict
+from soup.train.loop import train_ingredient
 
 from conftest import tiny_recipe
 

@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from rich.console import Console
 
 import soup.cli
-import soup.evaluate
-from soup.checkpoint import read_checkpoint, rewrite_metadata
+import soup.judge.evaluate
 from soup.cli import cli
 from soup.errors import SoupError
-from soup.metrics import scores
-from soup.recipe import expand_sweep, recipe_from_dict
-from soup.train import train_ingredient
+from soup.models.checkpoint import read_checkpoint, rewrite_metadata
+from soup.models.metrics import scores
+from soup.recipe.spec import expand_sweep, recipe_from_dict
+from soup.train.loop import train_ingredient
 
 from conftest import tiny_recipe
 
@@ -153,8 +153,8 @@ def strict_json(text):
 
 def test_eval_json_writes_a_non_finite_figure_as_null(trained, monkeypatch):
     # A diverged model's loss or calibration error is NaN; JSON has no NaN.
-    monkeypatch.setattr(soup.evaluate, "expected_calibration_error", lambda *args, **kwargs: float("nan"))
-    monkeypatch.setattr(soup.evaluate, "scores", lambda *args: {**scores(*args), "loss": float("inf")})
+    monkeypatch.setattr(soup.judge.evaluate, "expected_calibration_error", lambda *args, **kwargs: float("nan"))
+    monkeypatch.setattr(soup.judge.evaluate, "scores", lambda *args: {**scores(*args), "loss": float("inf")})
     result = CliRunner().invoke(cli, ["eval", str(ingredient_path(trained)), "--json"])
     assert result.exit_code == 0, result.output
     [row] = strict_json(result.stdout)

@@ -5,15 +5,15 @@ import torch
 from click.testing import CliRunner
 from rich.console import Console
 
-from soup.backbones import build_model
-from soup.checkpoint import read_checkpoint, save_checkpoint
 from soup.cli import cli
-from soup.cook import cook
-from soup.methods import METHODS, parse_alphas
-from soup.weights import starting_weights
+from soup.cook.cooking import cook
+from soup.cook.methods import METHODS, parse_alphas
+from soup.cook.weights import starting_weights
 from soup.errors import SoupError
-from soup.recipe import expand_sweep, recipe_from_dict
-from soup.train import train_ingredient
+from soup.models.backbones import build_model
+from soup.models.checkpoint import read_checkpoint, save_checkpoint
+from soup.recipe.spec import expand_sweep, recipe_from_dict
+from soup.train.loop import train_ingredient
 
 from conftest import CLASSES, state_close, tiny_recipe
 

@@ -6,8 +6,8 @@ from click.testing import CliRunner
 
 from soup.cli import cli
 from soup.errors import SoupError
-from soup.recipe import expand_sweep, load_recipe, recipe_from_dict
-from soup.train import select_ingredients
+from soup.recipe.spec import expand_sweep, load_recipe, recipe_from_dict
+from soup.train.loop import select_ingredients
 
 from conftest import tiny_recipe
 

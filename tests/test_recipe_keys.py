@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from soup.cli import cli
 from soup.errors import SoupError
-from soup.recipe import ProbeConfig, expand_sweep, recipe_from_dict
+from soup.recipe.spec import ProbeConfig, expand_sweep, recipe_from_dict
 
 from conftest import tiny_recipe
 

@@ -14,15 +14,15 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
 
-import soup.checkpoint
-from soup.checkpoint import read_checkpoint, save_checkpoint, write_text_atomic
+import soup.models.checkpoint
 from soup.cli import cli
-from soup.cook import cook
-from soup.data import load_rgb
+from soup.cook.cooking import cook
+from soup.data.folders import load_rgb
 from soup.errors import SoupError
-from soup.recipe import expand_sweep, recipe_from_dict
-from soup.state import STATE_FILE, ingredient_lock
-from soup.train import train_ingredient, train_recipe
+from soup.models.checkpoint import read_checkpoint, save_checkpoint, write_text_atomic
+from soup.recipe.spec import expand_sweep, recipe_from_dict
+from soup.train.loop import train_ingredient, train_recipe
+from soup.train.state import STATE_FILE, ingredient_lock
 
 from conftest import state_close, tiny_recipe, tiny_vit_model
 
@@ -104,7 +104,7 @@ def test_full_disk_leaves_the_old_file_intact(tmp_path, monkeypatch):
             f.write(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(soup.checkpoint, "save_file", full_disk)
+    monkeypatch.setattr(soup.models.checkpoint, "save_file", full_disk)
     with pytest.raises(SoupError, match="cannot write .*model.safetensors: No space left on device"):
         save_checkpoint(target, {"w": torch.zeros(3)}, meta)
     assert target.read_bytes() == before
@@ -119,7 +119,7 @@ def test_read_only_folder_is_one_clear_error(tmp_path, monkeypatch):
     if os.access(folder, os.W_OK):  # root ignores permission bits: make the kernel's answer explicit
         def read_only(*args, **kwargs):
             raise PermissionError(errno.EACCES, "Permission denied")
-        monkeypatch.setattr(soup.checkpoint.tempfile, "mkstemp", read_only)
+        monkeypatch.setattr(soup.models.checkpoint.tempfile, "mkstemp", read_only)
     try:
         with pytest.raises(SoupError, match="cannot write .*submission.csv: Permission denied"):
             write_text_atomic(folder / "submission.csv", "new\n")
@@ -220,14 +220,14 @@ def test_nan_loss_keeps_the_last_good_state(small_sketch_root, tmp_path):
         loss = original(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 4 else loss
 
-    import soup.augment
+    import soup.data.augment
 
     try:
-        soup.augment.F.cross_entropy = explode_later
+        soup.data.augment.F.cross_entropy = explode_later
         with pytest.raises(SoupError, match=r"loss became nan at epoch 2, step \d+ .*last good state \(after epoch 1\)"):
             train_ingredient(ingredient, tmp_path / "second")
     finally:
-        soup.augment.F.cross_entropy = original
+        soup.data.augment.F.cross_entropy = original
     assert (tmp_path / "second" / "tiny" / "00" / STATE_FILE).exists()
     assert not (tmp_path / "second" / "tiny" / "00" / "model.safetensors").exists()
 

@@ -1,4 +1,4 @@
-"""soup.schedule: lr schedules per step, layer-wise lr decay groups, and the EMA of the weights."""
+"""soup.train.schedule: lr schedules per step, layer-wise lr decay groups, and the EMA of the weights."""
 
 import math
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from soup.backbones import build_model, freeze_prefix
 from soup.errors import SoupError
-from soup.recipe import ModelConfig, TrainConfig
-from soup.schedule import EMA, lr_factor, make_scheduler, param_groups, vit_blocks
+from soup.models.backbones import build_model, freeze_prefix
+from soup.recipe.spec import ModelConfig, TrainConfig
+from soup.train.schedule import EMA, lr_factor, make_scheduler, param_groups, vit_blocks
 
 from conftest import CLASSES, tiny_vit_model
 

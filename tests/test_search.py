@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from soup.cli import cli
 from soup.errors import SoupError
-from soup.recipe import expand_sweep, load_recipe, recipe_from_dict
-from soup.search import MAX_INGREDIENTS, draw_trials
+from soup.recipe.search import MAX_INGREDIENTS, draw_trials
+from soup.recipe.spec import expand_sweep, load_recipe, recipe_from_dict
 
 from conftest import tiny_recipe
 

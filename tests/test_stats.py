@@ -1,12 +1,12 @@
-"""soup.stats and soup.calibrate against answers known in advance (no models, no data)."""
+"""soup.score.stats and soup.score.calibrate against answers known in advance (no models, no data)."""
 
 import math
 
 import pytest
 import torch
 
-from soup import stats
-from soup.calibrate import calibration_record, fit_temperature
+from soup.score import stats
+from soup.score.calibrate import calibration_record, fit_temperature
 
 
 def test_constant_predictor_has_a_zero_width_interval():

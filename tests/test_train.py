@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from soup.checkpoint import read_checkpoint
 from soup.errors import SoupError
-from soup.recipe import expand_sweep
-from soup.train import lr_factor, train_ingredient, train_recipe
+from soup.models.checkpoint import read_checkpoint
+from soup.recipe.spec import expand_sweep
+from soup.train.loop import lr_factor, train_ingredient, train_recipe
 
 from conftest import CLASSES, state_close, tiny_vit_model
 
@@ -40,7 +40,7 @@ def test_same_seed_same_weights_other_seed_other_weights(small_sketch_root, tmp_
 
 
 def test_frozen_parameters_do_not_move(small_sketch_root, tmp_path, make_recipe):
-    from soup.backbones import build_model
+    from soup.models.backbones import build_model
 
     recipe = make_recipe(small_sketch_root, model=tiny_vit_model(freeze=0.75), data={"image_size": 28})
     [(ingredient, path)] = train_recipe(recipe, tmp_path)
@@ -84,7 +84,7 @@ def test_val_classes_must_match_train(sketch_root, tmp_path, make_recipe):
 
 
 def test_nan_loss_stops_with_a_message(small_sketch_root, tmp_path, make_recipe):
-    # The highest lr a recipe may hold (soup.recipe_checks.MAX_RATE): SGD at it diverges within an epoch.
+    # The highest lr a recipe may hold (soup.recipe.checks.MAX_RATE): SGD at it diverges within an epoch.
     recipe = make_recipe(small_sketch_root, train={"lr": 1e4, "optimizer": "sgd", "epochs": 3})
     with pytest.raises(SoupError, match=r"loss became .* at epoch \d+, step \d+ \(lr 10000, amp off\)"):
         train_recipe(recipe, tmp_path)

@@ -9,18 +9,18 @@ import pytest
 import torch
 from rich.console import Console
 
-import soup.schedule
-import soup.train
-from soup import schedule
-from soup.backbones import build_model, fingerprint
-from soup.checkpoint import find_checkpoints, read_checkpoint, rewrite_metadata
-from soup.weights import starting_weights
-from soup.data import class_list
+import soup.train.schedule
+import soup.train.loop
+from soup.cook.weights import starting_weights
+from soup.data.folders import class_list
+from soup.data.pipeline import Pipeline
 from soup.errors import SoupError
-from soup.pipeline import Pipeline
-from soup.recipe import expand_sweep, recipe_from_dict
-from soup.state import STATE_FILE, resume_state, save_state
-from soup.train import set_up, train_ingredient, train_recipe
+from soup.models.backbones import build_model, fingerprint
+from soup.models.checkpoint import find_checkpoints, read_checkpoint, rewrite_metadata
+from soup.recipe.spec import expand_sweep, recipe_from_dict
+from soup.train import schedule
+from soup.train.loop import set_up, train_ingredient, train_recipe
+from soup.train.state import STATE_FILE, resume_state, save_state
 
 from conftest import tiny_recipe, tiny_vit_model
 
@@ -87,13 +87,13 @@ def test_grad_clip_bounds_the_update(small_sketch_root, tmp_path):
 
 def test_ema_weights_are_saved_and_differ_from_the_raw_ones(small_sketch_root, tmp_path, monkeypatch):
     trained_steps = []
-    real_update = soup.schedule.EMA.update
+    real_update = soup.train.schedule.EMA.update
 
     def record(self):
         real_update(self)
         trained_steps.append({n: t.detach().clone() for n, t in zip(self.names, self._live)})
 
-    monkeypatch.setattr(soup.schedule.EMA, "update", record)
+    monkeypatch.setattr(soup.train.schedule.EMA, "update", record)
     train = {"epochs": 2, "ema": 0.6, "lr": 1e-2}
     checkpoint = train_one(small_sketch_root, tmp_path / "ema", train=train)
     recipe = recipe_from_dict(checkpoint.recipe)
@@ -118,13 +118,13 @@ def test_ema_weights_are_saved_and_differ_from_the_raw_ones(small_sketch_root, t
 
 def test_mixup_mixes_the_targets_in_training(small_sketch_root, tmp_path, monkeypatch):
     seen = []
-    real = soup.train.classification_loss
+    real = soup.train.loop.classification_loss
 
     def record(logits, targets, label_smoothing=0.0):
         seen.append(targets.detach().clone())
         return real(logits, targets, label_smoothing)
 
-    monkeypatch.setattr(soup.train, "classification_loss", record)
+    monkeypatch.setattr(soup.train.loop, "classification_loss", record)
     train_one(small_sketch_root, tmp_path, train={"mixup": 0.4, "label_smoothing": 0.1})
     assert seen and all(t.is_floating_point() and t.dim() == 2 for t in seen)
     assert torch.allclose(seen[0].sum(1), torch.ones(len(seen[0])))
@@ -132,14 +132,14 @@ def test_mixup_mixes_the_targets_in_training(small_sketch_root, tmp_path, monkey
 
 
 def test_mixup_on_features_instead_of_images_is_one_clear_error(small_sketch_root, tmp_path, monkeypatch):
-    real = soup.train.build_pipeline
+    real = soup.train.loop.build_pipeline
 
     def features(*args, **kwargs):
         p = real(*args, **kwargs)
         return Pipeline(p.model, lambda epoch: ((x.flatten(2), y) for x, y in p.train_batches(epoch)), p.evaluate,
                         p.steps_per_epoch, "a feature cache")
 
-    monkeypatch.setattr(soup.train, "build_pipeline", features)
+    monkeypatch.setattr(soup.train.loop, "build_pipeline", features)
     with pytest.raises(SoupError, match=r"train.mixup/train.cutmix mix images, but the data path \(a feature cache\)"):
         train_one(small_sketch_root, tmp_path, train={"cutmix": 1.0})
 

@@ -1,13 +1,13 @@
 """The pipeline builder: for each recipe and model, the fastest data path that is valid, else the plain
-one (soup.pipeline.plain_pipeline, always correct).
+one (soup.data.pipeline.plain_pipeline, always correct).
 
   prefix cache    data.augment none, no mixup/cutmix, the frozen part a ViT block prefix that computes
                   the same in train and eval mode: training runs the suffix on stored fp32 tokens
                   (what the full forward's frozen blocks compute; evaluation is exactly the full model's)
   decoded images  otherwise, for the course's image folders: images decoded and resized once; with
                   data.augment none the batches are bit-identical to the plain path's; with random
-                  augmentation the store is a little larger where crops need it (soup.augment.store_size)
-                  and each batch is augmented on the device (soup.augment.DeviceAugment), which equals
+                  augmentation the store is a little larger where crops need it (soup.data.augment.store_size)
+                  and each batch is augmented on the device (soup.data.augment.DeviceAugment), which equals
                   the plain path's PIL augmentation in distribution, not bit for bit
   plain           --no-cache, data the caches do not cover, or no writable cache folder
 
@@ -28,15 +28,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from soup import distributed
-from soup.augment import DeviceAugment, augment_generator, store_size
-from soup.data import build_transform
+from soup.data.augment import DeviceAugment, augment_generator, store_size
+from soup.data.folders import build_transform
+from soup.data.pipeline import Pipeline, epoch_order, plain_pipeline
 from soup.fast.decoded import Normalizer, decoded_images, decoded_on, move, plain_transform, unwrap
 from soup.fast.prefix import SuffixModel, feature_config, find_prefix, prefix_features, to_float
 from soup.fast.scorer import score_rows
 from soup.fast.store import CacheUnavailable, human
-from soup.pipeline import Pipeline, epoch_order, plain_pipeline
-from soup.recipe import Recipe
+from soup.models import distributed
+from soup.recipe.spec import Recipe
 
 
 def build_pipeline(recipe: Recipe, model: nn.Module, train_set: Dataset, val_set: Dataset,
@@ -109,7 +109,7 @@ def _fast(recipe: Recipe, model: nn.Module, train_set: Dataset, val_set: Dataset
 
 def _train_transform_known(recipe: Recipe, train_folder: Dataset, val_transform: tuple) -> bool:
     """Whether the train folder's transform is the one the recipe's cached path reproduces: the val
-    folder's plain resize (augment none), or exactly soup.data.build_transform's augmentation."""
+    folder's plain resize (augment none), or exactly soup.data.folders.build_transform's augmentation."""
     if recipe.data.augment == "none":
         return plain_transform(train_folder) == val_transform
     expected = build_transform(recipe.data, train=True)

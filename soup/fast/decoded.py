@@ -4,7 +4,7 @@ on the device.
 
 The bytes equal what the plain path's PIL resize produces, so with `data.augment: none` batches are
 bit-identical to the plain path's. With random augmentation the store is made at
-`soup.augment.store_size(...)` and batches are augmented on the device (soup.fast.build). The key
+`soup.data.augment.store_size(...)` and batches are augmented on the device (soup.fast.build). The key
 covers file names, sizes, mtimes and a hash of each file's first and last 64 KiB, image size, resize and
 colour conversion, and the PIL and torchvision versions.
 """
@@ -23,7 +23,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
-from soup.data import load_rgb
+from soup.data.folders import load_rgb
 from soup.fast.store import (CACHE_VERSION, cache_dir, create_store, edge_digests, fits_on_device, hash_of,
                              open_store, remember)
 
@@ -88,7 +88,7 @@ _DECODED: OrderedDict[tuple[str, str], DecodedImages] = OrderedDict()
 def _resize_of(folder: Dataset, size: int):
     """The folder's own Resize to `size` (same interpolation as the plain path), or the recipe default."""
     steps = getattr(getattr(folder, "transform", None), "transforms", None) or []
-    # Only a resize to this size: a store sized for crops (soup.augment.store_size) is larger.
+    # Only a resize to this size: a store sized for crops (soup.data.augment.store_size) is larger.
     own = [t for t in steps if type(t) is transforms.Resize and list(t.size) == [size, size]]
     return own[0] if own else transforms.Resize((size, size), antialias=True)
 
@@ -100,7 +100,7 @@ def decoded_key(folder: Dataset, size: int) -> str:
     for (path, target), digest in zip(folder.samples, digests):
         stat = os.stat(path)
         files.append([os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns, digest, target])
-    return hash_of({"version": CACHE_VERSION, "size": size, "mode": "RGB, alpha on white (soup.data.load_rgb)",
+    return hash_of({"version": CACHE_VERSION, "size": size, "mode": "RGB, alpha on white (soup.data.folders.load_rgb)",
                   "resize": repr(_resize_of(folder, size)), "pil": PIL.__version__,
                   "torchvision": torchvision.__version__,
                   "files": files})

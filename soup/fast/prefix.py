@@ -31,10 +31,10 @@ from torch.utils.data import Dataset
 
 from soup.errors import SoupError
 from soup.fast.decoded import Normalizer, decoded_images, decoded_key, move
+from soup.fast.determinism import mode, moves_state_in_train_mode, output_digest, probe_images, train_mode_difference
 from soup.fast.store import (CACHE_VERSION, available_ram, cache_dir, create_store, fits_on_device, hash_of,
                              open_store, remember)
-from soup.inference import eval_dtype
-from soup.fast.determinism import mode, moves_state_in_train_mode, output_digest, probe_images, train_mode_difference
+from soup.models.inference import eval_dtype
 
 # Where prefix features live: auto (device if it fits, else pinned/plain CPU memory, else a file), or
 # forced to "device", "cpu" or "disk" (tests and benchmarks use this to exercise every placement).

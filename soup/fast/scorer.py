@@ -1,7 +1,7 @@
 """Scoring weights from the fast paths' stores: each training epoch's val pass (soup.fast.build) and
 cooking's `CachedScorer`, which scores every checkpoint of one architecture, start and freeze on one
-split (soup.evaluate) through the prefix features when the weights' prefix is the one they were
-computed with, else a full forward over the decoded images. Same arithmetic as soup.inference.predict (same eval_dtype).
+split (soup.judge.evaluate) through the prefix features when the weights' prefix is the one they were
+computed with, else a full forward over the decoded images. Same arithmetic as soup.models.inference.predict (same eval_dtype).
 """
 
 from __future__ import annotations
@@ -10,24 +10,24 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from soup.backbones import freeze_prefix
 from soup.fast.decoded import Normalizer, decoded_images, decoded_key, decoded_on, gather, plain_transform, unwrap
 from soup.fast.prefix import SuffixModel, find_prefix, prefix_features, to_float
 from soup.fast.store import CacheUnavailable
-from soup.inference import eval_dtype
-from soup.metrics import scores
+from soup.models.backbones import freeze_prefix
+from soup.models.inference import eval_dtype
+from soup.models.metrics import scores
 
 
 def score_rows(model: nn.Module, store: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, load,
                device: torch.device, batch_size: int) -> dict:
-    """soup.inference.evaluate over cached inputs: same batches' arithmetic, same scores."""
+    """soup.models.inference.evaluate over cached inputs: same batches' arithmetic, same scores."""
     return scores(logits_rows(model, store, rows, load, device, batch_size), targets[rows])
 
 
 @torch.no_grad()
 def logits_rows(model: nn.Module, store: torch.Tensor, rows: torch.Tensor, load, device: torch.device,
                 batch_size: int) -> torch.Tensor:
-    """fp32 logits on the CPU for `rows` of a cached store, in order (as soup.inference.predict); copied
+    """fp32 logits on the CPU for `rows` of a cached store, in order (as soup.models.inference.predict); copied
     to the CPU once, at the end, so the device runs ahead of the host."""
     was_training = model.training
     model.eval()
@@ -81,7 +81,7 @@ class CachedScorer:
 
     def prefix_unchanged(self) -> bool:
         # Exactly equal, or the tokens are not these weights' own: soups keep a tensor that all their
-        # members share bit for bit (soup.weights.weighted_average), so their frozen prefix qualifies.
+        # members share bit for bit (soup.cook.weights.weighted_average), so their frozen prefix qualifies.
         return all(torch.equal(a, b) for a, b in zip(self.split.prefix_state(), self.reference))
 
     def __call__(self) -> dict:

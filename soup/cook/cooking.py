@@ -1,0 +1,151 @@
+"""Cooking: weight-space averages ("soups") of compatible ingredients (Wortsman et al., ICML 2022).
+
+This module owns `soup cook`'s checks and its output: that the ingredients can be averaged at all (same
+classes, backbone, tensor layout and start; finite weights), calling the chosen method of soup.cook.methods
+(where the registry lives), scoring the soup on its selection split and writing it as a checkpoint with
+its provenance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from safetensors import safe_open
+
+from soup.errors import SoupError
+from soup.models.checkpoint import Checkpoint, save_checkpoint
+from soup.models.metrics import scores
+from soup.score.calibrate import calibration_record, print_calibration
+# Importing soup.cook.methods registers every method in METHODS.
+from soup.cook.methods import METHODS, Kitchen
+from soup.cook.selector import Selector
+from soup.data.outputs import check_output, data_roots
+from soup.score.compare import versus_best
+from soup.text import shown
+
+
+def first_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, bool] | None:
+    """The first reason `a` and `b` cannot be averaged, and whether --force may override it."""
+    if a.classes != b.classes:
+        if sorted(a.classes) == sorted(b.classes):
+            return "same classes in a different order", False
+        return f"different class lists ({len(a.classes)} vs {len(b.classes)} classes)", False
+    if a.backbone != b.backbone:
+        return f"different backbones ({a.backbone} vs {b.backbone})", False
+    layout_a, layout_b = a.tensor_layout(), b.tensor_layout()
+    if layout_a.keys() != layout_b.keys():
+        only = sorted(layout_a.keys() ^ layout_b.keys())
+        return f"different tensor names (e.g. {only[0]})", False
+    for key in layout_a:
+        if layout_a[key] != layout_b[key]:
+            (sa, da), (sb, db) = layout_a[key], layout_b[key]
+            what = "shape" if sa != sb else "dtype"
+            return f"tensor {key} differs in {what} ({sa} {da} vs {sb} {db})", False
+    if a.fingerprint != b.fingerprint:
+        return (f"different starting weights (fingerprint {a.fingerprint} vs {b.fingerprint}); soups need a "
+                "shared pretrained start"), True
+    return None
+
+
+def check_finite(ingredients: list[Checkpoint]) -> None:
+    """A NaN or infinity in one ingredient would poison the whole average: refuse it by name."""
+    for checkpoint in ingredients:
+        with safe_open(str(checkpoint.path), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise SoupError(f"{checkpoint.path}: tensor {key} holds NaN or infinite values; retrain "
+                                    "this ingredient (lower lr) or leave it out of the soup")
+
+
+def check_compatible(ingredients: list[Checkpoint], force: bool, console: Console) -> None:
+    reference = ingredients[0]
+    for other in ingredients[1:]:
+        difference = first_difference(reference, other)
+        if difference is None:
+            continue
+        reason, forceable = difference
+        if forceable and force:
+            console.print(f"[yellow]warning[/]: {shown(other.path)} vs {shown(reference.path)}: {shown(reason)}; "
+                          "averaging anyway (--force): expect a poor soup")
+            continue
+        hint = "; --force averages them anyway" if forceable else ""
+        raise SoupError(f"cannot soup {reference.path} with {other.path}: {reason}{hint}")
+
+
+def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on: str | None = "val",
+         data_root: str | Path | None = None, force: bool = False, console: Console | None = None,
+         device: torch.device | None = None, options: dict | None = None, calibrate: bool = False,
+         overwrite: bool = False) -> Path:
+    """Cook one soup with `method` and write it as a normal checkpoint with its provenance. `options` are
+    the method's own (e.g. alpha for interpolate, per_layer for learned); others are refused. `calibrate`
+    fits the soup's temperature on the selection split and stores it in the metadata. An existing
+    `out` is replaced only with `overwrite`, and never when it is an ingredient (see soup.data.outputs)."""
+    console = console or Console()
+    if method not in METHODS:
+        raise SoupError(f"unknown soup method {method!r}; choose from {', '.join(METHODS)}")
+    spec = METHODS[method]
+    for option in options or {}:
+        if option not in spec.options:
+            owners = [f"--{m}" for m, s in METHODS.items() if option in s.options]
+            flag = "--" + option.replace("_", "-")
+            raise SoupError(f"{flag} is not an option of the {method} soup" +
+                            (f"; it goes with {' or '.join(owners)}" if owners else ""))
+    if not ingredients:
+        raise SoupError("no ingredients to cook; train some with `soup train RECIPE` or name checkpoints")
+    for checkpoint in ingredients:
+        if checkpoint.kind != "ingredient" and not spec.takes_soups:
+            raise SoupError(f"{checkpoint.path} is a {checkpoint.kind} soup, not an ingredient; cook from "
+                            "the ingredients themselves")
+    names = [c.name for c in ingredients]
+    if len({c.path.resolve() for c in ingredients}) != len(ingredients):
+        raise SoupError("the same ingredient is listed twice; a soup counts each ingredient once")
+    check_output(out, [c.path for c in ingredients], overwrite, "soup", checkpoint=True,
+                 roots=data_roots(ingredients, data_root))
+    check_compatible(ingredients, force, console)
+    check_finite(ingredients)
+    if spec.needs_selection and select_on is None:
+        without = " or ".join(f"--{m}" for m, s in METHODS.items() if not s.needs_selection)
+        raise SoupError(f"the {method} soup needs held-out data; --no-eval works with {without} only")
+    if calibrate and select_on is None:
+        raise SoupError("--calibrate fits a temperature on held-out data; drop --no-eval")
+    select = Selector(ingredients[0], select_on, data_root, device) if select_on else None
+    console.print(f"[bold]{method} soup[/] of {len(ingredients)} ingredients" +
+                  (f", selected on {select_on}" if select else ", without data"))
+    soup = spec.fn(ingredients, select, console, Kitchen(ingredients[0], dict(options or {})))
+    selection, extra = None, {}
+    if select is not None:
+        logits, targets = select.logits(soup.state_dict)
+        result = scores(logits, targets)
+        # Whether held-out scores chose or fitted the weights (greedy, learned, an alpha sweep), making a
+        # later score on this split optimistic; uniform and stock are only checked on it.
+        chose = spec.needs_selection or len(soup.steps) > 1
+        selection = {"split": select_on, "root": select.root, "chose": chose, **result}
+        console.print(f"  {method} soup: {result['top1']:.2%} on {select_on} (the selection set) with "
+                      f"{len(soup.members)} of {len(ingredients)} ingredients")
+        if calibrate:
+            extra["calibration"] = calibration_record(logits, targets, select_on)
+            print_calibration(f"{method} soup", extra["calibration"], console)
+        if method == "greedy" and select_on == "holdout":
+            extra["versus_best"] = versus_best(soup.state_dict, soup.members[0][0], "val", data_root,
+                                               select.device, console)
+    reference = ingredients[0]
+    meta = {
+        "kind": method,
+        "name": method,
+        "recipe": reference.recipe,
+        "backbone": reference.backbone,
+        "classes": reference.classes,
+        "start_fingerprint": reference.fingerprint,
+        "members": [{"name": c.name, "path": str(c.path), "weight": w} for c, w in soup.members],
+        "candidates": names,
+        "steps": soup.steps,
+        "selection": selection,
+        **soup.extra,
+        **extra,
+    }
+    path = save_checkpoint(out, soup.state_dict, meta)
+    console.print(f"  wrote {shown(path)}")
+    return path

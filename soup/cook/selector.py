@@ -1,0 +1,39 @@
+"""The held-out judge of a soup: scores weight sets on the split that selects the soup (val or holdout)
+with one model and one loader, and the caches, shared by every weight set a method tries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from soup.models.checkpoint import Checkpoint
+from soup.models.metrics import scores
+from soup.score.evaluator import Evaluator, Predictions, predictions
+
+
+class Selector:
+    """Scores weights on the held-out set that selects the soup: an Evaluator bound to one template, so
+    the 2N-1 weight sets of a greedy soup share one model, one loader and the caches."""
+
+    def __init__(self, template: Checkpoint, split: str = "val", root: str | Path | None = None,
+                 device: torch.device | None = None, batch_size: int = 128, num_workers: int = 0,
+                 use_cache: bool = True):
+        self.template, self.split = template, split
+        self.evaluator = Evaluator(split, root, device, batch_size, num_workers, use_cache)
+        self.device = self.evaluator.device
+        data = self.evaluator.data_for(template)
+        self.root, self.loader = str(data.root), data.loader
+        self.model, self.cached = self.evaluator.model_for(template)
+
+    def __call__(self, state_dict: dict[str, torch.Tensor]) -> dict:
+        return self.evaluator(self.template, state_dict)
+
+    def logits(self, state_dict: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
+        return self.evaluator.logits(self.template, state_dict)
+
+    def judged(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, Predictions]:
+        """The scores and the per-image predictions, so that two weight sets can be compared pairwise."""
+        logits, targets = self.logits(state_dict)
+        return scores(logits, targets), predictions(logits, targets, self.template.classes)

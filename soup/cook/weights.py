@@ -1,0 +1,83 @@
+"""Weight-space arithmetic shared by the soup methods and `soup inspect`: a streaming weighted average of
+checkpoints (read one tensor at a time, so memory stays near one model however many are mixed) and the
+starting weights an ingredient was fine-tuned from, rebuilt from its recipe and checked by fingerprint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from safetensors import safe_open
+
+from soup.errors import SoupError
+from soup.models.backbones import build_model, fingerprint
+from soup.models.checkpoint import Checkpoint, read_checkpoint
+from soup.recipe.spec import recipe_from_dict
+from soup.train.probe import load_probe, probed_start
+
+
+def starting_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """The weights `checkpoint`'s ingredients started from, rebuilt from its recipe exactly as training
+    built them (pretrained backbone or model.weights, head from init_seed or the probed head), checked by
+    fingerprint. A mismatch names its cause: the recipe's start, or the probed start found for it."""
+    recipe = recipe_from_dict(checkpoint.recipe)
+    model = build_model(recipe.model, checkpoint.classes, recipe.data.image_size, recorded_in=checkpoint.path)
+    probe = probed_start(model, recipe, checkpoint)
+    if probe is not None:
+        trained_from = read_checkpoint(probe).fingerprint
+        _same_start(checkpoint, recipe, fingerprint(model), trained_from)
+        load_probe(model, probe)
+        rebuilt = fingerprint(model)
+        if rebuilt != checkpoint.fingerprint:
+            raise SoupError(f"{probe}: this probed start is not the one {checkpoint.path} started from (fingerprint "
+                            f"{rebuilt}, not {checkpoint.fingerprint}): it was changed or trained again, e.g. on "
+                            f"other data; restore the original {probe.parent.name} folder")
+    else:
+        _same_start(checkpoint, recipe, fingerprint(model), checkpoint.fingerprint)
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).clone()
+            for k, v in model.state_dict().items()}
+
+
+def _same_start(checkpoint: Checkpoint, recipe, rebuilt: str, expected: str) -> None:
+    if rebuilt != expected:
+        source = recipe.model.weights or recipe.model.backbone
+        raise SoupError(f"{checkpoint.path}: the recipe's start ({source}) now rebuilds with fingerprint "
+                        f"{rebuilt}, not the {expected} its ingredients started from; restore "
+                        "the original weights file (model.weights) or torch.hub/timm cache")
+
+
+@contextlib.contextmanager
+def _tensors(source: Checkpoint | dict):
+    """(keys, get) for a checkpoint file (read lazily, one tensor at a time) or an in-memory state dict."""
+    if isinstance(source, dict):
+        yield list(source), source.__getitem__
+    else:
+        with safe_open(str(source.path), framework="pt") as f:
+            yield list(f.keys()), f.get_tensor
+
+
+def weighted_average(members: list[tuple[Checkpoint | dict, float]]) -> dict[str, torch.Tensor]:
+    """Σ wᵢ·θᵢ over floating tensors, accumulated in fp32, one tensor name at a time across the members;
+    integer buffers (BatchNorm's num_batches_tracked) are copied from the first member, never averaged
+    into floats. A tensor equal in every member, with weights summing to one, is kept bit for bit: Σ θ/3
+    is not always θ in floats, and a frozen prefix must stay the start's exactly (its cached features,
+    and what a soup claims to have left alone, depend on it). No member is modified."""
+    weights = [weight for _, weight in members]
+    keeps_equal = abs(sum(weights) - 1.0) < 1e-6
+    total: dict[str, torch.Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        sources = [stack.enter_context(_tensors(source)) for source, _ in members]
+        for key in sources[0][0]:
+            first = sources[0][1](key)
+            # Copies: a member may be an in-memory state (the start) that later mixes still read.
+            if not first.is_floating_point():
+                total[key] = first.clone()
+                continue
+            mixed, same = first.to(torch.float32, copy=True).mul_(weights[0]), True
+            for (_, get), weight in zip(sources[1:], weights[1:]):
+                tensor = get(key)
+                same = same and torch.equal(tensor, first)
+                mixed.add_(tensor.float(), alpha=weight)
+            total[key] = first.to(torch.float32, copy=True) if same and keeps_equal else mixed
+    return total

@@ -1,0 +1,125 @@
+"""`soup plot`: one picture of held-out accuracy: each ingredient (sorted), the greedy path step by step,
+every soup, and the ingredients' ensemble as a reference line. matplotlib is an optional extra."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from soup.errors import SoupError
+from soup.judge.evaluate import evaluate_rows
+from soup.models.checkpoint import Checkpoint, atomic_path
+from soup.score.evaluator import Evaluator, Predictions
+from soup.score.stats import reliability
+from soup.text import shown
+
+INSTALL_HINT = "soup plot needs matplotlib: pip install 'soup[plot]' (or pip install matplotlib)"
+
+
+def _figure_class():
+    try:
+        # The object API, not pyplot: no GUI backend and no global state, also on a headless server.
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SoupError(INSTALL_HINT) from None
+    return Figure
+
+
+def draw(rows: list[dict], greedy: dict | None, path: str | Path) -> dict[str, list[float]]:
+    """Write the PNG; returns each drawn series (label -> y values), read back from the figure."""
+    Figure = _figure_class()
+    split = rows[0]["split"] if rows else "?"
+    ingredients = sorted((r for r in rows if r["kind"] == "ingredient"), key=lambda r: r["top1"])
+    soups = [r for r in rows if r["kind"] not in ("ingredient", "ensemble")]
+    ensemble = next((r for r in rows if r["kind"] == "ensemble"), None)
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    left, right = figure.subplots(1, 2, width_ratios=[3, 2]) if greedy else (figure.subplots(), None)
+    names = [r["name"] for r in ingredients] + [r["name"] for r in soups]
+    left.plot(range(len(ingredients)), [r["top1"] for r in ingredients], "o-", color="tab:gray",
+              label="ingredients (sorted)")
+    for i, row in enumerate(soups):
+        left.plot([len(ingredients) + i], [row["top1"]], marker="*", markersize=14, linestyle="none",
+                  label=row["name"] if row["name"] == row["kind"] else f"{row['name']} ({row['kind']})")
+    if ensemble:
+        left.axhline(ensemble["top1"], linestyle="--", color="black", label=ensemble["name"])
+    left.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    left.set_ylabel(f"top-1 on {split}")
+    left.set_title(f"ingredients, soups and ensemble on {split}")
+    left.legend(fontsize=7, loc="best")
+    if greedy:
+        steps = greedy["steps"]
+        best, running = [], None
+        for step in steps:
+            running = step["top1"] if step["kept"] else running
+            best.append(running)
+        x = list(range(1, len(steps) + 1))
+        right.plot(x, best, "-", color="tab:green", label="greedy: soup so far")
+        for kept, color, label in ((True, "tab:green", "greedy: kept"), (False, "tab:red", "greedy: left out")):
+            points = [(i, s["top1"]) for i, s in zip(x, steps) if s["kept"] == kept]
+            right.plot([p[0] for p in points], [p[1] for p in points], "o" if kept else "x", color=color,
+                       linestyle="none", label=label)
+        right.set_xticks(x, [s["candidate"] for s in steps], rotation=60, ha="right", fontsize=7)
+        right.set_ylabel(f"top-1 on {greedy['split']} (selection set)")
+        right.set_title(f"greedy path: {greedy['name']}")
+        right.legend(fontsize=7, loc="best")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    series = {}
+    for axes in filter(None, (left, right)):
+        for line in axes.get_lines():
+            if not line.get_label().startswith("_"):
+                series[line.get_label()] = [float(y) for y in line.get_ydata()]
+    return series
+
+
+def draw_reliability(evaluated: list[tuple[dict, Predictions]], path: str | Path) -> dict[str, list[float]]:
+    """A reliability diagram: accuracy against mean confidence per confidence bin, one line per row
+    (the diagonal is perfect calibration). Returns each row's drawn accuracies."""
+    Figure = _figure_class()
+    figure = Figure(figsize=(6, 5.5), layout="constrained")
+    axes = figure.subplots()
+    axes.plot([0, 1], [0, 1], linestyle=":", color="gray", label="_perfect calibration")
+    series = {}
+    for row, outcome in evaluated:
+        bins = reliability(outcome.confidence, outcome.correct)
+        filled = [i for i, count in enumerate(bins["count"]) if count]
+        label = f"{row['name']} (ECE {bins['gap']:.1%})"
+        axes.plot([bins["confidence"][i] for i in filled], [bins["accuracy"][i] for i in filled], "o-",
+                  markersize=3, label=label)
+        series[row["name"]] = [bins["accuracy"][i] for i in filled]
+    split = evaluated[0][0]["split"] if evaluated else "?"
+    axes.set_xlabel("confidence (mean per bin)")
+    axes.set_ylabel(f"accuracy on {split}")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_title(f"reliability on {split}: below the diagonal = overconfident")
+    axes.legend(fontsize=7, loc="upper left")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    return series
+
+
+def plot_checkpoints(checkpoints: list[Checkpoint], path: str | Path, split: str = "val",
+                     data_root: str | Path | None = None, console: Console | None = None,
+                     reliability_path: str | Path | None = None) -> dict:
+    """Evaluate `checkpoints` on `split` and draw them; the greedy path comes from a greedy soup's record.
+    With `reliability_path`, also a reliability diagram of every row there."""
+    console = console or Console(quiet=True)
+    _figure_class()  # fail before spending time on evaluation
+    ingredients = [c for c in checkpoints if c.kind == "ingredient"]
+    evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root), ensemble=len(ingredients) >= 2)
+    rows = [row for row, _ in evaluated]
+    greedy_soup = next((c for c in checkpoints if c.kind == "greedy" and c.meta.get("steps")), None)
+    greedy = None
+    if greedy_soup is not None:
+        greedy = {"name": greedy_soup.name, "steps": greedy_soup.meta["steps"],
+                  "split": (greedy_soup.meta.get("selection") or {}).get("split", "?")}
+    series = draw(rows, greedy, path)
+    console.print(f"wrote {shown(path)}: {len(ingredients)} ingredients, {len(rows) - len(ingredients)} soups/ensemble "
+                  f"on {split}" + (", and the greedy path" if greedy else ""))
+    result = {"path": Path(path), "series": series, "rows": rows}
+    if reliability_path is not None:
+        result["reliability"] = draw_reliability(evaluated, reliability_path)
+        console.print(f"wrote {shown(reliability_path)}: reliability of {len(rows)} rows on {split}")
+    return result

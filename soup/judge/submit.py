@@ -1,0 +1,106 @@
+"""Submission: `Id,Category` predictions for every test image, as the course's Kaggle page expects."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+from soup.data.folders import TestImages, build_transform
+from soup.data.outputs import check_output, data_roots
+from soup.errors import SoupError
+from soup.judge.evaluate import ensemble_logits
+from soup.models.backbones import model_from_checkpoint
+from soup.models.checkpoint import Checkpoint, atomic_path, write_text_atomic
+from soup.models.inference import make_loader, predict, resolve_device
+from soup.recipe.spec import recipe_from_dict
+from soup.score.calibrate import temperature_of
+
+
+def test_logits(checkpoint: Checkpoint, data_root: str | Path | None = None,
+                device: torch.device | None = None, batch_size: int = 128) -> tuple[list[str], torch.Tensor]:
+    """(ids, logits) for the test images, with the same preprocessing as evaluation."""
+    device = device or resolve_device()
+    cfg = recipe_from_dict(checkpoint.recipe).data
+    images = TestImages(data_root if data_root is not None else cfg.root, build_transform(cfg))
+    model = model_from_checkpoint(checkpoint).to(device)
+    logits, ids = predict(model, make_loader(images, batch_size, 0, device), device)
+    return ids, logits
+
+
+def predict_test(checkpoint: Checkpoint, data_root: str | Path | None = None,
+                 device: torch.device | None = None, batch_size: int = 128) -> tuple[list[str], list[int]]:
+    """(ids, class indices) for the test images."""
+    ids, logits = test_logits(checkpoint, data_root, device, batch_size)
+    return ids, logits.argmax(dim=1).tolist()
+
+
+def predict_test_ensemble(checkpoints: list[Checkpoint], data_root: str | Path | None = None,
+                          device: torch.device | None = None) -> tuple[list[str], list[int], dict]:
+    """(ids, class indices, provenance) of the ensemble of `checkpoints`, which may differ in architecture
+    but not in class list (see `ensemble_logits`)."""
+    if len(checkpoints) < 2:
+        raise SoupError("--ensemble needs at least two checkpoints")
+    members, ids = [], None
+    temperatures = [temperature_of(c) for c in checkpoints]  # a bad one stops the command before any work
+    for checkpoint, temperature in zip(checkpoints, temperatures):
+        member_ids, logits = test_logits(checkpoint, data_root, device)
+        if ids is not None and member_ids != ids:
+            raise SoupError(f"--ensemble: {checkpoint.path} reads other test images than {checkpoints[0].path}; "
+                            "pass --data ROOT so that all read the same ones")
+        ids = member_ids
+        # Calibrated members: a probability ensemble across architectures averages calibrated probabilities.
+        members.append((checkpoint, logits / temperature))
+    combined, how = ensemble_logits(members)
+    provenance = {"kind": "ensemble", "combined": how, "classes": checkpoints[0].classes,
+                  "members": [_member(c) for c in checkpoints]}
+    return ids, combined.argmax(dim=1).tolist(), provenance
+
+
+def predict_submission(checkpoints: list[Checkpoint], data_root: str | Path | None = None,
+                       ensemble: bool = False) -> tuple[list[str], list[int], dict]:
+    """(ids, class indices, provenance) from one checkpoint, or from the ensemble of several."""
+    if len(checkpoints) > 1 and not ensemble:
+        raise SoupError(f"{len(checkpoints)} checkpoints given; add --ensemble to average them, or name one")
+    if ensemble:
+        return predict_test_ensemble(checkpoints, data_root)
+    (checkpoint,) = checkpoints
+    ids, categories = predict_test(checkpoint, data_root)
+    return ids, categories, {"kind": checkpoint.kind, "members": [_member(checkpoint)]}
+
+
+def _member(checkpoint: Checkpoint) -> dict:
+    return {"name": checkpoint.name, "path": str(checkpoint.path), "kind": checkpoint.kind,
+            "backbone": checkpoint.backbone, "temperature": temperature_of(checkpoint)}
+
+
+def provenance_path(submission: str | Path) -> Path:
+    return Path(f"{submission}.json")
+
+
+def check_submission_output(submission: str | Path, checkpoints: list[Checkpoint], overwrite: bool,
+                            data_root: str | Path | None = None) -> None:
+    """Before predicting: the CSV and its sidecar go where soup.data.outputs allows, never into a data root."""
+    roots = data_roots(checkpoints, data_root)
+    for path in (Path(submission), provenance_path(submission)):
+        check_output(path, [c.path for c in checkpoints], overwrite, "submission", roots=roots)
+
+
+def write_provenance(submission: str | Path, provenance: dict) -> Path:
+    """A sidecar `<submission>.json`: the CSV itself stays exactly the Id,Category rows Kaggle expects."""
+    path = provenance_path(submission)
+    write_text_atomic(path, json.dumps(provenance, indent=2) + "\n")
+    return path
+
+
+def write_submission(path: str | Path, ids: list[str], categories: list[int]) -> Path:
+    """UTF-8, whatever the locale; an id from a file name that is not valid UTF-8 keeps that name's bytes
+    (the surrogates os.fsdecode made of them turn back into the same bytes)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            writer = csv.writer(f)
+            writer.writerow(["Id", "Category"])
+            writer.writerows(zip(ids, categories))
+    return Path(path)

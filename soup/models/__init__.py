@@ -1,0 +1,5 @@
+"""Models and their files: building a backbone + head by name (backbones), checkpoints written
+atomically with their metadata (checkpoint), and running a model: the device's precision and
+autocast (precision), torchrun ranks (distributed), batched prediction and its scores
+(inference, metrics).
+"""
