@@ -26,6 +26,7 @@ from soup.judge.evaluate import evaluate_rows
 from soup.judge.plot import plot_checkpoints
 from soup.judge.report import (add_per_class, add_statistics, default_reference, ingredient_table, print_eval_table,
                                print_per_class, to_json)
+from soup.judge.study import below_start, describe_below_start
 from soup.judge.submit import check_submission_output, predict_submission, write_provenance, write_submission
 from soup.models.backbones import trusting_hubs
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
@@ -87,6 +88,14 @@ def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
     results = train_recipe(recipe, out, ingredient, console, resume=resume, use_cache=not no_cache)
     if main:
         console.print(ingredient_table(recipe.name, results))
+        # The whole sweep so far, other processes' ingredients included: the reasons compare with it.
+        sweep = find_checkpoints([Path(out) / recipe.name], kinds={"ingredient"}, warn=_warn)
+        _print_below_start(below_start(sweep), len(sweep))
+
+
+def _print_below_start(records: list[dict], total: int) -> None:
+    for line in describe_below_start(records, total):
+        console.print(f"[yellow]{line}[/]" if not line.startswith(" ") else line)
 
 
 def _trust_hub_option(fn):
@@ -204,12 +213,18 @@ def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples
     evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root, use_cache=not no_cache), ensemble)
     rows = add_statistics(evaluated, resamples, compare or default_reference([r for r, _ in evaluated]))
     best = add_per_class(evaluated, per_class) if per_class else None
+    below = below_start(checkpoints)
+    flagged = {record["path"]: record for record in below}
+    for row in rows:
+        if row["kind"] == "ingredient":
+            row["below_start"] = flagged.get(row["path"])
     if as_json:
         click.echo(to_json(rows))
         return
     print_eval_table(rows, split, console)
     if best:
         print_per_class(*best, console)
+    _print_below_start(below, sum(c.kind == "ingredient" for c in checkpoints))
 
 
 @cli.command()

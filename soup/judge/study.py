@@ -1,0 +1,96 @@
+"""Draws that ended below their start: ingredients of a probed start (`model.probe`) whose val accuracy is
+under the probe's, the frozen backbone + linear head they began from. Souping them rarely helps; narrowing
+the search does. Each gets the reasons to suspect, measured against the rest of its sweep:
+
+  underfit    its last train loss is above UNDERFIT x the sweep's median last train loss (too low an lr,
+              too strong a regulariser or augmentation for the schedule)
+  off-basin   its distance from the start, ‖θ − θ₀‖, is above OFF_BASIN x the sweep's median (too high an
+              lr: it left the start's basin, and averages badly)
+
+Both are relative to the sweep, so a sweep of one ingredient gets no reason, only the flag.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from safetensors import safe_open
+
+from soup.cook.weights import starting_weights
+from soup.errors import SoupError
+from soup.models.checkpoint import Checkpoint
+from soup.text import shown
+
+UNDERFIT = 1.25
+OFF_BASIN = 2.0
+
+
+def _last_train_loss(checkpoint: Checkpoint) -> float | None:
+    history = checkpoint.meta.get("val_history") or []
+    loss = history[-1].get("train_loss") if history and isinstance(history[-1], dict) else None
+    return float(loss) if isinstance(loss, (int, float)) else None
+
+
+def start_distances(checkpoints: list[Checkpoint]) -> dict[str, float]:
+    """‖θ − θ₀‖ over the floating tensors of each checkpoint whose start can be rebuilt (by path)."""
+    starts: dict[str, dict | None] = {}
+    distances = {}
+    for checkpoint in checkpoints:
+        if checkpoint.fingerprint not in starts:
+            try:
+                starts[checkpoint.fingerprint] = starting_weights(checkpoint)
+            except SoupError:  # the start is gone (offline, moved): no distance, the loss reason still works
+                starts[checkpoint.fingerprint] = None
+        start = starts[checkpoint.fingerprint]
+        if start is None:
+            continue
+        total = 0.0
+        with safe_open(str(checkpoint.path), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point():
+                    total += (tensor.double() - start[key].double()).pow(2).sum().item()
+        distances[str(checkpoint.path)] = total ** 0.5
+    return distances
+
+
+def below_start(checkpoints: list[Checkpoint]) -> list[dict]:
+    """One record per ingredient that ended below its probed start: name, path, val_acc, start_acc and the
+    reasons to suspect (see the module's docstring). Ingredients without a probe have no measured start."""
+    ingredients = [c for c in checkpoints if c.kind == "ingredient" and isinstance(c.meta.get("probe"), dict)]
+    below = [c for c in ingredients if isinstance(c.meta["probe"].get("val_acc"), (int, float))
+             and isinstance(c.meta.get("val_acc"), (int, float)) and c.meta["val_acc"] < c.meta["probe"]["val_acc"]]
+    if not below:
+        return []
+    losses = {str(c.path): _last_train_loss(c) for c in ingredients}
+    distances = start_distances(ingredients)
+    records = []
+    for checkpoint in below:
+        sweep = [c for c in ingredients if c.meta.get("name") == checkpoint.meta.get("name")
+                 and c.fingerprint == checkpoint.fingerprint]
+        reasons = []
+        loss, others = losses[str(checkpoint.path)], [losses[str(c.path)] for c in sweep]
+        known = [x for x in others if x is not None]
+        if loss is not None and len(known) > 1 and loss > UNDERFIT * statistics.median(known):
+            reasons.append(f"underfit: train loss {loss:.3g}, {loss / statistics.median(known):.1f}x the sweep's median")
+        distance, spread = distances.get(str(checkpoint.path)), [distances.get(str(c.path)) for c in sweep]
+        spread = [x for x in spread if x is not None]
+        if distance is not None and len(spread) > 1 and distance > OFF_BASIN * statistics.median(spread):
+            reasons.append(f"off-basin: {distance:.3g} from the start, {distance / statistics.median(spread):.1f}x "
+                           "the sweep's median")
+        records.append({"name": checkpoint.name, "path": str(checkpoint.path), "val_acc": checkpoint.meta["val_acc"],
+                        "start_acc": checkpoint.meta["probe"]["val_acc"], "reasons": reasons})
+    return records
+
+
+def describe_below_start(records: list[dict], total: int) -> list[str]:
+    """The lines a summary prints for `records` (from below_start) out of `total` ingredients."""
+    if not records:
+        return []
+    lines = [f"{len(records)} of {total} ingredients ended below the probed start they began from; narrow the "
+             "search (the lr range, augmentation, epochs) rather than soup them:"]
+    for record in records:
+        why = "; ".join(record["reasons"]) or "no reason stands out against the sweep"
+        lines.append(f"  {shown(record['name'])}: {record['val_acc']:.2%} on val, start {record['start_acc']:.2%} "
+                     f"({why})")
+    return lines
