@@ -157,3 +157,40 @@ def test_guided_through_the_cli_records_plain_figures(pantry, tmp_path, monkeypa
         kept = trial if step["kept"] else kept
     assert [m["name"] for m in soup.meta["members"]] == [c.name for c in kept]
     assert soup.meta["selection"]["top1"] == plain_scores(soup)["top1"] >= accuracy[order[0].name]
+
+
+@pytest.mark.parametrize("select_on", ["holdout", "val"])
+def test_best_cooks_every_method_and_reports_on_val(pantry, tmp_path, monkeypatch, select_on):
+    out = tmp_path / "best.safetensors"
+    result = run(["cook", "--best", *[str(c.path) for c in pantry], "--select-on", select_on, "-o", str(out)],
+                 monkeypatch)
+    assert result.exit_code == 0, result.output
+    soup = read_checkpoint(out)
+    record = soup.meta["best"]
+    assert list(record["candidates"]) == ["uniform", "greedy", "topk", "guided", "learned", "stock"]
+    assert record["skipped"] == {}
+    scores_ = record["candidates"]
+    assert record["winner"] == max(scores_, key=lambda m: scores_[m])  # ties: the earlier method
+    # Recomputed plainly: the saved winner's weights, and the uniform candidate averaged by hand.
+    assert soup.meta["selection"]["top1"] == plain_scores(soup, split=select_on)["top1"] == scores_[record["winner"]]
+    assert scores_["uniform"] == plain_scores(pantry[0], mean_of(pantry), split=select_on)["top1"]
+    said = " ".join(result.output.split())
+    picked = max(pantry, key=lambda c: plain_scores(c)["top1"])  # on val; ties: the first listed
+    assert f"against the ingredient val picks, {picked.name}" in said
+    assert "against ensemble (mean of logits)" in said
+    assert f"{record['winner']} (winner)" in said
+    assert ("not an honest verdict" in said) == (select_on == "val")
+    assert ("which took no part in selection" in said) == (select_on == "holdout")
+
+
+def test_best_notes_a_method_that_cannot_run_and_refuses_mixed_flags(pantry, tmp_path, monkeypatch):
+    out = tmp_path / "best.safetensors"
+    result = run(["cook", "--best", str(pantry[0].path), "-o", str(out)], monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert "best: stock skipped: the stock soup needs at least two ingredients" in " ".join(result.output.split())
+    assert set(read_checkpoint(out).meta["best"]["skipped"]) == {"stock"}
+    for extra, said in ((["--greedy"], "drop the method flag"), (["--patience", "2"], "drop --patience"),
+                        (["--no-eval"], "drop --no-eval")):
+        result = run(["cook", "--best", *extra, str(pantry[0].path), "-o", str(tmp_path / "x.safetensors")],
+                     monkeypatch)
+        assert result.exit_code == 2 and said in result.output and "Traceback" not in result.output, result.output
