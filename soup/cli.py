@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 
 from soup.cook import sweeps
+from soup.cook.best import cook_best
 from soup.cook.cooking import cook as cook_soup
 from soup.cook.diagnose import describe_soup, loss_line, pair_geometry, print_inspection
 from soup.cook.methods import METHODS
@@ -28,6 +29,7 @@ from soup.judge.report import (add_per_class, add_statistics, default_reference,
                                print_per_class, to_json)
 from soup.judge.study import below_start, describe_below_start
 from soup.judge.submit import check_submission_output, predict_submission, write_provenance, write_submission
+from soup.judge.verdict import BestVerdict
 from soup.models.backbones import trusting_hubs
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
 from soup.models.distributed import is_main
@@ -140,29 +142,54 @@ def _method_options(fn):
 @click.option("--alpha", default=None, metavar="A|START:STOP:STEP",
               help="--interpolate: weight of B (0.5 by default), or a sweep such as 0:1:0.1 that keeps the best.")
 @click.option("--per-layer", is_flag=True, help="--learned: one coefficient per ingredient and tensor.")
+@click.option("--patience", type=click.IntRange(min=1), default=None, metavar="N",
+              help="--guided: stop after N candidates in a row are left out (2 by default).")
+@click.option("--best", is_flag=True, help="Cook every method that fits, keep the best on the selection set "
+              "(default output checkpoints/soups/best.safetensors) and compare them all on val.")
 @click.option("--plot", "plot_path", is_flag=False, flag_value="soups.png", default=None, metavar="[PNG]",
               help="Also write a picture of ingredients, greedy path and soups (default: soups.png beside "
               "the soup).")
 @click.option("--calibrate", is_flag=True, help="Also fit the soup's temperature on the selection set and "
               "store it in its metadata (see soup calibrate).")
-def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, alpha, per_layer, plot_path, calibrate):
+def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, alpha, per_layer, patience, best,
+         plot_path, calibrate):
     """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
     ingredients = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None,
                                    warn=_warn)
     _report_sweeps(ingredients, list(paths) or [Path("checkpoints")])
+    options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None), ("patience", patience))
+               if v is not None}
+    if best:
+        _refuse_with_best(options)
+        method = "best"
     output = output or Path("checkpoints") / "soups" / f"{method}.safetensors"
     png = (output.parent / plot_path if plot_path == "soups.png" else Path(plot_path)) if plot_path else None
     if png:  # a picture is redrawn freely, but never over a checkpoint: checked before cooking
         check_output(png, list(paths), overwrite=True, what="picture", roots=data_roots(ingredients, data_root))
-    options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None)) if v is not None}
-    path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, console,
-                     options=options, calibrate=calibrate, overwrite=overwrite)
+    if best:
+        verdict = BestVerdict(ingredients, data_root)
+        path = cook_best(ingredients, output, None if no_eval else select_on, data_root, force, console,
+                         calibrate=calibrate, overwrite=overwrite, on_candidate=verdict)
+        verdict.report(read_checkpoint(path).meta["best"]["winner"], select_on, console)
+    else:
+        path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, console,
+                         options=options, calibrate=calibrate, overwrite=overwrite)
     if png:
         soups = [c for c in find_checkpoints([path.parent], warn=_warn) if c.kind != "ingredient"]
         plot_checkpoints([c for c in ingredients if c.kind == "ingredient"] + soups, png, select_on, data_root,
                          console)
+
+
+def _refuse_with_best(options: dict) -> None:
+    """--best cooks every method itself, each with its defaults: a method flag or option would be ignored."""
+    source = click.get_current_context().get_parameter_source("method")
+    if source is not click.core.ParameterSource.DEFAULT:
+        raise SoupError("--best cooks every method itself; drop the method flag (e.g. --greedy)")
+    if options:
+        flag = "--" + next(iter(options)).replace("_", "-")
+        raise SoupError(f"--best cooks each method with its defaults; drop {flag} (or cook that method alone)")
 
 
 def _warn(message: str) -> None:

@@ -19,11 +19,15 @@ from soup.models.checkpoint import Checkpoint, save_checkpoint
 from soup.models.metrics import scores
 from soup.score.calibrate import calibration_record, print_calibration
 # Importing soup.cook.methods registers every method in METHODS.
-from soup.cook.methods import METHODS, Kitchen
+from soup.cook.methods import METHODS, Kitchen, Soup
 from soup.cook.selector import Selector
 from soup.data.outputs import check_output, data_roots
 from soup.score.compare import versus_best
 from soup.text import shown
+
+# Soups that start from the best ingredient on the selection set (their first member), so that on holdout
+# cooking ends with the soup against it on val.
+GREEDY_FAMILY = ("greedy", "guided", "topk")
 
 
 def first_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, bool] | None:
@@ -75,6 +79,25 @@ def check_compatible(ingredients: list[Checkpoint], force: bool, console: Consol
         raise SoupError(f"cannot soup {reference.path} with {other.path}: {reason}{hint}")
 
 
+def check_ingredients(ingredients: list[Checkpoint], out: str | Path, takes_soups: bool = False,
+                      data_root: str | Path | None = None, force: bool = False, console: Console | None = None,
+                      overwrite: bool = False) -> None:
+    """Everything that must hold before any mixing: ingredients (not soups, unless the method takes them),
+    each once, compatible and finite, and an output that may be written."""
+    if not ingredients:
+        raise SoupError("no ingredients to cook; train some with `soup train RECIPE` or name checkpoints")
+    for checkpoint in ingredients:
+        if checkpoint.kind != "ingredient" and not takes_soups:
+            raise SoupError(f"{checkpoint.path} is a {checkpoint.kind} soup, not an ingredient; cook from "
+                            "the ingredients themselves")
+    if len({c.path.resolve() for c in ingredients}) != len(ingredients):
+        raise SoupError("the same ingredient is listed twice; a soup counts each ingredient once")
+    check_output(out, [c.path for c in ingredients], overwrite, "soup", checkpoint=True,
+                 roots=data_roots(ingredients, data_root))
+    check_compatible(ingredients, force, console or Console())
+    check_finite(ingredients)
+
+
 def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on: str | None = "val",
          data_root: str | Path | None = None, force: bool = False, console: Console | None = None,
          device: torch.device | None = None, options: dict | None = None, calibrate: bool = False,
@@ -93,19 +116,7 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
             flag = "--" + option.replace("_", "-")
             raise SoupError(f"{flag} is not an option of the {method} soup" +
                             (f"; it goes with {' or '.join(owners)}" if owners else ""))
-    if not ingredients:
-        raise SoupError("no ingredients to cook; train some with `soup train RECIPE` or name checkpoints")
-    for checkpoint in ingredients:
-        if checkpoint.kind != "ingredient" and not spec.takes_soups:
-            raise SoupError(f"{checkpoint.path} is a {checkpoint.kind} soup, not an ingredient; cook from "
-                            "the ingredients themselves")
-    names = [c.name for c in ingredients]
-    if len({c.path.resolve() for c in ingredients}) != len(ingredients):
-        raise SoupError("the same ingredient is listed twice; a soup counts each ingredient once")
-    check_output(out, [c.path for c in ingredients], overwrite, "soup", checkpoint=True,
-                 roots=data_roots(ingredients, data_root))
-    check_compatible(ingredients, force, console)
-    check_finite(ingredients)
+    check_ingredients(ingredients, out, spec.takes_soups, data_root, force, console, overwrite)
     if spec.needs_selection and select_on is None:
         without = " or ".join(f"--{m}" for m, s in METHODS.items() if not s.needs_selection)
         raise SoupError(f"the {method} soup needs held-out data; --no-eval works with {without} only")
@@ -115,20 +126,29 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     console.print(f"[bold]{method} soup[/] of {len(ingredients)} ingredients" +
                   (f", selected on {select_on}" if select else ", without data"))
     soup = spec.fn(ingredients, select, console, Kitchen(ingredients[0], dict(options or {})))
+    # Whether held-out scores chose or fitted the weights (greedy, learned, an alpha sweep), making a
+    # later score on this split optimistic; uniform and stock are only checked on it.
+    chose = spec.needs_selection or len(soup.steps) > 1
+    return save_soup(method, soup, ingredients, out, select, chose, console, calibrate,
+                     holdout_verdict=method in GREEDY_FAMILY, data_root=data_root)
+
+
+def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str | Path, select: Selector | None,
+              chose: bool, console: Console, calibrate: bool = False, holdout_verdict: bool = False,
+              data_root: str | Path | None = None) -> Path:
+    """Score `soup` on its selection split (when it has one) and write it with its provenance. With
+    `holdout_verdict` and a holdout selection, it is also measured against its best ingredient on val."""
     selection, extra = None, {}
     if select is not None:
         logits, targets = select.logits(soup.state_dict)
         result = scores(logits, targets)
-        # Whether held-out scores chose or fitted the weights (greedy, learned, an alpha sweep), making a
-        # later score on this split optimistic; uniform and stock are only checked on it.
-        chose = spec.needs_selection or len(soup.steps) > 1
-        selection = {"split": select_on, "root": select.root, "chose": chose, **result}
-        console.print(f"  {method} soup: {result['top1']:.2%} on {select_on} (the selection set) with "
+        selection = {"split": select.split, "root": select.root, "chose": chose, **result}
+        console.print(f"  {method} soup: {result['top1']:.2%} on {select.split} (the selection set) with "
                       f"{len(soup.members)} of {len(ingredients)} ingredients")
         if calibrate:
-            extra["calibration"] = calibration_record(logits, targets, select_on)
+            extra["calibration"] = calibration_record(logits, targets, select.split)
             print_calibration(f"{method} soup", extra["calibration"], console)
-        if method == "greedy" and select_on == "holdout":
+        if holdout_verdict and select.split == "holdout":
             extra["versus_best"] = versus_best(soup.state_dict, soup.members[0][0], "val", data_root,
                                                select.device, console)
     reference = ingredients[0]
@@ -140,7 +160,7 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
         "classes": reference.classes,
         "start_fingerprint": reference.fingerprint,
         "members": [{"name": c.name, "path": str(c.path), "weight": w} for c, w in soup.members],
-        "candidates": names,
+        "candidates": [c.name for c in ingredients],
         "steps": soup.steps,
         "selection": selection,
         **soup.extra,

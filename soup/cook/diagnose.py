@@ -111,6 +111,8 @@ def describe_soup(checkpoint: Checkpoint, console: Console) -> None:
         if "candidate" in step:
             verdict = "kept" if step["kept"] else "left out: the average with it scored lower"
             console.print(f"  greedy step {shown(step['candidate'])}: {step['top1']:.2%}{where}, {verdict}")
+        elif "k" in step:
+            console.print(f"  top-k: k={step['k']} (+ {shown(step['added'])}): {step['top1']:.2%}{where}")
         elif "alpha" in step:
             console.print(f"  alpha {step['alpha']:g}: {step['top1']:.2%}{where}")
         elif "epoch" in step:

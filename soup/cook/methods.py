@@ -1,4 +1,5 @@
-"""The soup methods (uniform, greedy, learned, Model Stock, WiSE-FT interpolation) and their registry.
+"""The soup methods (uniform, greedy, top-k, ensemble-guided greedy, learned, Model Stock, WiSE-FT
+interpolation) and their registry; the greedy family's shared steps are in soup.cook.greedy.
 
 A method is ONE function, registered in ONE place: decorate it with `@soup_method(name, ...)` here and it
 is in METHODS, which `soup cook` (one flag per method), the demo and the tests read. It takes the
@@ -19,12 +20,11 @@ from rich.console import Console
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
+from soup.cook.greedy import Greedy, guided_order, rank, try_candidate
 from soup.cook.selector import Selector
 from soup.cook.weights import starting_weights, weighted_average
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, tensors_across
-from soup.score.compare import describe_difference, difference
-from soup.score.evaluator import Predictions
 from soup.text import shown
 
 
@@ -87,45 +87,65 @@ def uniform_soup(ingredients: list[Checkpoint], select: Selector | None, console
     return Soup(weighted_average(members), members)
 
 
-def _judged(select, state_dict: dict) -> tuple[dict, Predictions | None]:
-    """Scores and per-image predictions; a bare scoring function (a stand-in selector) has no per-image
-    predictions, and then no interval is given."""
-    judged = getattr(select, "judged", None)
-    return judged(state_dict) if judged else (select(state_dict), None)
-
-
 @soup_method("greedy", needs_selection=True)
 def greedy_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
                 kitchen: Kitchen | None = None) -> Soup:
     """The paper's recipe: rank ingredients by held-out accuracy, start from the best, and add each next
     one if the average with it does not lower held-out accuracy."""
-    scored = []
-    for checkpoint in ingredients:
-        result, outcome = _judged(select, checkpoint.state_dict())
-        console.print(f"  {shown(checkpoint.name)}: {result['top1']:.2%} on {select.split}")
-        scored.append((result["top1"], checkpoint, outcome))
-    scored.sort(key=lambda item: -item[0])  # stable: ties keep the order given
-    best_acc, best, best_outcome = scored[0]
-    kept = [best]
-    steps = [{"candidate": best.name, "top1": best_acc, "kept": True}]
-    console.print(f"  greedy: start from {shown(best.name)} ({best_acc:.2%})")
-    for _, candidate, _ in scored[1:]:
-        trial = weighted_average([(c, 1.0 / (len(kept) + 1)) for c in kept + [candidate]])
-        result, outcome = _judged(select, trial)
-        acc = result["top1"]
-        keep = acc >= best_acc
-        # The gain over the soup so far on the same images: an interval holding 0 means a tie within noise.
-        gain = difference(outcome, best_outcome) if outcome is not None else None
-        steps.append({"candidate": candidate.name, "top1": acc, "kept": keep, **({"gain": gain} if gain else {})})
-        verdict = "[green]kept[/]" if keep else "[red]left out[/]"
-        noise = " (a tie within noise)" if gain and gain["low"] is not None and gain["low"] <= 0 <= gain["high"] else ""
-        said = f", gain {describe_difference(gain, p=False)}" if gain else ""
-        console.print(f"  greedy: + {shown(candidate.name)} -> {acc:.2%} on {select.split}{said}: {verdict}{noise}")
-        if keep:
-            kept.append(candidate)
-            best_acc, best_outcome = acc, outcome
-    members = [(c, 1.0 / len(kept)) for c in kept]
-    return Soup(weighted_average(members), members, steps)
+    ranked = rank(ingredients, select, console)
+    soup = Greedy([ranked[0].checkpoint], ranked[0].top1, ranked[0].outcome)
+    steps = [{"candidate": ranked[0].checkpoint.name, "top1": ranked[0].top1, "kept": True}]
+    console.print(f"  greedy: start from {shown(ranked[0].checkpoint.name)} ({ranked[0].top1:.2%})")
+    steps += [try_candidate(soup, item.checkpoint, select, console) for item in ranked[1:]]
+    return Soup(weighted_average(soup.members()), soup.members(), steps)
+
+
+@soup_method("topk", needs_selection=True)
+def topk_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
+              kitchen: Kitchen | None = None) -> Soup:
+    """Uniform soups of the k best ingredients for every k; keeps the k that scores best on held-out data
+    (ties: the smaller k)."""
+    ranked = rank(ingredients, select, console)
+    # k = 1 is the best ingredient alone, already scored by the ranking: an average of one is itself.
+    curve = [{"k": 1, "added": ranked[0].checkpoint.name, "top1": ranked[0].top1}]
+    for k in range(2, len(ranked) + 1):
+        top1 = select(weighted_average([(item.checkpoint, 1.0 / k) for item in ranked[:k]]))["top1"]
+        curve.append({"k": k, "added": ranked[k - 1].checkpoint.name, "top1": top1})
+        console.print(f"  topk: k={k} (+ {shown(ranked[k - 1].checkpoint.name)}): {top1:.2%} on {select.split}")
+    best = max(curve, key=lambda point: point["top1"])  # the first of equals: the smaller k
+    console.print(f"  topk: best k = {best['k']} of {len(ranked)} ({best['top1']:.2%} on {select.split})")
+    members = [(item.checkpoint, 1.0 / best["k"]) for item in ranked[:best["k"]]]
+    return Soup(weighted_average(members), members, curve, {"topk": {"k": best["k"]}})
+
+
+@soup_method("guided", needs_selection=True, options={"patience": 2})
+def guided_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
+                kitchen: Kitchen | None = None) -> Soup:
+    """Ensemble-guided greedy: greedy's rule, trying next the candidate whose logit ensemble with the soup
+    scores best (each ingredient's logits computed once), stopping after --patience rejections in a row;
+    scores fewer weight sets than greedy."""
+    patience = _kitchen(kitchen, ingredients, "guided").options["patience"]
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise SoupError(f"--patience {patience}: expected a whole number of rejections in a row, at least 1")
+    ranked = rank(ingredients, select, console, keep_logits=True)
+    first, targets = ranked[0], ranked[0].outcome.targets
+    soup = Greedy([first.checkpoint], first.top1, first.outcome, scored=len(ranked))
+    steps = [{"candidate": first.checkpoint.name, "top1": first.top1, "kept": True}]
+    console.print(f"  guided: start from {shown(first.checkpoint.name)} ({first.top1:.2%})")
+    member_logits, pool, misses = [first.logits], ranked[1:], 0
+    while pool and misses < patience:
+        promise, item = guided_order(member_logits, pool, targets)[0]
+        pool = [other for other in pool if other is not item]
+        step = try_candidate(soup, item.checkpoint, select, console, "guided", {"ensemble_top1": promise})
+        steps.append(step)
+        member_logits += [item.logits] if step["kept"] else []
+        misses = 0 if step["kept"] else misses + 1
+    n, untried = len(ingredients), [item.checkpoint.name for item in pool]
+    console.print(f"  guided: scored {soup.scored} weight sets; plain greedy scores {n} + {n - 1} = {2 * n - 1}"
+                  + (f" ({len(untried)} candidates left untried after {patience} rejections in a row)"
+                     if untried else ""))
+    record = {"scored": soup.scored, "plain_greedy_scores": 2 * n - 1, "patience": patience, "untried": untried}
+    return Soup(weighted_average(soup.members()), soup.members(), steps, {"guided": record})
 
 
 def _mix_parameters(stacked: dict[str, torch.Tensor], coefficients: torch.Tensor,

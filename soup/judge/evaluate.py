@@ -38,7 +38,8 @@ def ensemble_logits(members: list[tuple[Checkpoint, torch.Tensor]]) -> tuple[tor
     return probabilities.clamp_min(1e-12).log(), f"mean of probabilities, {len(backbones)} architectures"
 
 
-def _row(logits: torch.Tensor, targets: list, classes: list[str], **fields) -> tuple[dict, Predictions]:
+def score_row(logits: torch.Tensor, targets: list, classes: list[str], **fields) -> tuple[dict, Predictions]:
+    """One row of the table (top-1, top-5, NLL, ECE and `fields`) and its per-image predictions."""
     outcome = predictions(logits, targets, classes)
     result = scores(logits, targets)
     return {**fields, **result, "nll": result["loss"],
@@ -55,7 +56,7 @@ def evaluate_rows(checkpoints: list[Checkpoint], evaluator: Evaluator,
     for checkpoint, temperature in zip(checkpoints, temperatures):
         logits, targets = evaluator.logits(checkpoint)
         logits = logits / temperature
-        rows.append(_row(logits, targets, checkpoint.classes,
+        rows.append(score_row(logits, targets, checkpoint.classes,
                          name=checkpoint.name,
                          path=str(checkpoint.path),
                          kind=checkpoint.kind,
@@ -75,7 +76,7 @@ def evaluate_rows(checkpoints: list[Checkpoint], evaluator: Evaluator,
                                 f"{evaluator.split} images; pass --data ROOT so that all read the same ones")
         # The paper's reference: the ensemble costs one forward pass per member, a soup only one.
         combined, how = ensemble_logits([(c, lg) for c, lg, _ in members])
-        rows.append(_row(combined, members[0][2], members[0][0].classes,
+        rows.append(score_row(combined, members[0][2], members[0][0].classes,
                          name=f"ensemble ({how})", path="", kind="ensemble", members=len(members),
                          member_names=[c.name for c, _, _ in members], split=evaluator.split,
                          selection_set=False, temperature=1.0))

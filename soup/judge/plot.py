@@ -1,5 +1,6 @@
 """`soup plot`: one picture of held-out accuracy: each ingredient (sorted), the greedy path step by step,
-every soup, and the ingredients' ensemble as a reference line. matplotlib is an optional extra."""
+a top-k soup's curve (k -> accuracy), every soup, and the ingredients' ensemble as a reference line.
+matplotlib is an optional extra."""
 
 from __future__ import annotations
 
@@ -26,15 +27,16 @@ def _figure_class():
     return Figure
 
 
-def draw(rows: list[dict], greedy: dict | None, path: str | Path) -> dict[str, list[float]]:
-    """Write the PNG; returns each drawn series (label -> y values), read back from the figure."""
+def draw(rows: list[dict], greedy: dict | None, path: str | Path, topk: dict | None = None) -> dict[str, list[float]]:
+    """Write the PNG; returns each drawn series (label -> y values), read back from the figure. `greedy`
+    and `topk` ({"name", "steps", "split"}) are a greedy soup's path and a top-k soup's curve."""
     Figure = _figure_class()
     split = rows[0]["split"] if rows else "?"
     ingredients = sorted((r for r in rows if r["kind"] == "ingredient"), key=lambda r: r["top1"])
     soups = [r for r in rows if r["kind"] not in ("ingredient", "ensemble")]
     ensemble = next((r for r in rows if r["kind"] == "ensemble"), None)
     figure = Figure(figsize=(11, 4.5), layout="constrained")
-    left, right = figure.subplots(1, 2, width_ratios=[3, 2]) if greedy else (figure.subplots(), None)
+    left, right = figure.subplots(1, 2, width_ratios=[3, 2]) if greedy or topk else (figure.subplots(), None)
     names = [r["name"] for r in ingredients] + [r["name"] for r in soups]
     left.plot(range(len(ingredients)), [r["top1"] for r in ingredients], "o-", color="tab:gray",
               label="ingredients (sorted)")
@@ -48,20 +50,13 @@ def draw(rows: list[dict], greedy: dict | None, path: str | Path) -> dict[str, l
     left.set_title(f"ingredients, soups and ensemble on {split}")
     left.legend(fontsize=7, loc="best")
     if greedy:
-        steps = greedy["steps"]
-        best, running = [], None
-        for step in steps:
-            running = step["top1"] if step["kept"] else running
-            best.append(running)
-        x = list(range(1, len(steps) + 1))
-        right.plot(x, best, "-", color="tab:green", label="greedy: soup so far")
-        for kept, color, label in ((True, "tab:green", "greedy: kept"), (False, "tab:red", "greedy: left out")):
-            points = [(i, s["top1"]) for i, s in zip(x, steps) if s["kept"] == kept]
-            right.plot([p[0] for p in points], [p[1] for p in points], "o" if kept else "x", color=color,
-                       linestyle="none", label=label)
-        right.set_xticks(x, [s["candidate"] for s in steps], rotation=60, ha="right", fontsize=7)
-        right.set_ylabel(f"top-1 on {greedy['split']} (selection set)")
-        right.set_title(f"greedy path: {greedy['name']}")
+        _greedy_path(right, greedy)
+    if topk:
+        _topk_curve(right, topk, label_ticks=not greedy)
+    if right is not None:
+        right.set_ylabel(f"top-1 on {(greedy or topk)['split']} (selection set)")
+        right.set_title(" and ".join(f"{what}: {record['name']}" for what, record in
+                                     (("greedy path", greedy), ("top-k curve", topk)) if record))
         right.legend(fontsize=7, loc="best")
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
@@ -71,6 +66,34 @@ def draw(rows: list[dict], greedy: dict | None, path: str | Path) -> dict[str, l
             if not line.get_label().startswith("_"):
                 series[line.get_label()] = [float(y) for y in line.get_ydata()]
     return series
+
+
+def _greedy_path(axes, greedy: dict) -> None:
+    steps = greedy["steps"]
+    best, running = [], None
+    for step in steps:
+        running = step["top1"] if step["kept"] else running
+        best.append(running)
+    x = list(range(1, len(steps) + 1))
+    axes.plot(x, best, "-", color="tab:green", label="greedy: soup so far")
+    for kept, color, label in ((True, "tab:green", "greedy: kept"), (False, "tab:red", "greedy: left out")):
+        points = [(i, s["top1"]) for i, s in zip(x, steps) if s["kept"] == kept]
+        axes.plot([p[0] for p in points], [p[1] for p in points], "o" if kept else "x", color=color,
+                  linestyle="none", label=label)
+    axes.set_xticks(x, [s["candidate"] for s in steps], rotation=60, ha="right", fontsize=7)
+
+
+def _topk_curve(axes, topk: dict, label_ticks: bool) -> None:
+    """Step k of greedy and k of top-k add the same ingredient (both rank alike), so they share an x axis."""
+    curve = topk["steps"]
+    chosen = max(curve, key=lambda point: point["top1"])  # the soup's own rule: ties go to the smaller k
+    axes.plot([p["k"] for p in curve], [p["top1"] for p in curve], "s--", color="tab:blue", markersize=4,
+              label="top-k: uniform of the k best")
+    axes.plot([chosen["k"]], [chosen["top1"]], marker="*", markersize=14, color="tab:blue", linestyle="none",
+              label="top-k: chosen k")
+    if label_ticks:
+        axes.set_xticks([p["k"] for p in curve], [f"k={p['k']}: +{p['added']}" for p in curve], rotation=60,
+                        ha="right", fontsize=7)
 
 
 def draw_reliability(evaluated: list[tuple[dict, Predictions]], path: str | Path) -> dict[str, list[float]]:
@@ -100,6 +123,15 @@ def draw_reliability(evaluated: list[tuple[dict, Predictions]], path: str | Path
     return series
 
 
+def _recorded(checkpoints: list[Checkpoint], kind: str) -> dict | None:
+    """The steps a soup of `kind` recorded (greedy's path, top-k's curve), from the first such soup."""
+    soup = next((c for c in checkpoints if c.kind == kind and c.meta.get("steps")), None)
+    if soup is None:
+        return None
+    return {"name": soup.name, "steps": soup.meta["steps"],
+            "split": (soup.meta.get("selection") or {}).get("split", "?")}
+
+
 def plot_checkpoints(checkpoints: list[Checkpoint], path: str | Path, split: str = "val",
                      data_root: str | Path | None = None, console: Console | None = None,
                      reliability_path: str | Path | None = None) -> dict:
@@ -110,14 +142,11 @@ def plot_checkpoints(checkpoints: list[Checkpoint], path: str | Path, split: str
     ingredients = [c for c in checkpoints if c.kind == "ingredient"]
     evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root), ensemble=len(ingredients) >= 2)
     rows = [row for row, _ in evaluated]
-    greedy_soup = next((c for c in checkpoints if c.kind == "greedy" and c.meta.get("steps")), None)
-    greedy = None
-    if greedy_soup is not None:
-        greedy = {"name": greedy_soup.name, "steps": greedy_soup.meta["steps"],
-                  "split": (greedy_soup.meta.get("selection") or {}).get("split", "?")}
-    series = draw(rows, greedy, path)
+    greedy, topk = (_recorded(checkpoints, kind) for kind in ("greedy", "topk"))
+    series = draw(rows, greedy, path, topk)
     console.print(f"wrote {shown(path)}: {len(ingredients)} ingredients, {len(rows) - len(ingredients)} soups/ensemble "
-                  f"on {split}" + (", and the greedy path" if greedy else ""))
+                  f"on {split}" + (", and the greedy path" if greedy else "")
+                  + (", and the top-k curve" if topk else ""))
     result = {"path": Path(path), "series": series, "rows": rows}
     if reliability_path is not None:
         result["reliability"] = draw_reliability(evaluated, reliability_path)
