@@ -5,13 +5,13 @@ on val, over whole studies repeated with different seeds.
     python benchmarks/soup_gain.py --studies 1      # one study, a quick look
 
 Each study, seeded by its index:
-1. Data made hard enough that ingredients disagree, and not the tests' data: classes are ordered pairs of
-   sketch shapes drawn side by side (32 classes by default), few train images per class, and distortions
-   (erased blocks, blur, speckle). Train, val and a labelled test split come from one generator; the test
-   split lives in a data root of its own (its val_images), read only for the final figures.
-2. A start pretrained on single shapes (the stand-in for DinoV2), a probed start (the head trained on the
-   frozen backbone, `model.probe`), then a random search of ingredients (lr, weight decay, label smoothing,
-   seed) fine-tuned from it with half of the backbone frozen.
+1. Data made hard enough that ingredients disagree, and not the tests' data: the 16 sketch shapes on
+   distorted pages (erased blocks, speckle, blur: soup.data.sketches.distort), 20 train images per class.
+   The labelled test split is the val_images of a data root of its own, read only for the final figures.
+2. A start pretrained on clean pages of the same shapes (the stand-in for DinoV2), a probed start (the
+   head trained on the frozen backbone, `model.probe`), then a random search of ingredients (lr,
+   augmentation, weight decay, label smoothing, seed) fine-tuned from it with a quarter of the backbone
+   frozen.
 3. Every registered soup method (and the variants in VARIANTS) is cooked with val as its selection set,
    the same information the user has when picking the best ingredient on val. Then every soup, the
    logit ensemble of the ingredients and the val-picked ingredient are scored on the test split.
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import shutil
 import sys
 import tempfile
@@ -34,7 +33,6 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,7 +40,7 @@ from rich.console import Console  # noqa: E402
 
 from soup.cook.cooking import cook  # noqa: E402
 from soup.cook.methods import METHODS  # noqa: E402
-from soup.data.sketches import SHAPES, draw_sketch, generate_sketches  # noqa: E402
+from soup.data.sketches import generate_sketches  # noqa: E402
 from soup.judge.evaluate import ensemble_logits  # noqa: E402
 from soup.models.checkpoint import find_checkpoints, read_checkpoint  # noqa: E402
 from soup.models.precision import cpu_flags_line  # noqa: E402
@@ -54,56 +52,12 @@ from soup.train.loop import train_recipe  # noqa: E402
 # Method variants beside each registered method's defaults: name -> (method, options).
 VARIANTS: dict[str, tuple[str, dict]] = {}
 SPACE = {
-    "train.lr": {"loguniform": [3.0e-4, 3.0e-3]},
+    "train.lr": {"loguniform": [1.0e-3, 5.0e-3]},
+    "data.augment": {"choice": ["none", "crop_hflip", "trivialaugment"]},
     "train.weight_decay": {"choice": [0.0, 0.01, 0.05]},
     "train.label_smoothing": {"uniform": [0.0, 0.2]},
     "train.seed": {"randint": [0, 999]},
 }
-
-
-def pair_classes(count: int, seed: int) -> list[tuple[str, str]]:
-    """`count` pairs of different shapes: a class is 'these two shapes, in either order' (a pooled convnet
-    sees no left and right)."""
-    pairs = [(a, b) for a in SHAPES for b in SHAPES if a < b]
-    random.Random(seed).shuffle(pairs)
-    return sorted(pairs[:count])
-
-
-def draw_pair(pair: tuple[str, str], size: int, rng: random.Random) -> Image.Image:
-    """Two freehand shapes side by side, then distorted: an erased block, blur or speckle now and then."""
-    page = Image.new("RGB", (size, size), "white")
-    half = size // 2
-    for i, shape in enumerate(pair if rng.random() < 0.5 else pair[::-1]):
-        drawing = draw_sketch(shape, half, rng)
-        page.paste(drawing, (i * half, rng.randint(0, size - half)))
-    pen = ImageDraw.Draw(page)
-    if rng.random() < 0.5:  # a block of the drawing erased
-        w, h = rng.randint(size // 8, size // 3), rng.randint(size // 8, size // 3)
-        x, y = rng.randint(0, size - w), rng.randint(0, size - h)
-        pen.rectangle([x, y, x + w, y + h], fill="white")
-    for _ in range(rng.randint(0, size // 4)):  # speckle
-        x, y = rng.randrange(size), rng.randrange(size)
-        pen.point((x, y), fill=(rng.randint(0, 120),) * 3)
-    if rng.random() < 0.3:
-        page = page.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
-    return page
-
-
-def make_pair_data(root: Path, test_root: Path, classes: list[tuple[str, str]], train: int, val: int,
-                   test: int, size: int, seed: int) -> None:
-    rng = random.Random(seed)
-    names = [f"{a}-{b}" for a, b in classes]
-    for base, split, count in ((root, "train_images", train), (root, "val_images", val),
-                               (test_root, "train_images", 1), (test_root, "val_images", test)):
-        for name, pair in zip(names, classes):
-            folder = base / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for k in range(count):
-                draw_pair(pair, size, rng).save(folder / f"{k:04d}.jpeg", quality=90)
-    for base in (root, test_root):
-        folder = base / "test_images" / "mistery_category"
-        folder.mkdir(parents=True, exist_ok=True)
-        draw_pair(classes[0], size, rng).save(folder / "img_00000.jpeg", quality=90)
 
 
 def model_section(args, **extra) -> dict:
@@ -119,17 +73,19 @@ def train_section(epochs: int, lr: float) -> dict:
 def study(args, index: int, work: Path, console: Console) -> dict:
     """One whole study; returns per method its test predictions, cooking time and scorings."""
     root, test_root, pre_root = work / "data", work / "test", work / "pretrain"
-    classes = pair_classes(args.classes, seed=index)
-    make_pair_data(root, test_root, classes, args.train_per_class, args.val_per_class, args.test_per_class,
-                   args.page, seed=100 + index)
-    generate_sketches(pre_root, len(SHAPES), args.pretrain_per_class, 5, 0, image_size=args.page // 2,
-                      seed=200 + index)
+    # The target: distorted pages, few per class. The test split is the val_images of a root of its own.
+    generate_sketches(root, args.classes, args.train_per_class, args.val_per_class, 1, args.page,
+                      seed=100 + index, distorted=True)
+    generate_sketches(test_root, args.classes, 1, args.test_per_class, 1, args.page, seed=300 + index,
+                      distorted=True)
+    # The start: clean pages of the same shapes, as a pretrained backbone has seen clean images.
+    generate_sketches(pre_root, args.classes, args.pretrain_per_class, 5, 0, args.page, seed=200 + index)
     out = work / "checkpoints"
     pretrain = {"name": "pretrain", "data": {"root": str(pre_root), "image_size": args.image_size},
                 "model": model_section(args), "train": train_section(args.pretrain_epochs, 2e-3)}
     [(_, start)] = train_recipe(recipe_from_dict(pretrain), out, console=console)
     recipe = {"name": "study", "data": {"root": str(root), "image_size": args.image_size},
-              "model": model_section(args, weights=str(start), freeze=0.5,
+              "model": model_section(args, weights=str(start), freeze=args.freeze,
                                      probe={"epochs": 4, "lr": 1e-2, "optimizer": "adamw"}),
               "train": train_section(args.epochs, 1e-3),
               "search": {"trials": args.trials, "seed": index, "space": SPACE}}
@@ -159,8 +115,10 @@ def study(args, index: int, work: Path, console: Console) -> dict:
             continue
         seconds = time.perf_counter() - started
         soup = read_checkpoint(path)
-        results[name] = {"outcome": _test_predictions(test, soup).get("outcome"), "seconds": seconds,
-                         "scored": soup.meta.get("scored"), "members": len(soup.meta.get("members", []))}
+        n = len(ingredients)
+        scored = (soup.meta.get("guided") or {}).get("scored") or (2 * n - 1 if method in ("greedy", "topk") else None)
+        results[name] = {"outcome": _test_predictions(test, soup)["outcome"], "seconds": seconds, "scored": scored,
+                         "members": len(soup.meta.get("members", []))}
     return results
 
 
@@ -182,7 +140,7 @@ def report(studies: list[dict]) -> None:
     print(f"\nval-picked ingredient: test top-1 {base.correct.double().mean().item():.2%} "
           f"({', '.join(s['picked_name'] for s in studies)})")
     print(f"{'method':<22} {'test top-1':>10} {'Δ points':>9} {'95% CI (paired, pooled)':>24}  per study"
-          f"{'':>14} {'time s':>7} {'members':>7}")
+          f"{'':>14} {'time s':>7} {'members':>7} {'scored':>6}")
     names = [n for n in studies[0] if n not in ("picked", "picked_name")]
     for name in names:
         if not all(name in s and s[name]["outcome"] is not None for s in studies):
@@ -192,25 +150,28 @@ def report(studies: list[dict]) -> None:
         per = [difference(s[name]["outcome"], s["picked"]["outcome"], resamples=0)["diff"] for s in studies]
         seconds = sum(s[name]["seconds"] for s in studies) / len(studies)
         members = [s[name].get("members") for s in studies]
+        scored = [s[name].get("scored") for s in studies]
         print(f"{name:<22} {outcome.correct.double().mean().item():>10.2%} {d['diff'] * 100:>+9.2f} "
               f"{'[' + format(d['low'] * 100, '+.2f') + ', ' + format(d['high'] * 100, '+.2f') + ']':>24}  "
               f"{' '.join(format(p * 100, '+.2f') for p in per):<22} {seconds:>7.2f} "
-              f"{'/'.join(str(m) for m in members if m is not None):>7}  (p={d['p']:.3f})")
+              f"{'/'.join(str(m) for m in members if m is not None):>7} "
+              f"{'/'.join(str(x) for x in scored if x is not None):>6}  (p={d['p']:.3f})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", type=int, default=3)
-    parser.add_argument("--classes", type=int, default=24)
+    parser.add_argument("--classes", type=int, default=16)
     parser.add_argument("--train-per-class", type=int, default=20)
-    parser.add_argument("--val-per-class", type=int, default=8)
-    parser.add_argument("--test-per-class", type=int, default=12)
+    parser.add_argument("--val-per-class", type=int, default=10)
+    parser.add_argument("--test-per-class", type=int, default=20)
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--freeze", type=float, default=0.25)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--pretrain-epochs", type=int, default=4)
     parser.add_argument("--pretrain-per-class", type=int, default=60)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--page", type=int, default=112, help="side of the generated pages (px)")
+    parser.add_argument("--page", type=int, default=64, help="smallest side of the generated pages (px)")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()

@@ -11,7 +11,7 @@ import math
 import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from soup.errors import SoupError
 
@@ -112,10 +112,27 @@ def draw_sketch(shape: str, size: int, rng: random.Random) -> Image.Image:
     return image.convert("RGB")
 
 
+def distort(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A scanned, smudged page: a block of the drawing erased now and then, speckle, and sometimes blur.
+    Makes a small data set hard enough that models trained on it disagree."""
+    size = min(image.size)
+    pen = ImageDraw.Draw(image)
+    if rng.random() < 0.5:
+        w, h = rng.randint(size // 8, size // 3), rng.randint(size // 8, size // 3)
+        x, y = rng.randint(0, image.width - w), rng.randint(0, image.height - h)
+        pen.rectangle([x, y, x + w, y + h], fill="white")
+    for _ in range(rng.randint(0, size // 4)):
+        pen.point((rng.randrange(image.width), rng.randrange(image.height)), fill=(rng.randint(0, 120),) * 3)
+    if rng.random() < 0.3:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
+    return image
+
+
 def generate_sketches(root: str | Path, classes: int | list[str] = 8, train_per_class: int = 20,
                       val_per_class: int = 5, test_images: int = 20, image_size: int = 64,
-                      seed: int = 0) -> list[str]:
-    """Write a sketch data set in the course layout under `root`; returns the class names (sorted)."""
+                      seed: int = 0, distorted: bool = False) -> list[str]:
+    """Write a sketch data set in the course layout under `root`; returns the class names (sorted).
+    `distorted`: every page also goes through `distort` (a harder set; the same seed draws other pages)."""
     names = list(SHAPES)[:classes] if isinstance(classes, int) else list(classes)
     unknown = [n for n in names if n not in SHAPES]
     if unknown or not names:
@@ -129,14 +146,18 @@ def generate_sketches(root: str | Path, classes: int | list[str] = 8, train_per_
         # Real sketches come in many sizes; resizing is part of what is tested.
         return rng.randint(image_size, image_size * 3 // 2)
 
+    def page(name: str) -> Image.Image:
+        drawing = draw_sketch(name, page_size(), rng)
+        return distort(drawing, rng) if distorted else drawing
+
     for split, count in (("train_images", train_per_class), ("val_images", val_per_class)):
         for name in names:
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for k in range(count):
-                draw_sketch(name, page_size(), rng).save(folder / f"{name}_{k:04d}.jpeg", quality=90)
+                page(name).save(folder / f"{name}_{k:04d}.jpeg", quality=90)
     test_folder = root / "test_images" / "mistery_category"
     test_folder.mkdir(parents=True, exist_ok=True)
     for k in range(test_images):
-        draw_sketch(rng.choice(names), page_size(), rng).save(test_folder / f"img_{k:05d}.jpeg", quality=90)
+        page(rng.choice(names)).save(test_folder / f"img_{k:05d}.jpeg", quality=90)
     return sorted(names)
