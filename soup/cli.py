@@ -131,12 +131,17 @@ def _method_options(fn):
 @click.option("--alpha", default=None, metavar="A|START:STOP:STEP",
               help="--interpolate: weight of B (0.5 by default), or a sweep such as 0:1:0.1 that keeps the best.")
 @click.option("--per-layer", is_flag=True, help="--learned: one coefficient per ingredient and tensor.")
+@click.option("--hyperplane", is_flag=True, help="--learned: coefficients summing to one, free in sign within "
+              "--bound (MEHL-Soup), fitted a few at a time; fit with --select-on holdout.")
+@click.option("--bound", type=float, default=None, metavar="B",
+              help="--learned --hyperplane: each coefficient in [-B, 1+B] (default 0.5).")
 @click.option("--plot", "plot_path", is_flag=False, flag_value="soups.png", default=None, metavar="[PNG]",
               help="Also write a picture of ingredients, greedy path and soups (default: soups.png beside "
               "the soup).")
 @click.option("--calibrate", is_flag=True, help="Also fit the soup's temperature on the selection set and "
               "store it in its metadata (see soup calibrate).")
-def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, alpha, per_layer, plot_path, calibrate):
+def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, alpha, per_layer, hyperplane, bound,
+         plot_path, calibrate):
     """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
@@ -147,7 +152,8 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     png = (output.parent / plot_path if plot_path == "soups.png" else Path(plot_path)) if plot_path else None
     if png:  # a picture is redrawn freely, but never over a checkpoint: checked before cooking
         check_output(png, list(paths), overwrite=True, what="picture", roots=data_roots(ingredients, data_root))
-    options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None)) if v is not None}
+    options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None),
+                                 ("hyperplane", hyperplane or None), ("bound", bound)) if v is not None}
     path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, console,
                      options=options, calibrate=calibrate, overwrite=overwrite)
     if png:
