@@ -142,6 +142,10 @@ def _method_options(fn):
 @click.option("--alpha", default=None, metavar="A|START:STOP:STEP",
               help="--interpolate: weight of B (0.5 by default), or a sweep such as 0:1:0.1 that keeps the best.")
 @click.option("--per-layer", is_flag=True, help="--learned: one coefficient per ingredient and tensor.")
+@click.option("--hyperplane", is_flag=True, help="--learned: coefficients summing to one, free in sign within "
+              "--bound (MEHL-Soup), fitted a few at a time; fit with --select-on holdout.")
+@click.option("--bound", type=float, default=None, metavar="B",
+              help="--learned --hyperplane: each coefficient in [-B, 1+B] (default 0.5).")
 @click.option("--patience", type=click.IntRange(min=1), default=None, metavar="N",
               help="--guided: stop after N candidates in a row are left out (2 by default).")
 @click.option("--best", is_flag=True, help="Cook every method that fits, keep the best on the selection set "
@@ -151,16 +155,16 @@ def _method_options(fn):
               "the soup).")
 @click.option("--calibrate", is_flag=True, help="Also fit the soup's temperature on the selection set and "
               "store it in its metadata (see soup calibrate).")
-def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, alpha, per_layer, patience, best,
-         plot_path, calibrate):
+def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, alpha, per_layer, hyperplane, bound,
+         patience, best, plot_path, calibrate):
     """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
     ingredients = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None,
                                    warn=_warn)
     _report_sweeps(ingredients, list(paths) or [Path("checkpoints")])
-    options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None), ("patience", patience))
-               if v is not None}
+    options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None), ("hyperplane", hyperplane or None),
+                                 ("bound", bound), ("patience", patience)) if v is not None}
     if best:
         _refuse_with_best(options)
         method = "best"

@@ -17,10 +17,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from torch.func import functional_call
-from torch.utils.data import DataLoader
 
 from soup.cook.greedy import Greedy, guided_order, rank, try_candidate
+from soup.cook.learned import check_options, fit_hyperplane, fit_softmax
 from soup.cook.selector import Selector
 from soup.cook.weights import starting_weights, weighted_average
 from soup.errors import SoupError
@@ -148,81 +147,18 @@ def guided_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
     return Soup(weighted_average(soup.members()), soup.members(), steps, {"guided": record})
 
 
-def _mix_parameters(stacked: dict[str, torch.Tensor], coefficients: torch.Tensor,
-                    buffers: frozenset = frozenset()) -> dict[str, torch.Tensor]:
-    """Σₖ cₖ·θₖ for each stacked tensor; `coefficients` is (ingredients, 1) or (ingredients, tensors).
-    Buffers (BatchNorm statistics) are mixed alike but without gradient: they are not parameters."""
-    per_tensor = coefficients.shape[1] > 1
-    return {key: torch.tensordot((coefficients.detach() if key in buffers else coefficients)[
-                :, j if per_tensor else 0], stack, dims=1)
-            for j, (key, stack) in enumerate(stacked.items())}
-
-
 @soup_method("learned", needs_selection=True,
-             options={"per_layer": False, "epochs": 5, "lr": 0.05, "batch_size": 32})
+             options={"per_layer": False, "hyperplane": False, "bound": None, "block": 2, "rounds": 2,
+                      "epochs": 5, "lr": 0.05, "batch_size": 32})
 def learned_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
                  kitchen: Kitchen | None = None) -> Soup:
     """The paper's learned soup: softmax mixing coefficients per ingredient (or per ingredient and tensor,
-    --per-layer), fitted by gradient descent on the held-out set."""
+    --per-layer) and a logit scale, fitted by gradient descent on the held-out set; --hyperplane: coefficients
+    summing to one, free in sign within --bound."""
     options = _kitchen(kitchen, ingredients, "learned").options
-    device = select.device
-    shared, stacked, integers = {}, {}, {}
-    for key, tensors in tensors_across(ingredients):
-        if not tensors[0].is_floating_point():
-            integers[key] = tensors[0].to(device)
-        elif all(torch.equal(tensors[0], t) for t in tensors[1:]):
-            # The frozen prefix is the same in every ingredient: one copy, not one per ingredient, which
-            # is what lets 8 ViT-B ingredients fit on one GPU.
-            shared[key] = tensors[0].float().to(device)
-        else:
-            stacked[key] = torch.stack([t.float() for t in tensors]).to(device)
-    k = len(ingredients)
-    columns = len(stacked) if options["per_layer"] else 1
-    if not stacked:  # one ingredient, or identical ones: nothing to learn
-        state = {key: value.cpu() for key, value in {**shared, **integers}.items()}
-        return Soup(state, [(c, 1.0 / k) for c in ingredients], [],
-                    {"coefficients": {"per_layer": False, "ingredients": [1.0 / k] * k}})
-    # Logits at zero start from the uniform soup; AdamW's small weight decay pulls back toward it.
-    logits = torch.zeros(k, columns, device=device, requires_grad=True)
-    optimizer = torch.optim.AdamW([logits], lr=options["lr"])
-    dataset = select.loader.dataset
-    loader = DataLoader(dataset, batch_size=options["batch_size"], shuffle=True,
-                        generator=torch.Generator().manual_seed(0), num_workers=select.loader.num_workers,
-                        pin_memory=device.type == "cuda")
-    model = select.model.eval()  # eval: BatchNorm uses the mixed running statistics, as the soup will
-    fixed = {**shared, **integers}
-    buffers = frozenset(name for name, _ in model.named_buffers())
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    steps = []
-    console.print(f"  learned: {k} ingredients, {len(stacked)} of {len(stacked) + len(shared)} floating "
-                  f"tensors differ; {k * columns} coefficients, {options['epochs']} epochs on {select.split}")
-    for epoch in range(options["epochs"]):
-        loss_sum, seen = 0.0, 0
-        for images, targets in loader:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            params = {**fixed, **_mix_parameters(stacked, logits.softmax(dim=0), buffers)}
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                out = functional_call(model, params, (images,))
-            loss = F.cross_entropy(out.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(targets)
-            seen += len(targets)
-        mean = logits.detach().softmax(dim=0).mean(dim=1).cpu()
-        steps.append({"epoch": epoch + 1, "loss": loss_sum / seen, "coefficients": mean.tolist()})
-        console.print(f"  learned: epoch {epoch + 1}: loss {loss_sum / seen:.3f}, coefficients "
-                      + " ".join(f"{c:.2f}" for c in mean.tolist()))
-    with torch.no_grad():
-        coefficients = logits.softmax(dim=0).cpu()
-        mixed = _mix_parameters({kk: v.cpu() for kk, v in stacked.items()}, coefficients)
-    state = {**{kk: v.cpu() for kk, v in fixed.items()}, **mixed}
-    # Each column sums to one, so the mean over tensors does too: one weight per member for the metadata.
-    weights = coefficients.mean(dim=1).tolist()
-    record = {"per_layer": options["per_layer"], "ingredients": weights}
-    if options["per_layer"]:
-        record["layers"] = {key: coefficients[:, j].tolist() for j, key in enumerate(stacked)}
-    return Soup(state, list(zip(ingredients, weights)), steps, {"coefficients": record})
+    check_options(options)
+    fit = (fit_hyperplane if options["hyperplane"] else fit_softmax)(ingredients, select, console, options)
+    return Soup(fit.state, list(zip(ingredients, fit.weights)), fit.steps, fit.extra)
 
 
 @soup_method("stock")
