@@ -50,9 +50,9 @@ from soup.score.evaluator import Evaluator, predictions  # noqa: E402
 from soup.train.loop import train_recipe  # noqa: E402
 
 # Method variants beside each registered method's defaults: name -> (method, options).
-VARIANTS: dict[str, tuple[str, dict]] = {}
+VARIANTS: dict[str, tuple[str, dict]] = {"hyperplane": ("learned", {"hyperplane": True})}
 SPACE = {
-    "train.lr": {"loguniform": [1.0e-3, 5.0e-3]},
+    "train.lr": {"loguniform": [5.0e-4, 2.0e-3]},
     "data.augment": {"choice": ["none", "crop_hflip", "trivialaugment"]},
     "train.weight_decay": {"choice": [0.0, 0.01, 0.05]},
     "train.label_smoothing": {"uniform": [0.0, 0.2]},
@@ -61,7 +61,9 @@ SPACE = {
 
 
 def model_section(args, **extra) -> dict:
-    # timm's small test ResNet learns sketch shapes in a few epochs on a CPU, where a ViT from scratch does not.
+    # timm's small test ResNet learns sketch shapes in a few epochs on a CPU; a shrunk DinoV2 ViT trained
+    # from scratch here stayed near chance (12% on 16 classes after 10 pretraining epochs), so it cannot
+    # stand in for a pretrained start on this budget.
     return {"backbone": "timm:test_resnet", "pretrained": False, **extra}
 
 
@@ -164,7 +166,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=16)
     parser.add_argument("--train-per-class", type=int, default=20)
     parser.add_argument("--val-per-class", type=int, default=10)
-    parser.add_argument("--test-per-class", type=int, default=20)
+    parser.add_argument("--test-per-class", type=int, default=30)
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--freeze", type=float, default=0.25)
     parser.add_argument("--epochs", type=int, default=8)

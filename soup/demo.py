@@ -1,12 +1,15 @@
 """`soup demo`: the whole path on generated sketches, offline, on a CPU, in a few minutes.
 
 1. Pretrain a small backbone on eight shape classes: the stand-in for DinoV2's pretrained weights.
-2. Fine-tune several ingredients from it on eight other shapes (half frozen), their learning rate, weight
-   decay and seed drawn by a small random search, as the model-soups paper drew its ingredients.
+2. Fine-tune several ingredients from it on eight other shapes on smudged pages (half frozen), their
+   learning rate, weight decay, label smoothing and seed drawn by a small random search, as the
+   model-soups paper drew its ingredients. The task is hard enough that they disagree: a soup has
+   something to gain, and the range of learning rates stays in the start's basin, so it can.
 3. Cook every soup that costs no extra training (uniform, greedy, learned, Model Stock, and a WiSE-FT
    interpolation from the start to the greedy soup), selected on a held-out slice of train, never on val.
-4. Evaluate ingredients, soups and their ensemble on the selection set and on val; draw them (with
-   matplotlib installed); write a submission.
+4. Evaluate ingredients, soups and their ensemble on the selection set and on val, and say whether the
+   greedy soup beats the best ingredient on val beyond noise (paired interval, McNemar p); draw them
+   (with matplotlib installed); write a submission.
 5. Show that the shared start matters: `soup inspect` says the starts differ, cooking refuses, and forcing
    it in gives a soup that collapses.
 """
@@ -30,6 +33,7 @@ from soup.judge.report import add_statistics, default_reference, print_eval_tabl
 from soup.judge.submit import predict_test, write_submission
 from soup.models.checkpoint import find_checkpoints, read_checkpoint, write_text_atomic
 from soup.recipe.spec import recipe_from_dict
+from soup.score.compare import describe_difference
 from soup.score.evaluator import Evaluator
 from soup.train.loop import train_recipe
 
@@ -40,6 +44,7 @@ TARGET_CLASSES = list(SHAPES)[:8]
 SEARCH_SPACE = {
     "train.lr": {"loguniform": [1.0e-3, 3.0e-3]},
     "train.weight_decay": {"choice": [0.0, 0.01, 0.05]},
+    "train.label_smoothing": {"uniform": [0.0, 0.1]},
     "train.seed": {"randint": [0, 999]},
 }
 
@@ -63,7 +68,7 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
     # A rerun reuses what an earlier run of the same size finished (--resume); another size, or a demo
     # from before the random search (its grid ingredients have other ids), would mix.
     marker = out / "demo.json"
-    size = {"small": small, "ingredients": "search"}
+    size = {"small": small, "ingredients": "search", "data": "distorted"}
     if marker.exists() and json.loads(marker.read_text()) != size:
         raise SoupError(f"{out} holds a demo of another size or version; remove it or choose another --out")
     write_text_atomic(marker, json.dumps(size) + "\n")
@@ -72,7 +77,8 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
     pretrain_root, target_root = out / "data_pretrain", out / "data"
     if not (target_root / "val_images").is_dir():
         generate_sketches(pretrain_root, PRETRAIN_CLASSES, per_class, 5, 0, seed=1)
-        generate_sketches(target_root, TARGET_CLASSES, per_class, max(10, per_class // 6), 40, seed=2)
+        generate_sketches(target_root, TARGET_CLASSES, per_class, max(10, per_class // 6), 40, seed=2,
+                          distorted=True)
     ckpts = out / "checkpoints"
     pretrain = recipe_from_dict(_recipe("pretrain", pretrain_root, epochs + 1))
     [(_, start)] = train_recipe(pretrain, ckpts, console=console, resume=True)
@@ -100,6 +106,7 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
         evaluated = evaluate_rows(everything, Evaluator(split), ensemble=True)
         tables[split] = add_statistics(evaluated, compare=default_reference([r for r, _ in evaluated]))
         print_eval_table(tables[split], split, console, title=f"accuracy {title}")
+    _verdict(tables["val"], console)
     picture = _plot(tables["val"], read_checkpoint(soups["greedy"]), out / "soups.png", console)
     ids, categories = predict_test(read_checkpoint(soups["greedy"]))
     submission = write_submission(out / "submission.csv", ids, categories)
@@ -119,6 +126,19 @@ def run_demo(out: str | Path = "soup_demo", console: Console | None = None, smal
     forced_rows = eval_rows(pair + [read_checkpoint(forced)], Evaluator("val"))
     print_eval_table(forced_rows, "val", console, title="a forced soup of two different starts, on val")
     return {"soups": soups, "submission": submission, "tables": tables, "forced": forced_rows, "plot": picture}
+
+
+def _verdict(rows: list[dict], console: Console) -> None:
+    """One line: does the greedy soup beat the best ingredient on val, which took no part in selection?"""
+    greedy = next(row for row in rows if row["kind"] == "greedy")
+    compare = greedy.get("compare") or {}
+    if compare.get("diff") is None:
+        return
+    noise = compare["low"] is not None and compare["low"] <= 0 <= compare["high"]
+    console.print(f"greedy soup vs the best ingredient on val ({escape(compare['ref'])}): "
+                  f"{describe_difference(compare)}: " +
+                  ("the interval holds 0, so on these images the soup is not shown to beat it" if noise
+                   else "a gain beyond noise" if compare["diff"] > 0 else "a loss beyond noise"))
 
 
 def _plot(rows: list[dict], greedy, path: Path, console: Console) -> Path | None:

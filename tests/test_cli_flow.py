@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 
 from soup.cli import cli
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
+from soup.score.evaluator import Evaluator
 
 from conftest import CLASSES, tiny_recipe
 
@@ -132,5 +134,17 @@ def test_demo_end_to_end_small(tmp_path):
     # The ingredients come from a random search (issue 12): each records its drawn lr, weight decay and seed.
     drawn = [c.meta["settings"] for c in find_checkpoints([tmp_path / "demo" / "checkpoints" / "sketch_soup"],
                                                           kinds={"ingredient"})]
-    assert len(drawn) == 2 and all(set(d) == {"train.lr", "train.seed", "train.weight_decay"} for d in drawn)
+    assert len(drawn) == 2 and all(set(d) == {"train.lr", "train.seed", "train.weight_decay", "train.label_smoothing"}
+                                   for d in drawn)
     assert len({d["train.lr"] for d in drawn}) == 2
+    # Issue 19: one line says whether the greedy soup beats the best ingredient on val, recomputed here.
+    said = " ".join(result.output.split())
+    match = re.search(r"greedy soup vs the best ingredient on val \(.*?\): ([+-]\d+\.\d\d) points \(95% CI "
+                      r"([+-]\d+\.\d\d) to ([+-]\d+\.\d\d)\), McNemar p=\S+: (.*?)(?: ─|$)", said)
+    assert match, said[-2000:]
+    ingredients = find_checkpoints([tmp_path / "demo" / "checkpoints" / "sketch_soup"], kinds={"ingredient"})
+    val = Evaluator("val")
+    best = max(val(c)["top1"] for c in ingredients)
+    assert float(match.group(1)) == pytest.approx(round((val(greedy)["top1"] - best) * 100, 2), abs=0.006)
+    holds_zero = float(match.group(2)) <= 0 <= float(match.group(3))
+    assert match.group(4).startswith("the interval holds 0") == holds_zero
