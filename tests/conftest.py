@@ -13,6 +13,7 @@ from soup.data.folders import class_list, load_split
 from soup.data.sketches import generate_sketches
 from soup.fast import decoded as fast_decoded, prefix as fast_prefix
 from soup.models.backbones import build_model, freeze_prefix
+from soup.models.checkpoint import read_checkpoint
 from soup.recipe.spec import recipe_from_dict
 
 CLASSES = ["circle", "cross", "square", "triangle"]
@@ -138,3 +139,25 @@ def make_recipe():
 
 def state_close(a: dict, b: dict, atol=0.0) -> bool:
     return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=atol) for k in a)
+
+
+def probed_start_by_hand(work: Path, checkpoint) -> dict:
+    """The start of `checkpoint` (a recipe with model.probe trained under <work>/checkpoints/tiny/): the
+    recipe's model with the probe's weights, built here without soup's own search for the probe."""
+    [probe] = (work / "checkpoints" / "tiny").glob("probe-*/model.safetensors")
+    recipe = recipe_from_dict(checkpoint.recipe)
+    model = build_model(recipe.model, checkpoint.classes, recipe.data.image_size)
+    model.load_state_dict(read_checkpoint(probe).state_dict())
+    return {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+
+
+def ingredient_path(work: Path, index: int = 0) -> Path:
+    return sorted((work / "checkpoints" / "tiny").glob("*/model.safetensors"))[index]
+
+
+def one_error_line(result, *fragments) -> None:
+    """Exit 2 and one line on stderr holding every fragment, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1, result.output
+    for fragment in fragments:
+        assert fragment in result.stderr, result.output

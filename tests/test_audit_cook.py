@@ -21,7 +21,7 @@ from soup.models.backbones import build_model, fingerprint
 from soup.models.checkpoint import read_checkpoint, save_checkpoint
 from soup.recipe.spec import ModelConfig, recipe_from_dict
 
-from conftest import CLASSES, HUBCONF, tiny_recipe
+from conftest import CLASSES, HUBCONF, ingredient_path, one_error_line, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +34,6 @@ def trained(tmp_path_factory, sketch_root):
     return work
 
 
-def ingredient_path(work, index=0):
-    return sorted((work / "checkpoints" / "tiny").glob("*/model.safetensors"))[index]
-
-
-def one_error_line(result, *fragments):
-    """Exit 2 and one line on stderr holding every fragment."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1, result.output
-    for fragment in fragments:
-        assert fragment in result.stderr, result.output
 
 
 # High 1: never mutate an input ----------------------------------------------------------------------------

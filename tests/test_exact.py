@@ -12,12 +12,12 @@ from click.testing import CliRunner
 from soup.cli import cli
 from soup.cook.weights import weighted_average
 from soup.data.folders import load_split
-from soup.models.backbones import build_model, model_from_checkpoint
+from soup.models.backbones import model_from_checkpoint
 from soup.models.checkpoint import read_checkpoint, save_checkpoint
 from soup.models.inference import evaluate, make_loader
 from soup.recipe.spec import recipe_from_dict
 
-from conftest import tiny_recipe, tiny_vit_model
+from conftest import probed_start_by_hand, tiny_recipe, tiny_vit_model
 
 CPU = torch.device("cpu")
 
@@ -50,14 +50,6 @@ def probed_work(tmp_path_factory, small_sketch_root):
             assert result.exit_code == 0, result.output
     return work
 
-
-def probed_start_by_hand(work, soup) -> dict:
-    """The recipe's start with the probe's head, built here without soup's search for the probe."""
-    [probe] = (work / "checkpoints" / "tiny").glob("probe-*/model.safetensors")
-    recipe = recipe_from_dict(soup.recipe)
-    model = build_model(recipe.model, soup.classes, recipe.data.image_size)
-    model.load_state_dict(read_checkpoint(probe).state_dict())
-    return model.state_dict()
 
 
 def test_wise_ft_from_a_probed_start_to_a_soup_in_the_default_layout(probed_work, monkeypatch):

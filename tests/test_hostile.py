@@ -19,7 +19,7 @@ from soup.models.metrics import scores
 from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.train.loop import train_ingredient
 
-from conftest import tiny_recipe
+from conftest import ingredient_path, one_error_line, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +35,6 @@ def trained(tmp_path_factory, small_sketch_root):
     return work
 
 
-def ingredient_path(work, index=0):
-    return sorted((work / "checkpoints" / "tiny").glob("*/model.safetensors"))[index]
-
-
-def one_error_line(result, *fragments):
-    """Exit 2 and one line on stderr holding every fragment, no traceback."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1, result.output
-    for fragment in fragments:
-        assert fragment in result.stderr, result.output
 
 
 def snapshot(folder):

@@ -9,11 +9,9 @@ from click.testing import CliRunner
 
 from soup.cli import cli
 from soup.judge.study import below_start
-from soup.models.backbones import build_model
-from soup.models.checkpoint import find_checkpoints, read_checkpoint, rewrite_metadata, save_checkpoint
-from soup.recipe.spec import recipe_from_dict
+from soup.models.checkpoint import find_checkpoints, rewrite_metadata, save_checkpoint
 
-from conftest import tiny_recipe, tiny_vit_model
+from conftest import probed_start_by_hand, tiny_recipe, tiny_vit_model
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +33,7 @@ def study(tmp_path_factory, small_sketch_root):
     meta["val_history"][-1]["train_loss"] = 10 * max(c.meta["val_history"][-1]["train_loss"] for c in ingredients)
     rewrite_metadata(ingredients[0].path, meta)
     # 01 left the basin: its trained tensors moved ten times as far from the start, and it scores below it.
-    start = start_weights_by_hand(work, ingredients[1])
+    start = probed_start_by_hand(work, ingredients[1])
     state = ingredients[1].state_dict()
     moved = {k: (start[k] + 10 * (v - start[k]) if v.is_floating_point() else v) for k, v in state.items()}
     meta = json.loads(json.dumps(ingredients[1].meta))
@@ -44,16 +42,9 @@ def study(tmp_path_factory, small_sketch_root):
     return work
 
 
-def start_weights_by_hand(work, checkpoint) -> dict:
-    [probe] = (work / "checkpoints" / "tiny").glob("probe-*/model.safetensors")
-    recipe = recipe_from_dict(checkpoint.recipe)
-    model = build_model(recipe.model, checkpoint.classes, recipe.data.image_size)
-    model.load_state_dict(read_checkpoint(probe).state_dict())
-    return {k: v.float() for k, v in model.state_dict().items()}
-
 
 def distance_by_hand(work, checkpoint) -> float:
-    start = start_weights_by_hand(work, checkpoint)
+    start = probed_start_by_hand(work, checkpoint)
     state = checkpoint.state_dict()
     return sum((state[k].double() - start[k].double()).pow(2).sum().item()
                for k in state if state[k].is_floating_point()) ** 0.5
