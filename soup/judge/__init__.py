@@ -1,3 +1,4 @@
-"""What users read and ship: the eval table's rows and ensembles (evaluate), tables and their
-honesty footnotes (report), the submission CSV (submit) and the pictures (plot).
+"""What users read and ship: the eval table's rows and ensembles (evaluate), tables and their honesty
+footnotes (report), `soup cook --best`'s verdict tables (verdict), the draws that ended below their
+start (study), the submission CSV (submit) and the pictures (plot).
 """
