@@ -24,6 +24,7 @@ from soup.data.sketches import generate_sketches
 from soup.demo import run_demo
 from soup.errors import SoupError, interrupt_on_signals, one_line
 from soup.judge.evaluate import evaluate_rows
+from soup.judge.export import export_checkpoint, push_folder
 from soup.judge.plot import plot_checkpoints
 from soup.judge.report import (add_per_class, add_statistics, default_reference, ingredient_table, print_eval_table,
                                print_per_class, to_json)
@@ -340,6 +341,25 @@ def submit(checkpoint_paths, data_root, output, overwrite, ensemble):
     sidecar = write_provenance(output, provenance)
     what = f"the ensemble ({provenance['combined']}) of {len(checkpoints)} checkpoints" if ensemble else "1 checkpoint"
     console.print(f"wrote {shown(output)}: {len(ids)} predictions from {what}; provenance in {shown(sidecar)}")
+
+
+@cli.command(name="export")
+@_trust_hub_option
+@click.argument("checkpoint_path", metavar="CKPT", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace the export's files in a non-empty DIR (nothing else "
+              "in it; never an ingredient's folder or the data root).")
+@click.option("--push", "repo_id", default=None, metavar="OWNER/NAME",
+              help="Then upload DIR to this Hugging Face Hub model repo (needs pip install 'soup[hub]').")
+def export_command(checkpoint_path, folder, overwrite, repo_id):
+    """Write CKPT as timm ships models: DIR/model.safetensors (timm's key names), config.json and a model
+    card README.md; loads with timm.create_model("local-dir:DIR", pretrained=True)."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    export = export_checkpoint(checkpoint, folder, overwrite, repo_id)
+    console.print(f"wrote {shown(folder)}: {export.architecture} with {len(checkpoint.classes)} classes "
+                  "(model.safetensors, config.json, README.md); checked against the checkpoint's own logits")
+    if repo_id:
+        console.print(f"pushed to {push_folder(folder, repo_id)}")
 
 
 @cli.command()

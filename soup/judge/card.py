@@ -1,0 +1,142 @@
+"""The model card (README.md) `soup export` writes: what the model is and how it was made, from the
+checkpoint's metadata alone. Metadata comes from whoever made the file, so every name in it is printed with
+soup.text.printable, and nothing recorded as missing is made up."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from soup.errors import SoupError
+from soup.models.checkpoint import Checkpoint, read_checkpoint
+from soup.score.compare import describe_difference
+from soup.text import printable
+
+
+def _cell(value) -> str:
+    """A markdown table cell: one line, no column break, no HTML."""
+    return printable(value).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any run of backticks in `text`, which then cannot close it early."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def _settings(member: dict) -> str:
+    """A member's sweep settings, read from its checkpoint's header when the file is still where the soup
+    recorded it; a header only (no tensors, no code)."""
+    path = member.get("path")
+    if not isinstance(path, str) or not Path(path).is_file():
+        return "(checkpoint not at hand)"
+    try:
+        settings = read_checkpoint(path).meta.get("settings")
+    except SoupError:
+        return "(checkpoint unreadable)"
+    if not isinstance(settings, dict):
+        return "(none recorded)"
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "(no sweep)"
+
+
+def _members(checkpoint: Checkpoint) -> list[str]:
+    members = checkpoint.meta.get("members")
+    if checkpoint.kind == "ingredient" or not isinstance(members, list):
+        settings = checkpoint.meta.get("settings") or {}
+        shown = ", ".join(f"{k}={v}" for k, v in settings.items()) if isinstance(settings, dict) else ""
+        return [f"One fine-tuned model (an ingredient), settings: {_cell(shown or '(no sweep)')}."]
+    candidates = checkpoint.meta.get("candidates")
+    lines = [f"A **{_cell(checkpoint.kind)}** soup: the weights of {len(members)} fine-tuned models (of "
+             f"{len(candidates) if isinstance(candidates, list) else '?'} candidates) averaged into one model.", "",
+             "| member | weight | settings |", "|---|---|---|"]
+    for member in members:
+        if isinstance(member, dict):
+            weight = member.get("weight")
+            weight = f"{weight:.4g}" if isinstance(weight, (int, float)) else "?"
+            lines.append(f"| {_cell(member.get('name', '?'))} | {weight} | {_cell(_settings(member))} |")
+    return lines
+
+
+def _number(value, fmt: str) -> str | None:
+    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _results(checkpoint: Checkpoint) -> list[str]:
+    meta = checkpoint.meta
+    lines = []
+    selection = meta.get("selection")
+    if isinstance(selection, dict) and _number(selection.get("top1"), ".2%"):
+        chose = " (it chose or fitted the weights, so this figure is optimistic)" if selection.get("chose") else ""
+        lines.append(f"- Selection split: **{_cell(selection.get('split', '?'))}**, top-1 "
+                     f"{_number(selection['top1'], '.2%')} on {_cell(selection.get('n', '?'))} images{chose}.")
+    elif meta.get("kind", "ingredient") != "ingredient":
+        lines.append("- Cooked without held-out data: no selection score recorded.")
+    if _number(meta.get("val_acc"), ".2%"):
+        lines.append(f"- Validation top-1: {_number(meta['val_acc'], '.2%')} (last epoch).")
+    versus = meta.get("versus_best")
+    if isinstance(versus, dict) and _number(versus.get("diff"), ".4f"):
+        try:
+            verdict = describe_difference(versus)
+        except (TypeError, ValueError, KeyError):
+            verdict = f"{versus['diff'] * 100:+.2f} points"
+        lines.append(f"- Against its best ingredient ({_cell(versus.get('ref', '?'))}) on "
+                     f"{_cell(versus.get('split', '?'))}, which took no part in selection: {_cell(verdict)}.")
+    calibration = meta.get("calibration")
+    if isinstance(calibration, dict) and _number(calibration.get("temperature"), ".4g"):
+        lines.append(f"- Calibration: temperature T = {_number(calibration['temperature'], '.4g')} fitted on "
+                     f"{_cell(calibration.get('split', '?'))} (divide the logits by T for calibrated "
+                     f"probabilities; ECE {_number(calibration.get('ece_before'), '.3f') or '?'} → "
+                     f"{_number(calibration.get('ece_after'), '.3f') or '?'}). The weights do not include it.")
+    else:
+        lines.append("- Calibration: none recorded (use the logits as they are).")
+    return lines or ["- No scores recorded."]
+
+
+def _loading(config: dict, repo_id: str | None) -> list[str]:
+    arch, k = config["architecture"], config["num_classes"]
+    kwargs = "".join(f", {key}={value!r}" for key, value in (config.get("model_args") or {}).items())
+    lines = ["```python", "import timm", ""]
+    if repo_id:
+        lines += [f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)', ""]
+    lines += ["# from a local copy of this folder, offline:",
+              'model = timm.create_model("local-dir:path/to/this/folder", pretrained=True)',
+              "# or by architecture name:",
+              f'model = timm.create_model("{arch}", pretrained=True, num_classes={k}{kwargs},',
+              f'                          pretrained_cfg_overlay=dict(file="path/to/model.safetensors", '
+              f'num_classes={k}))',
+              "model.eval()",
+              "cfg = timm.data.resolve_data_config({}, model=model)",
+              "transform = timm.data.create_transform(**cfg)  # resize to the full input size, then normalise",
+              "```"]
+    return lines
+
+
+def model_card(checkpoint: Checkpoint, config: dict, repo_id: str | None = None) -> str:
+    """README.md for the exported folder (Hugging Face reads its front matter)."""
+    recipe_yaml = yaml.safe_dump(checkpoint.recipe, sort_keys=False, allow_unicode=False)
+    fence = _fence(recipe_yaml)
+    pretrained = config["pretrained_cfg"]
+    size = pretrained["input_size"][1]
+    classes = ", ".join(f"`{_cell(c).replace('`', '')}`" for c in checkpoint.classes)
+    title = _cell(checkpoint.meta.get("name") or checkpoint.path.stem)
+    lines = [
+        "---", "library_name: timm", "pipeline_tag: image-classification",
+        "tags: [image-classification, timm, model-soup]", "---", "",
+        f"# {title}", "",
+        f"An image classifier for {len(checkpoint.classes)} classes, fine-tuned from "
+        f"`{_cell(checkpoint.backbone)}` with soup and exported in timm's layout as "
+        f"`{config['architecture']}`.", "",
+        "## How it was made", "", *_members(checkpoint), "",
+        "## Results", "", *_results(checkpoint), "",
+        f"Classes, in output order: {classes}.", "",
+        "## Intended use", "",
+        f"Classifying images into the classes above, resized whole (no crop) to {size}x{size} pixels, bilinear, "
+        f"normalised with mean {pretrained['mean']} and std {pretrained['std']}: timm's data config in "
+        "config.json does exactly this. The scores above come from the held-out splits of the data it was "
+        "tuned on and say nothing about other images; check it on your own data before relying on it.", "",
+        "## Loading with timm", "", *_loading(config, repo_id), "",
+        "## Recipe", "", fence + "yaml", recipe_yaml.rstrip("\n"), fence, "",
+    ]
+    return "\n".join(lines)
