@@ -47,7 +47,8 @@ def test_train_wrote_one_checkpoint_per_ingredient(workdir):
 def test_train_single_ingredient_and_out(runner, workdir):
     result = runner.invoke(cli, ["train", "tiny.yaml", "--ingredient", "1", "--out", "elsewhere"])
     assert result.exit_code == 0, result.output
-    assert [p.name for p in (workdir / "elsewhere" / "tiny").iterdir()] == ["01-seed1"]
+    assert [p.name for p in (workdir / "elsewhere" / "tiny").iterdir() if p.is_dir()] == ["01-seed1"]
+    assert (workdir / "elsewhere" / "tiny" / "summary.csv").is_file()
 
 
 def test_cook_greedy_then_eval_then_submit(runner, workdir, small_sketch_root):

@@ -20,6 +20,7 @@ from soup.models.metrics import scores
 from soup.score.calibrate import calibration_record, print_calibration
 # Importing soup.cook.methods registers every method in METHODS.
 from soup.cook.methods import METHODS, Kitchen, Soup
+from soup.cook.record import record_soup
 from soup.cook.selector import Selector
 from soup.data.outputs import check_output, data_roots
 from soup.score.compare import versus_best
@@ -167,5 +168,6 @@ def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str |
         **extra,
     }
     path = save_checkpoint(out, soup.state_dict, meta)
+    record_soup(path, meta, ingredients)
     console.print(f"  wrote {shown(path)}")
     return path

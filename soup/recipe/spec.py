@@ -93,6 +93,24 @@ class TrainConfig:
     ema: Optional[float] = None  # decay of an exponential moving average of the trained weights
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
     cutmix: float = 0.0
+    # Where a run's figures go besides metrics.json and summary.csv (soup.train.logs); not part of what
+    # the run computes, so a resume ignores it (see `resumable`).
+    log: Literal["tensorboard", "none"] = "tensorboard"
+
+
+# Keys that change what a run reports, never what it trains: left out wherever recipes are compared.
+REPORTING_KEYS = (("train", "log"),)
+
+
+def resumable(recipe: dict | None) -> dict | None:
+    """A recipe dict without its reporting keys: what a resumed or finished run must match."""
+    if not isinstance(recipe, dict):
+        return recipe
+    kept = copy.deepcopy(recipe)
+    for section, key in REPORTING_KEYS:
+        if isinstance(kept.get(section), dict):
+            kept[section].pop(key, None)
+    return kept
 
 
 @dataclass

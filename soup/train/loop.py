@@ -38,7 +38,7 @@ from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkp
 from soup.models.inference import resolve_device
 from soup.models.precision import choose_autocast, explicit_attention, unfused_attention_modules
 from soup.recipe.spec import Ingredient, Recipe, TrainConfig, expand_sweep
-from soup.train import schedule
+from soup.train import logs, schedule
 from soup.train.probe import KIND as PROBE, load_probe, probe_file, probe_ingredient
 from soup.train.state import (STATE_FILE, ingredient_lock, is_finished, remove_stale_temps,
                               resume_hint_on_interrupt, resume_state, save_state, seed_everything, write_metrics)
@@ -93,6 +93,7 @@ class Run:
     counts: dict  # parameter counts, for metrics.json
     probe: dict | None = None  # the probed start this run began from
     history: list = dataclasses.field(default_factory=list)
+    events: logs.Logs = dataclasses.field(default_factory=logs.Logs)  # its TensorBoard logs (soup.train.logs)
     first_epoch: int = 0
 
     @property
@@ -134,11 +135,12 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
         saved_epochs = [run.first_epoch]
         t = run.recipe.train
         with (resume_hint_on_interrupt(ingredient.id, saved_epochs), interrupt_on_signals(),
-              _progress(console) as progress):
+              _progress(console) as progress, logs.opened(run)):
             epochs = progress.add_task("epochs", total=t.epochs, completed=run.first_epoch, status="")
             for epoch in range(run.first_epoch, t.epochs):
                 record = train_epoch(run, epoch, progress)
                 run.history.append(record)
+                run.events.epoch(record, run.optimizer.param_groups[-1]["lr"])
                 progress.update(epochs, advance=1, status=f"val {record['val_top1']:.2%}")
                 if w.main:
                     save_state(run.state_path, run.model, run.optimizer, run.scaler, run.schedule, epoch + 1,
@@ -298,6 +300,7 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict:
         if (step + 1) % CHECK_EVERY == 0:
             mean = read_losses(run, losses, sizes, checked, epoch) / sum(sizes)
             checked = step + 1
+            run.events.step(epoch, checked, mean, run.optimizer.param_groups[-1]["lr"])
             progress.update(batches, status=f"loss {mean:.3f}")
         progress.update(batches, advance=1)
     loss_sum = read_losses(run, losses, sizes, checked, epoch)
@@ -314,7 +317,8 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict:
                                "order as distributed.rank_slice(epoch_order(...), rank, size)")
     val, raw = validate(run)
     record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "val_top1": val["top1"],
-              "val_top5": val["top5"], "val_loss": val["loss"], "images_per_s": seen / seconds}
+              "val_top5": val["top5"], "val_loss": val["loss"], "images_per_s": seen / seconds,
+              "seconds": seconds}
     if raw is not None:
         record |= {"raw_val_top1": raw["top1"], "raw_val_top5": raw["top5"], "raw_val_loss": raw["loss"]}
     ema = f" (EMA; raw weights {raw['top1']:.2%})" if raw is not None else ""
@@ -366,6 +370,7 @@ def finish(run: Run) -> Path:
         with run.ema.swapped() if run.ema is not None else contextlib.nullcontext():
             save_checkpoint(final, run.model.state_dict(), meta)
         write_metrics(run.run_dir, meta)
+        logs.finished(run.events, meta, run.run_dir)  # hparams, and summary.csv with this row
         run.state_path.unlink(missing_ok=True)  # the checkpoint holds everything now; the state is large
     distributed.barrier()  # the other ranks return once the checkpoint they return exists
     return final
@@ -388,6 +393,7 @@ def train_recipe(recipe: Recipe, out: str | Path = "checkpoints", index: int | N
     console = console or Console()
     ingredients = select_ingredients(recipe, index)
     class_list(recipe.data.root)  # fail on a bad data folder before any model is built
+    logs.notice(recipe.train.log, console)
     # Under torchrun one process group serves the whole sweep (nccl on CUDA, gloo on CPU); else a no-op.
     with distributed.session(resolve_device(ingredients[0].recipe.train.device)):
         return [(ingredient, train_ingredient(ingredient, out, console, resume, use_cache))

@@ -24,7 +24,7 @@ from torch import nn
 from soup.errors import SoupError
 from soup.models.backbones import fingerprint
 from soup.models.checkpoint import INGREDIENT_FILE, Checkpoint, read_checkpoint
-from soup.recipe.spec import Ingredient, Recipe, TrainConfig
+from soup.recipe.spec import Ingredient, Recipe, TrainConfig, resumable
 
 KIND = "probe"
 
@@ -36,7 +36,7 @@ def probe_recipe(recipe: Recipe) -> Recipe | None:
         return None
     train = TrainConfig(epochs=probe.epochs, lr=probe.lr, optimizer=probe.optimizer,
                         batch_size=probe.batch_size or t.batch_size, momentum=t.momentum, amp=t.amp,
-                        seed=recipe.model.init_seed, num_workers=t.num_workers, device=t.device)
+                        seed=recipe.model.init_seed, num_workers=t.num_workers, device=t.device, log=t.log)
     return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, augment="none"),
                                model=dataclasses.replace(recipe.model, freeze=1.0, probe=None),
                                train=train, sweep={}, search=None)
@@ -46,7 +46,7 @@ def probe_ingredient(recipe: Recipe) -> Ingredient | None:
     derived = probe_recipe(recipe)
     if derived is None:
         return None
-    key = hashlib.sha256(json.dumps(derived.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps(resumable(derived.to_dict()), sort_keys=True).encode()).hexdigest()[:12]
     return Ingredient(0, f"{KIND}-{key}", derived, {}, sweep_ids=[])
 
 

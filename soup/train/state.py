@@ -22,7 +22,7 @@ from torch import nn
 
 from soup.errors import Interrupted, SoupError
 from soup.models.checkpoint import INGREDIENT_FILE, LOCK_FILE, STATE_FILE, TEMP_SUFFIX, atomic_path, read_checkpoint, write_text_atomic
-from soup.recipe.spec import Ingredient, recipe_from_dict
+from soup.recipe.spec import Ingredient, recipe_from_dict, resumable
 
 METRICS_FILE = "metrics.json"
 # What metrics.json shows of a checkpoint's metadata, followed by the facts of the run (meta["run"]).
@@ -61,10 +61,11 @@ def frozen_names(model: nn.Module) -> set[str]:
 
 
 def normalised(recipe: dict | None) -> dict | None:
-    """A recorded recipe as this version of soup reads it (new keys at their defaults); None if it no
+    """A recorded recipe as this version of soup reads it (new keys at their defaults, reporting keys such
+    as train.log left out: logging differently is not another version of the recipe); None if it no
     longer reads at all."""
     try:
-        return recipe_from_dict(recipe).to_dict() if isinstance(recipe, dict) else None
+        return resumable(recipe_from_dict(recipe).to_dict()) if isinstance(recipe, dict) else None
     except SoupError:
         return None
 
@@ -100,7 +101,7 @@ def resume_state(path: Path, meta: dict, model, optimizer, scaler, schedule) -> 
         raise SoupError(f"{path} was saved by an older version of soup (its lr schedule stepped per epoch); "
                         "delete it to start over")
     saved = state["meta"]
-    if ({**saved, "recipe": normalised(saved.get("recipe"))} != meta):
+    if {**saved, "recipe": normalised(saved.get("recipe"))} != {**meta, "recipe": resumable(meta.get("recipe"))}:
         raise SoupError(f"{path} was saved by a different recipe or start; delete it to start over")
     result = model.load_state_dict(state["model"], strict=False)
     if result.unexpected_keys or set(result.missing_keys) != frozen_names(model):
@@ -176,7 +177,7 @@ def is_finished(ingredient: Ingredient, run_dir: Path, resume: bool, console: Co
     # A shared --out may hold this name and id from another version of the recipe (e.g. other epochs:
     # ids only name swept values); skipping it would cook a stranger into the soup.
     checkpoint = read_checkpoint(final)
-    if normalised(checkpoint.meta.get("recipe")) != recipe.to_dict():
+    if normalised(checkpoint.meta.get("recipe")) != resumable(recipe.to_dict()):
         raise SoupError(f"{final} was trained from a different version of this recipe; rename the recipe "
                         "(name:) or use another --out, or delete that ingredient to retrain it")
     completed = []
