@@ -44,6 +44,11 @@ from soup.train.loop import select_ingredients, train_recipe
 console = Console(highlight=False)
 
 
+def read_more(page: str) -> str:
+    """The line that ends a command's --help: the page that documents it."""
+    return f"Read more: {page} in soup's source tree."
+
+
 class SoupGroup(click.Group):
     """Turns a user mistake into one line on stderr and exit code 2, never a traceback; Ctrl-C or SIGTERM
     into one line and exit code 130."""
@@ -66,7 +71,7 @@ def cli():
     """Fine-tune pretrained backbones several times and cook model soups from the results."""
 
 
-@cli.command()
+@cli.command(epilog=read_more("docs/training.md"))
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set train.epochs=2 (repeatable).")
@@ -127,7 +132,7 @@ def _method_options(fn):
     return fn
 
 
-@cli.command()
+@cli.command(epilog=read_more("docs/cooking.md"))
 @_trust_hub_option
 @_method_options
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
@@ -217,7 +222,7 @@ def _checkpoints(paths, kinds: set[str] | None = None):
     return checkpoints
 
 
-@cli.command(name="eval")
+@cli.command(name="eval", epilog=read_more("docs/evaluating.md"))
 @_trust_hub_option
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
@@ -259,7 +264,7 @@ def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples
     _print_below_start(below, sum(c.kind == "ingredient" for c in checkpoints))
 
 
-@cli.command()
+@cli.command(epilog=read_more("docs/evaluating.md"))
 @click.argument("paths", metavar="CKPT...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--split", type=click.Choice(["val", "holdout"]), default=None,
               help="Split to fit on (default: the soup's selection split, else val).")
@@ -271,7 +276,7 @@ def calibrate(paths, split, data_root):
     calibrate_paths(paths, split, lambda chosen: Evaluator(chosen, data_root), console)
 
 
-@cli.command(name="inspect")
+@cli.command(name="inspect", epilog=read_more("docs/cooking.md"))
 @_trust_hub_option
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--line", nargs=2, type=click.Path(path_type=Path), default=None, metavar="A B",
@@ -298,7 +303,7 @@ def inspect_command(paths, line, points, data_root, split, as_json):
     print_inspection(report, console)
 
 
-@cli.command(name="plot")
+@cli.command(name="plot", epilog=read_more("docs/evaluating.md"))
 @_trust_hub_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="soups.png",
               show_default=True)
@@ -322,7 +327,7 @@ def plot_command(output, paths, data_root, split, reliability_path):
     plot_checkpoints(checkpoints, output, split, data_root, console, reliability_path)
 
 
-@cli.command()
+@cli.command(epilog=read_more("docs/shipping.md"))
 @_trust_hub_option
 @click.argument("checkpoint_paths", metavar="CKPT...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
@@ -343,7 +348,7 @@ def submit(checkpoint_paths, data_root, output, overwrite, ensemble):
     console.print(f"wrote {shown(output)}: {len(ids)} predictions from {what}; provenance in {shown(sidecar)}")
 
 
-@cli.command(name="export")
+@cli.command(name="export", epilog=read_more("docs/shipping.md"))
 @_trust_hub_option
 @click.argument("checkpoint_path", metavar="CKPT", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
@@ -362,7 +367,7 @@ def export_command(checkpoint_path, folder, overwrite, repo_id):
         console.print(f"pushed to {push_folder(folder, repo_id)}")
 
 
-@cli.command()
+@cli.command(epilog=read_more("docs/recipes.md"))
 @click.argument("root", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--classes", default=8, show_default=True, help="Number of shape classes (at most 16).")
 @click.option("--train-per-class", default=150, show_default=True)
@@ -376,7 +381,7 @@ def sketches(root, classes, train_per_class, val_per_class, test_images, image_s
     console.print(f"wrote {len(names)} classes ({', '.join(names)}) to {root}")
 
 
-@cli.command()
+@cli.command(epilog=read_more("README.md"))
 @click.option("--out", default="soup_demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--small", is_flag=True, hidden=True, help="A smaller, faster demo (for tests).")
 def demo(out, small):
