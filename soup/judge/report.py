@@ -25,7 +25,7 @@ from soup.score.compare import p_value, points
 from soup.score.evaluator import Predictions
 from soup.text import printable, shown
 
-# At a narrow console these columns are left out, first to last, until the table fits (README: soup eval);
+# At a narrow console these columns are left out, first to last, until the table fits (docs/evaluating.md: soup eval);
 # checkpoint, top-1 and its interval, the difference and p always stay. The checkpoint name folds.
 DROP_ORDER = ("images", "members", "kind", "top-5", "NLL", "ECE", "Δ 95% CI")
 SOUPLESS = ("ingredient", "ensemble")
