@@ -2,8 +2,7 @@
 
 Every stage is imported at the top: the flags of `soup cook` come from the method registry, so loading the
 CLI loads torch anyway. The console script (soup.__main__) installs its signal handlers before importing
-this module, so a Ctrl-C during those seconds is still one line.
-"""
+this module, so a Ctrl-C during those seconds is still one line."""
 
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ from soup.demo import run_demo
 from soup.errors import SoupError, interrupt_on_signals, one_line
 from soup.judge.evaluate import evaluate_rows
 from soup.judge.export import export_checkpoint, push_folder
+from soup.judge.page import write_report
 from soup.judge.plot import plot_checkpoints
 from soup.judge.report import (add_per_class, add_statistics, default_reference, ingredient_table, print_eval_table,
                                print_per_class, to_json)
@@ -320,6 +320,18 @@ def plot_command(output, paths, data_root, split, reliability_path):
     for picture in filter(None, (output, reliability_path)):  # redrawn freely, never over a checkpoint
         check_output(picture, list(paths), overwrite=True, what="picture", roots=data_roots(checkpoints, data_root))
     plot_checkpoints(checkpoints, output, split, data_root, console, reliability_path)
+
+
+@cli.command(name="report")
+@_trust_hub_option
+@click.argument("paths", metavar="[DIR]", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="report.html", show_default=True)
+@click.option("--data", "data_root", type=click.Path(path_type=Path), default=None, help="Data root, as for soup eval.")
+@click.option("--split", type=click.Choice(["val", "holdout", "train"]), default="val", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing page (never an input or a checkpoint).")
+def report_command(paths, output, data_root, split, overwrite):
+    """One self-contained HTML page for a whole study (default: everything under checkpoints/)."""
+    write_report(_checkpoints(paths), output, Evaluator(split, data_root), console, list(paths), overwrite)
 
 
 @cli.command()
