@@ -111,6 +111,7 @@ def test_page_numbers_are_soup_eval_json(runner, study):
     assert [r["kind"] for r in rows].count("ensemble") == 1 and "greedy" in [r["kind"] for r in rows]
     assert any(line[names.index("Δ pts") + 1] == "ref" for _, line in shown)  # Δ against the best ingredient
     # One row per ingredient, greedy's steps, inspect's pairs, per-class: all there, all from the same code.
+    assert "train.seed:\n- 0\n- 1\n- 2" in text  # the search space, from the ingredients' settings
     assert len(page.tables["ingredients"]) == 4 and len(page.tables["pairs"]) == 4
     assert len(page.tables["greedy"]) == 4 and page.tables["worst"][1:]
     # Self-contained: no external fetch of any kind; every plot embedded.

@@ -70,6 +70,11 @@ def esc(value) -> str:
     return html.escape(printable(value))
 
 
+def esc_lines(text: str) -> str:
+    """Several lines for a <pre>: each line escaped on its own, the line breaks kept."""
+    return "\n".join(esc(line) for line in text.splitlines())
+
+
 def _cell(text, sort=None, klass: str = "") -> str:
     key = text if sort is None else sort
     attributes = f' class="{klass}"' if klass else ""
@@ -140,11 +145,18 @@ def _recipe_section(study: dict) -> str:
         recipes.setdefault(str(checkpoint.recipe.get("name", checkpoint.name)), checkpoint.recipe)
     parts = ["<h2>Recipe</h2>"]
     for name, recipe in recipes.items():
-        space = {key: recipe[key] for key in ("sweep", "search") if recipe.get(key)}
-        parts.append(f"<h3>{esc(name)}</h3><p>search space:</p><pre>"
-                     + esc(yaml.safe_dump(space, sort_keys=False) if space else "none (one ingredient)")
+        # Each ingredient stores its resolved recipe (sweep and search expanded away): the space is what
+        # the ingredients' settings took.
+        space: dict[str, list] = {}
+        for checkpoint in study["ingredients"]:
+            if str(checkpoint.recipe.get("name", checkpoint.name)) == name:
+                for key, value in (checkpoint.meta.get("settings") or {}).items():
+                    if value not in space.setdefault(key, []):
+                        space[key].append(value)
+        parts.append(f"<h3>{esc(name)}</h3><p>search space (the values its ingredients took):</p><pre>"
+                     + esc_lines(yaml.safe_dump(space, sort_keys=False) if space else "none (one ingredient)")
                      + "</pre><details><summary>the whole recipe</summary><pre>"
-                     + esc(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)) + "</pre></details>")
+                     + esc_lines(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)) + "</pre></details>")
     return "".join(parts)
 
 
