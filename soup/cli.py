@@ -2,8 +2,7 @@
 
 Every stage is imported at the top: the flags of `soup cook` come from the method registry, so loading the
 CLI loads torch anyway. The console script (soup.__main__) installs its signal handlers before importing
-this module, so a Ctrl-C during those seconds is still one line.
-"""
+this module, so a Ctrl-C during those seconds is still one line."""
 
 from __future__ import annotations
 
@@ -25,10 +24,11 @@ from soup.demo import run_demo
 from soup.errors import SoupError, interrupt_on_signals, one_line
 from soup.judge.evaluate import evaluate_rows
 from soup.judge.export import export_checkpoint, push_folder
+from soup.judge.page import write_report
 from soup.judge.plot import plot_checkpoints
 from soup.judge.report import (add_per_class, add_statistics, default_reference, ingredient_table, print_eval_table,
                                print_per_class, to_json)
-from soup.judge.study import below_start, describe_below_start
+from soup.judge.study import below_start, flag_rows, print_below_start
 from soup.judge.submit import check_submission_output, predict_submission, write_provenance, write_submission
 from soup.judge.verdict import BestVerdict
 from soup.models.backbones import trusting_hubs
@@ -98,12 +98,7 @@ def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
         console.print(ingredient_table(recipe.name, results))
         # The whole sweep so far, other processes' ingredients included: the reasons compare with it.
         sweep = find_checkpoints([Path(out) / recipe.name], kinds={"ingredient"}, warn=_warn)
-        _print_below_start(below_start(sweep), len(sweep))
-
-
-def _print_below_start(records: list[dict], total: int) -> None:
-    for line in describe_below_start(records, total):
-        console.print(f"[yellow]{line}[/]" if not line.startswith(" ") else line)
+        print_below_start(below_start(sweep), len(sweep), console)
 
 
 def _trust_hub_option(fn):
@@ -243,25 +238,19 @@ def _checkpoints(paths, kinds: set[str] | None = None):
               help="Also show the best row's K worst classes and K most confused class pairs.")
 def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples, compare, per_class):
     """Evaluate checkpoints side by side (default: everything under checkpoints/)."""
-    if resamples > stats.MAX_RESAMPLES:
-        raise SoupError(f"--bootstrap {resamples:,}: at most {stats.MAX_RESAMPLES:,} resamples (more costs minutes "
-                        f"and memory for no gain in the printed intervals); the default is {stats.RESAMPLES:,}")
+    stats.check_resamples(resamples)
     checkpoints = _checkpoints(paths)
     evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root, use_cache=not no_cache), ensemble)
     rows = add_statistics(evaluated, resamples, compare or default_reference([r for r, _ in evaluated]))
     best = add_per_class(evaluated, per_class) if per_class else None
-    below = below_start(checkpoints)
-    flagged = {record["path"]: record for record in below}
-    for row in rows:
-        if row["kind"] == "ingredient":
-            row["below_start"] = flagged.get(row["path"])
+    below = flag_rows(rows, checkpoints)
     if as_json:
         click.echo(to_json(rows))
         return
     print_eval_table(rows, split, console)
     if best:
         print_per_class(*best, console)
-    _print_below_start(below, sum(c.kind == "ingredient" for c in checkpoints))
+    print_below_start(below, sum(c.kind == "ingredient" for c in checkpoints), console)
 
 
 @cli.command(epilog=read_more("docs/evaluating.md"))
@@ -325,6 +314,18 @@ def plot_command(output, paths, data_root, split, reliability_path):
     for picture in filter(None, (output, reliability_path)):  # redrawn freely, never over a checkpoint
         check_output(picture, list(paths), overwrite=True, what="picture", roots=data_roots(checkpoints, data_root))
     plot_checkpoints(checkpoints, output, split, data_root, console, reliability_path)
+
+
+@cli.command(name="report", epilog=read_more("docs/evaluating.md"))
+@_trust_hub_option
+@click.argument("paths", metavar="[DIR]", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="report.html", show_default=True)
+@click.option("--data", "data_root", type=click.Path(path_type=Path), default=None, help="Data root, as for soup eval.")
+@click.option("--split", type=click.Choice(["val", "holdout", "train"]), default="val", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing page (never an input or a checkpoint).")
+def report_command(paths, output, data_root, split, overwrite):
+    """One self-contained HTML page for a whole study (default: everything under checkpoints/)."""
+    write_report(_checkpoints(paths), output, Evaluator(split, data_root), console, list(paths), overwrite)
 
 
 @cli.command(epilog=read_more("docs/shipping.md"))

@@ -123,6 +123,56 @@ def draw_reliability(evaluated: list[tuple[dict, Predictions]], path: str | Path
     return series
 
 
+def draw_history(histories: dict[str, list[dict]], path: str | Path) -> dict[str, list[float]]:
+    """Val accuracy per epoch, one line per ingredient (name -> its checkpoint's val_history)."""
+    Figure = _figure_class()
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axes = figure.subplots()
+    series = {}
+    for name, history in histories.items():
+        points = [(h["epoch"], h["val_top1"]) for h in history if h.get("val_top1") is not None]
+        axes.plot([p[0] for p in points], [p[1] for p in points], "o-", markersize=3, label=name)
+        series[name] = [p[1] for p in points]
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("val top-1")
+    axes.set_title("val accuracy per epoch, each ingredient")
+    if series:
+        axes.legend(fontsize=7, loc="best")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    return series
+
+
+def draw_pairs(geometry: dict, path: str | Path) -> list[list[float | None]]:
+    """`soup inspect`'s pairs as a heatmap of cos(Δa, Δb) (from pair_geometry); grey: no cosine (another
+    start, another architecture, or a start that could not be rebuilt). Returns the drawn matrix."""
+    Figure = _figure_class()
+    names = [row["name"] for row in geometry["checkpoints"]]
+    index = {row["path"]: i for i, row in enumerate(geometry["checkpoints"])}
+    matrix = [[1.0 if i == j else None for j in names] for i in names]
+    for pair in geometry["pairs"]:
+        a, b = index[pair["a_path"]], index[pair["b_path"]]
+        matrix[a][b] = matrix[b][a] = pair["cosine"]
+    size = max(4.0, 0.5 * len(names) + 2.5)
+    figure = Figure(figsize=(size + 1, size), layout="constrained")
+    axes = figure.subplots()
+    values = [[float("nan") if v is None else v for v in line] for line in matrix]
+    image = axes.imshow(values, cmap="viridis", vmin=min([0.0] + [v for line in matrix for v in line
+                                                                   if v is not None]), vmax=1.0)
+    axes.set_facecolor("lightgray")  # NaN cells draw transparent: the grey shows through
+    for i, line in enumerate(matrix):
+        for j, value in enumerate(line):
+            axes.text(j, i, "-" if value is None else f"{value:.2f}", ha="center", va="center", fontsize=7,
+                      color="white" if value is not None and value < 0.9 else "black")
+    axes.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    axes.set_yticks(range(len(names)), names, fontsize=7)
+    axes.set_title("cos(Δa, Δb): fine-tuning deltas from the shared start")
+    figure.colorbar(image, ax=axes, shrink=0.8)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    return matrix
+
+
 def _recorded(checkpoints: list[Checkpoint], kind: str) -> dict | None:
     """The steps a soup of `kind` recorded (greedy's path, top-k's curve), from the first such soup."""
     soup = next((c for c in checkpoints if c.kind == kind and c.meta.get("steps")), None)

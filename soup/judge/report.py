@@ -129,6 +129,12 @@ def _columns(rows: list[dict]) -> dict:
     return {name: spec for name, spec in columns.items() if any(spec[1](row) for row in rows)}
 
 
+def eval_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The table's column names and each row's cells, as `soup eval` prints them (for `soup report`'s page)."""
+    columns = _columns(rows)
+    return list(columns), [[printable(cell(row)) for _, cell in columns.values()] for row in rows]
+
+
 def _table(rows: list[dict], columns: dict, title: str) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False)
     table.add_column("checkpoint", overflow="fold", min_width=16)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 
+from rich.console import Console
 from safetensors import safe_open
 
 from soup.cook.weights import starting_weights
@@ -81,6 +82,21 @@ def below_start(checkpoints: list[Checkpoint]) -> list[dict]:
         records.append({"name": checkpoint.name, "path": str(checkpoint.path), "val_acc": checkpoint.meta["val_acc"],
                         "start_acc": checkpoint.meta["probe"]["val_acc"], "reasons": reasons})
     return records
+
+
+def flag_rows(rows: list[dict], checkpoints: list[Checkpoint]) -> list[dict]:
+    """Give each ingredient row of `soup eval` its `below_start` record (None when not below); the records."""
+    records = below_start(checkpoints)
+    flagged = {record["path"]: record for record in records}
+    for row in rows:
+        if row["kind"] == "ingredient":
+            row["below_start"] = flagged.get(row["path"])
+    return records
+
+
+def print_below_start(records: list[dict], total: int, console: Console) -> None:
+    for line in describe_below_start(records, total):
+        console.print(f"[yellow]{line}[/]" if not line.startswith(" ") else line)
 
 
 def describe_below_start(records: list[dict], total: int) -> list[str]:

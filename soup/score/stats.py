@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Binomial
 
+from soup.errors import SoupError
+
 RESAMPLES = 1000
 # Beyond this a 95% interval moves by less than its printed digit, while time grows with resamples x images
 # and memory with resamples x rows (8 bytes each, held a few times over while the quantiles are taken).
@@ -22,6 +24,13 @@ SEED = 0
 LEVEL = 0.95
 BINS = 15
 _CHUNK = 1 << 22  # resample draws held at once: bounds memory (~32 MB of indices) for large splits
+
+
+def check_resamples(resamples: int) -> None:
+    """`soup eval --bootstrap N`: at most MAX_RESAMPLES, said in one line before any work."""
+    if resamples > MAX_RESAMPLES:
+        raise SoupError(f"--bootstrap {resamples:,}: at most {MAX_RESAMPLES:,} resamples (more costs minutes and "
+                        f"memory for no gain in the printed intervals); the default is {RESAMPLES:,}")
 
 
 def resample_counts(n: int, resamples: int = RESAMPLES, seed: int = SEED) -> Iterator[torch.Tensor]:
