@@ -34,6 +34,7 @@ from soup.judge.verdict import BestVerdict
 from soup.models.backbones import trusting_hubs
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
 from soup.models.distributed import is_main
+from soup.models.views import parse_tta
 from soup.recipe.spec import load_recipe
 from soup.score import stats
 from soup.score.calibrate import calibrate_paths
@@ -217,6 +218,12 @@ def _checkpoints(paths, kinds: set[str] | None = None):
     return checkpoints
 
 
+TTA_OPTION = click.option(
+    "--tta", default=None, metavar="flip|flip,crops",
+    help="Test-time augmentation: average the logits over the image and its mirror (flip), plus 4 corner and "
+    "1 centre crops of 87.5% of the side resized back (flip,crops).")
+
+
 @cli.command(name="eval")
 @_trust_hub_option
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
@@ -236,13 +243,15 @@ def _checkpoints(paths, kinds: set[str] | None = None):
               "split; the default when soups are present) with a paired interval and McNemar p.")
 @click.option("--per-class", "per_class", type=click.IntRange(min=1), default=None, metavar="K",
               help="Also show the best row's K worst classes and K most confused class pairs.")
-def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples, compare, per_class):
+@TTA_OPTION
+def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples, compare, per_class, tta):
     """Evaluate checkpoints side by side (default: everything under checkpoints/)."""
+    tta = parse_tta(tta)
     if resamples > stats.MAX_RESAMPLES:
         raise SoupError(f"--bootstrap {resamples:,}: at most {stats.MAX_RESAMPLES:,} resamples (more costs minutes "
                         f"and memory for no gain in the printed intervals); the default is {stats.RESAMPLES:,}")
     checkpoints = _checkpoints(paths)
-    evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root, use_cache=not no_cache), ensemble)
+    evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root, use_cache=not no_cache), ensemble, tta)
     rows = add_statistics(evaluated, resamples, compare or default_reference([r for r, _ in evaluated]))
     best = add_per_class(evaluated, per_class) if per_class else None
     below = below_start(checkpoints)
@@ -332,11 +341,13 @@ def plot_command(output, paths, data_root, split, reliability_path):
 @click.option("--overwrite", is_flag=True, help="Replace an existing submission (never a checkpoint).")
 @click.option("--ensemble", is_flag=True, help="Average several checkpoints (architectures may differ, classes "
               "may not); the members are listed in <output>.json.")
-def submit(checkpoint_paths, data_root, output, overwrite, ensemble):
+@TTA_OPTION
+def submit(checkpoint_paths, data_root, output, overwrite, ensemble, tta):
     """Write Id,Category predictions for the test images."""
+    tta = parse_tta(tta)
     checkpoints = [read_checkpoint(p) for p in checkpoint_paths]
     check_submission_output(output, checkpoints, overwrite, data_root)
-    ids, categories, provenance = predict_submission(checkpoints, data_root, ensemble)
+    ids, categories, provenance = predict_submission(checkpoints, data_root, ensemble, tta)
     write_submission(output, ids, categories)
     sidecar = write_provenance(output, provenance)
     what = f"the ensemble ({provenance['combined']}) of {len(checkpoints)} checkpoints" if ensemble else "1 checkpoint"
