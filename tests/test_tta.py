@@ -13,11 +13,14 @@ from torchvision import transforms
 
 from soup.cli import cli
 from soup.data import folders
+from soup.fast import scorer as fast_scorer
+from soup.fast.prefix import prefix_features
 from soup.data.folders import build_transform, load_split
 from soup.models.backbones import model_from_checkpoint
 from soup.models.checkpoint import read_checkpoint
 from soup.models.inference import make_loader, predict
 from soup.models.metrics import scores
+from soup.models.views import views_of
 from soup.recipe.spec import recipe_from_dict
 
 from conftest import ingredient_path, one_error_line, tiny_recipe, tiny_vit_model
@@ -65,8 +68,17 @@ def by_hand(checkpoint, dataset_of) -> tuple[torch.Tensor, list]:
 @pytest.mark.parametrize("tta", ["flip", "flip,crops"])
 def test_soup_eval_tta_equals_no_cache_field_for_field(vit_work, monkeypatch, tta):
     monkeypatch.chdir(vit_work)
+    built = []
+
+    def recording(*args, **kwargs):
+        features = prefix_features(*args, **kwargs)
+        built.append((args[-1], features is not None))
+        return features
+
+    monkeypatch.setattr(fast_scorer, "prefix_features", recording)
     runner = CliRunner()
     cached = runner.invoke(cli, ["eval", "--json", "--tta", tta])
+    assert built == [(None, True)] + [(view, True) for view in views_of(tta)[1:]]  # every view from tokens
     plain = runner.invoke(cli, ["eval", "--json", "--tta", tta, "--no-cache"])
     assert cached.exit_code == 0 and plain.exit_code == 0, cached.output + plain.output
     rows = json.loads(cached.output)
