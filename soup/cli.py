@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 
 from soup.cook import sweeps
-from soup.cook.best import cook_best
+from soup.cook.best import check_best_request, cook_best
 from soup.cook.cooking import cook as cook_soup
 from soup.cook.diagnose import describe_soup, loss_line, pair_geometry, print_inspection
 from soup.cook.methods import METHODS
@@ -34,6 +34,7 @@ from soup.judge.verdict import BestVerdict
 from soup.models.backbones import trusting_hubs
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
 from soup.models.distributed import is_main
+from soup.models.views import parse_tta
 from soup.recipe.spec import load_recipe
 from soup.score import stats
 from soup.score.calibrate import calibrate_paths
@@ -167,7 +168,8 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None), ("hyperplane", hyperplane or None),
                                  ("bound", bound), ("patience", patience)) if v is not None}
     if best:
-        _refuse_with_best(options)
+        check_best_request(click.get_current_context().get_parameter_source("method")
+                           is not click.core.ParameterSource.DEFAULT, options)
         method = "best"
     output = output or Path("checkpoints") / "soups" / f"{method}.safetensors"
     png = (output.parent / plot_path if plot_path == "soups.png" else Path(plot_path)) if plot_path else None
@@ -185,16 +187,6 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
         soups = [c for c in find_checkpoints([path.parent], warn=_warn) if c.kind != "ingredient"]
         plot_checkpoints([c for c in ingredients if c.kind == "ingredient"] + soups, png, select_on, data_root,
                          console)
-
-
-def _refuse_with_best(options: dict) -> None:
-    """--best cooks every method itself, each with its defaults: a method flag or option would be ignored."""
-    source = click.get_current_context().get_parameter_source("method")
-    if source is not click.core.ParameterSource.DEFAULT:
-        raise SoupError("--best cooks every method itself; drop the method flag (e.g. --greedy)")
-    if options:
-        flag = "--" + next(iter(options)).replace("_", "-")
-        raise SoupError(f"--best cooks each method with its defaults; drop {flag} (or cook that method alone)")
 
 
 def _warn(message: str) -> None:
@@ -217,6 +209,12 @@ def _checkpoints(paths, kinds: set[str] | None = None):
     return checkpoints
 
 
+TTA_OPTION = click.option(
+    "--tta", default=None, metavar="flip|flip,crops",
+    help="Test-time augmentation: average the logits over the image and its mirror (flip), plus 4 corner and "
+    "1 centre crops of 87.5% of the side resized back (flip,crops).")
+
+
 @cli.command(name="eval", epilog=read_more("docs/evaluating.md"))
 @_trust_hub_option
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
@@ -236,11 +234,13 @@ def _checkpoints(paths, kinds: set[str] | None = None):
               "split; the default when soups are present) with a paired interval and McNemar p.")
 @click.option("--per-class", "per_class", type=click.IntRange(min=1), default=None, metavar="K",
               help="Also show the best row's K worst classes and K most confused class pairs.")
-def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples, compare, per_class):
+@TTA_OPTION
+def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples, compare, per_class, tta):
     """Evaluate checkpoints side by side (default: everything under checkpoints/)."""
+    tta = parse_tta(tta)
     stats.check_resamples(resamples)
     checkpoints = _checkpoints(paths)
-    evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root, use_cache=not no_cache), ensemble)
+    evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root, use_cache=not no_cache), ensemble, tta)
     rows = add_statistics(evaluated, resamples, compare or default_reference([r for r, _ in evaluated]))
     best = add_per_class(evaluated, per_class) if per_class else None
     below = flag_rows(rows, checkpoints)
@@ -338,11 +338,13 @@ def report_command(paths, output, data_root, split, overwrite):
 @click.option("--overwrite", is_flag=True, help="Replace an existing submission (never a checkpoint).")
 @click.option("--ensemble", is_flag=True, help="Average several checkpoints (architectures may differ, classes "
               "may not); the members are listed in <output>.json.")
-def submit(checkpoint_paths, data_root, output, overwrite, ensemble):
+@TTA_OPTION
+def submit(checkpoint_paths, data_root, output, overwrite, ensemble, tta):
     """Write Id,Category predictions for the test images."""
+    tta = parse_tta(tta)
     checkpoints = [read_checkpoint(p) for p in checkpoint_paths]
     check_submission_output(output, checkpoints, overwrite, data_root)
-    ids, categories, provenance = predict_submission(checkpoints, data_root, ensemble)
+    ids, categories, provenance = predict_submission(checkpoints, data_root, ensemble, tta)
     write_submission(output, ids, categories)
     sidecar = write_provenance(output, provenance)
     what = f"the ensemble ({provenance['combined']}) of {len(checkpoints)} checkpoints" if ensemble else "1 checkpoint"

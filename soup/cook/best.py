@@ -19,6 +19,15 @@ from soup.models.checkpoint import Checkpoint
 from soup.text import shown
 
 
+def check_best_request(method_given: bool, options: dict) -> None:
+    """--best cooks every method itself, each with its defaults: a method flag or option would be ignored."""
+    if method_given:
+        raise SoupError("--best cooks every method itself; drop the method flag (e.g. --greedy)")
+    if options:
+        flag = "--" + next(iter(options)).replace("_", "-")
+        raise SoupError(f"--best cooks each method with its defaults; drop {flag} (or cook that method alone)")
+
+
 def candidate_methods() -> list[str]:
     """Every registered method that cooks from the ingredients alone, in registration order (which breaks
     ties: the simpler method first); interpolate mixes two given checkpoints, not the ingredients."""

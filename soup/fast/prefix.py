@@ -35,6 +35,7 @@ from soup.fast.determinism import mode, moves_state_in_train_mode, output_digest
 from soup.fast.store import (CACHE_VERSION, available_ram, cache_dir, create_store, fits_on_device, hash_of,
                              open_store, remember)
 from soup.models.inference import eval_dtype
+from soup.models.views import apply_view
 
 # Where prefix features live: auto (device if it fits, else pinned/plain CPU memory, else a file), or
 # forced to "device", "cpu" or "disk" (tests and benchmarks use this to exercise every placement).
@@ -229,11 +230,13 @@ def feature_config(backbone: str, kwargs: dict) -> dict:
 
 def prefix_features(split: ViTSplit, folder: Dataset, transform: tuple, device: torch.device,
                     batch_size: int, num_workers: int = 0, dkey: str | None = None,
-                    rows: list[int] | None = None, config: dict | None = None) -> PrefixFeatures | None:
+                    rows: list[int] | None = None, config: dict | None = None,
+                    view: str | None = None) -> PrefixFeatures | None:
     """The prefix's tokens for every image of `folder` (or only its `rows`, e.g. a small holdout slice
     of train, unless the whole folder's are at hand), computed once per (prefix weights, k, model
     `config` (backbone spec and kwargs), probe output, decoded store); None when the split does not
-    reproduce the backbone (then nothing is cached)."""
+    reproduce the backbone (then nothing is cached). With `view`, of that test-time view of each image
+    (soup.models.views: the mirror or a crop of the normalised image, so --tta scores from tokens too)."""
     size, mean, std = transform
     dkey = dkey or decoded_key(folder, size)
     fp = prefix_fingerprint(split)
@@ -242,6 +245,8 @@ def prefix_features(split: ViTSplit, folder: Dataset, transform: tuple, device: 
     family = {"prefix": fp, "probe": probe, "model": config or {}, "kind": split.kind, "k": split.k}
     base = {"version": CACHE_VERSION, **family, "size": size, "mean": mean, "std": std, "decoded": dkey,
             "dtype": str(dtype), "tokens": str(TOKEN_DTYPE)}
+    if view not in (None, "image"):  # only then: the image's own tokens keep the key they always had
+        base["view"] = view
     whole = hash_of(base)
     if rows is not None and sorted(set(rows)) == list(range(len(folder.samples))):
         rows = None
@@ -268,7 +273,7 @@ def prefix_features(split: ViTSplit, folder: Dataset, transform: tuple, device: 
         return None
 
     def run(start: int) -> torch.Tensor:
-        x = normalize(source[start:start + batch_size])
+        x = apply_view(view, normalize(source[start:start + batch_size]))
         with (torch.no_grad(), mode(split.prefix_modules(), False),
               torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)):
             return split.prefix(x).to(TOKEN_DTYPE)

@@ -15,6 +15,7 @@ from soup.fast.prefix import SuffixModel, find_prefix, prefix_features, to_float
 from soup.fast.store import CacheUnavailable
 from soup.models.backbones import freeze_prefix
 from soup.models.inference import eval_dtype
+from soup.models.views import apply_view
 from soup.models.metrics import scores
 
 
@@ -69,9 +70,12 @@ class CachedScorer:
         finally:
             for p, flag in zip(model.backbone.parameters(), flags):
                 p.requires_grad_(flag)
+        # Each test-time view's tokens (soup.models.views) are computed when first asked for.
+        self._views: dict[str, object] = {}
+        self._view_features = lambda view: prefix_features(split, folder, transform, device, batch_size,
+                                                           num_workers, dkey, idx, config, view)
         if split is not None:
-            features = prefix_features(split, folder, transform, device, batch_size, num_workers, dkey, idx,
-                                       config)
+            features = self._view_features(None)
             if features is not None:
                 self.split, self.features = split, features
                 self.suffix = SuffixModel(model, split)
@@ -88,12 +92,18 @@ class CachedScorer:
         """Scores of the weights now loaded in the model."""
         return scores(*self.logits())
 
-    def logits(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, targets) of the weights now loaded in the model, in the split's order."""
+    def logits(self, view: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of the weights now loaded in the model, in the split's order; with `view`, of
+        that test-time view of each image."""
         if self.features is not None and self.prefix_unchanged():
-            rows = self.features.positions(self.rows)
-            return (logits_rows(self.suffix, self.features.tokens, rows, to_float(self.device), self.device,
-                                self.batch_size), self.features.targets[rows])
+            features = self.features
+            if view not in (None, "image"):
+                if view not in self._views:  # the prefix is the reference one: its tokens are the cache's
+                    self._views[view] = self._view_features(view)
+                features = self._views[view]
+            rows = features.positions(self.rows)
+            return (logits_rows(self.suffix, features.tokens, rows, to_float(self.device), self.device,
+                                self.batch_size), features.targets[rows])
         if self._decode_failed is not None:  # tried once (e.g. no room on the disk): not again per weight set
             raise self._decode_failed
         if self._decoded is None:
@@ -102,5 +112,6 @@ class CachedScorer:
             except CacheUnavailable as err:
                 self._decode_failed = err
                 raise
-        return (logits_rows(self.model, self._decoded.images, self.rows, self.normalize, self.device,
+        load = lambda images: apply_view(view, self.normalize(images))  # noqa: E731
+        return (logits_rows(self.model, self._decoded.images, self.rows, load, self.device,
                             self.batch_size), self._decoded.targets[self.rows])

@@ -10,6 +10,7 @@ import torch
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint
 from soup.models.metrics import scores
+from soup.models.views import views_of
 from soup.score.calibrate import temperature_of
 from soup.score.evaluator import Evaluator, Predictions, predictions
 from soup.score.stats import expected_calibration_error
@@ -46,25 +47,33 @@ def score_row(logits: torch.Tensor, targets: list, classes: list[str], **fields)
             "ece": expected_calibration_error(outcome.confidence, outcome.correct)}, outcome
 
 
-def evaluate_rows(checkpoints: list[Checkpoint], evaluator: Evaluator,
-                  ensemble: bool = False) -> list[tuple[dict, Predictions]]:
+def tta_logits(per_view: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """--tta's logits: the mean over the views of each view's logits after the temperature."""
+    return torch.stack([logits / temperature for logits in per_view]).mean(0)
+
+
+def evaluate_rows(checkpoints: list[Checkpoint], evaluator: Evaluator, ensemble: bool = False,
+                  tta: str | None = None) -> list[tuple[dict, Predictions]]:
     """One (row, per-image predictions) per checkpoint, and with `ensemble` one for the ensemble of the
     ingredients (of every checkpoint when fewer than two are ingredients, e.g. a DinoV2 soup and a SwinV2
-    soup). A checkpoint's stored temperature divides its logits first (top-1 unchanged, NLL/ECE not)."""
+    soup). A checkpoint's stored temperature divides its logits first (top-1 unchanged, NLL/ECE not). With
+    `tta` (soup.models.views), each checkpoint's row is followed by its "+tta" row on the same images; the
+    ensemble stays one of the plain rows."""
     rows, all_logits, targets = [], [], None
     temperatures = [temperature_of(c) for c in checkpoints]  # a bad one stops the command before any work
     for checkpoint, temperature in zip(checkpoints, temperatures):
         logits, targets = evaluator.logits(checkpoint)
-        logits = logits / temperature
-        rows.append(score_row(logits, targets, checkpoint.classes,
-                         name=checkpoint.name,
-                         path=str(checkpoint.path),
-                         kind=checkpoint.kind,
-                         members=len(checkpoint.meta.get("members", [])) or 1,
-                         split=evaluator.split,
-                         selection_set=selection_split(checkpoint) == evaluator.split,
-                         temperature=temperature))
-        all_logits.append((checkpoint, logits, targets))
+        fields = dict(path=str(checkpoint.path), kind=checkpoint.kind,
+                      members=len(checkpoint.meta.get("members", [])) or 1, split=evaluator.split,
+                      selection_set=selection_split(checkpoint) == evaluator.split, temperature=temperature)
+        rows.append(score_row(logits / temperature, targets, checkpoint.classes, name=checkpoint.name,
+                              tta=None, **fields))
+        if tta is not None:
+            others = evaluator.view_logits(checkpoint, views_of(tta)[1:])  # the first view is the image
+            combined = tta_logits([logits] + [lg for lg, _ in others], temperature)
+            rows.append(score_row(combined, targets, checkpoint.classes, name=f"{checkpoint.name} +tta {tta}",
+                                  tta=tta, **fields))
+        all_logits.append((checkpoint, logits / temperature, targets))
     if ensemble:
         members = [m for m in all_logits if m[0].kind == "ingredient"]
         members = members if len(members) >= 2 else all_logits
@@ -79,10 +88,11 @@ def evaluate_rows(checkpoints: list[Checkpoint], evaluator: Evaluator,
         rows.append(score_row(combined, members[0][2], members[0][0].classes,
                          name=f"ensemble ({how})", path="", kind="ensemble", members=len(members),
                          member_names=[c.name for c, _, _ in members], split=evaluator.split,
-                         selection_set=False, temperature=1.0))
+                         selection_set=False, temperature=1.0, tta=None))
     return rows
 
 
-def eval_rows(checkpoints: list[Checkpoint], evaluator: Evaluator, ensemble: bool = False) -> list[dict]:
+def eval_rows(checkpoints: list[Checkpoint], evaluator: Evaluator, ensemble: bool = False,
+              tta: str | None = None) -> list[dict]:
     """The rows of `evaluate_rows`, without the per-image predictions."""
-    return [row for row, _ in evaluate_rows(checkpoints, evaluator, ensemble)]
+    return [row for row, _ in evaluate_rows(checkpoints, evaluator, ensemble, tta)]

@@ -44,20 +44,25 @@ def to_json(data) -> str:
 
 
 def default_reference(rows: list[dict]) -> str | None:
-    """"best" when soups sit beside ingredients (a soup's claim is its gain over the best ingredient)."""
+    """"best" when soups sit beside ingredients (a soup's claim is its gain over the best ingredient); with
+    --tta and one checkpoint, its plain row (what the views gain)."""
     kinds = {row["kind"] for row in rows}
-    return "best" if "ingredient" in kinds and kinds - set(SOUPLESS) else None
+    if "ingredient" in kinds and kinds - set(SOUPLESS):
+        return "best"
+    plain = [row for row in rows if not row.get("tta") and row["kind"] != "ensemble"]
+    return plain[0]["name"] if len(plain) == 1 and len(rows) > 1 and rows[1].get("tta") else None
 
 
 def reference_index(rows: list[dict], ref: str) -> int:
-    """`ref`: "best" (the best ingredient on this split), a row's name, or a kind only one row has."""
+    """`ref`: "best" (the best ingredient on this split, without --tta: what the soups' claims were about),
+    a row's name, or a kind only one row has."""
     if ref == "best":
-        ingredients = [i for i, row in enumerate(rows) if row["kind"] == "ingredient"]
+        ingredients = [i for i, row in enumerate(rows) if row["kind"] == "ingredient" and not row.get("tta")]
         if not ingredients:
             raise SoupError("--compare best needs an ingredient among the checkpoints; name a row instead")
         return max(ingredients, key=lambda i: rows[i]["top1"])  # ties: the first listed
     for matches in ([i for i, r in enumerate(rows) if r["name"] == ref],
-                    [i for i, r in enumerate(rows) if r["kind"] == ref]):
+                    [i for i, r in enumerate(rows) if r["kind"] == ref and not r.get("tta")]):
         if len(matches) == 1:
             return matches[0]
     names = ", ".join(row["name"] for row in rows)

@@ -11,64 +11,72 @@ import torch
 from soup.data.folders import TestImages, build_transform
 from soup.data.outputs import check_output, data_roots
 from soup.errors import SoupError
-from soup.judge.evaluate import ensemble_logits
+from soup.judge.evaluate import ensemble_logits, tta_logits
 from soup.models.backbones import model_from_checkpoint
 from soup.models.checkpoint import Checkpoint, atomic_path, write_text_atomic
 from soup.models.inference import make_loader, predict, resolve_device
+from soup.models.views import views_of
 from soup.recipe.spec import recipe_from_dict
 from soup.score.calibrate import temperature_of
 
 
-def test_logits(checkpoint: Checkpoint, data_root: str | Path | None = None,
-                device: torch.device | None = None, batch_size: int = 128) -> tuple[list[str], torch.Tensor]:
-    """(ids, logits) for the test images, with the same preprocessing as evaluation."""
+def test_logits(checkpoint: Checkpoint, data_root: str | Path | None = None, device: torch.device | None = None,
+                batch_size: int = 128, tta: str | None = None) -> tuple[list[str], torch.Tensor]:
+    """(ids, logits) for the test images, with the same preprocessing as evaluation; with `tta`, the mean
+    over its views of each view's logits after the checkpoint's temperature, as `soup eval --tta` scores."""
     device = device or resolve_device()
     cfg = recipe_from_dict(checkpoint.recipe).data
     images = TestImages(data_root if data_root is not None else cfg.root, build_transform(cfg))
     model = model_from_checkpoint(checkpoint).to(device)
-    logits, ids = predict(model, make_loader(images, batch_size, 0, device), device)
-    return ids, logits
+    loader = make_loader(images, batch_size, 0, device)
+    if tta is None:
+        logits, ids = predict(model, loader, device)
+        return ids, logits
+    per_view = [predict(model, loader, device, view) for view in views_of(tta)]
+    return per_view[0][1], tta_logits([logits for logits, _ in per_view], temperature_of(checkpoint))
 
 
-def predict_test(checkpoint: Checkpoint, data_root: str | Path | None = None,
-                 device: torch.device | None = None, batch_size: int = 128) -> tuple[list[str], list[int]]:
+def predict_test(checkpoint: Checkpoint, data_root: str | Path | None = None, device: torch.device | None = None,
+                 batch_size: int = 128, tta: str | None = None) -> tuple[list[str], list[int]]:
     """(ids, class indices) for the test images."""
-    ids, logits = test_logits(checkpoint, data_root, device, batch_size)
+    ids, logits = test_logits(checkpoint, data_root, device, batch_size, tta)
     return ids, logits.argmax(dim=1).tolist()
 
 
 def predict_test_ensemble(checkpoints: list[Checkpoint], data_root: str | Path | None = None,
-                          device: torch.device | None = None) -> tuple[list[str], list[int], dict]:
+                          device: torch.device | None = None,
+                          tta: str | None = None) -> tuple[list[str], list[int], dict]:
     """(ids, class indices, provenance) of the ensemble of `checkpoints`, which may differ in architecture
-    but not in class list (see `ensemble_logits`)."""
+    but not in class list (see `ensemble_logits`); with `tta`, of each member's mean over the views."""
     if len(checkpoints) < 2:
         raise SoupError("--ensemble needs at least two checkpoints")
     members, ids = [], None
     temperatures = [temperature_of(c) for c in checkpoints]  # a bad one stops the command before any work
     for checkpoint, temperature in zip(checkpoints, temperatures):
-        member_ids, logits = test_logits(checkpoint, data_root, device)
+        member_ids, logits = test_logits(checkpoint, data_root, device, tta=tta)
         if ids is not None and member_ids != ids:
             raise SoupError(f"--ensemble: {checkpoint.path} reads other test images than {checkpoints[0].path}; "
                             "pass --data ROOT so that all read the same ones")
         ids = member_ids
         # Calibrated members: a probability ensemble across architectures averages calibrated probabilities.
-        members.append((checkpoint, logits / temperature))
+        members.append((checkpoint, logits if tta is not None else logits / temperature))
     combined, how = ensemble_logits(members)
     provenance = {"kind": "ensemble", "combined": how, "classes": checkpoints[0].classes,
-                  "members": [_member(c) for c in checkpoints]}
+                  "members": [_member(c) for c in checkpoints], "tta": tta}
     return ids, combined.argmax(dim=1).tolist(), provenance
 
 
 def predict_submission(checkpoints: list[Checkpoint], data_root: str | Path | None = None,
-                       ensemble: bool = False) -> tuple[list[str], list[int], dict]:
-    """(ids, class indices, provenance) from one checkpoint, or from the ensemble of several."""
+                       ensemble: bool = False, tta: str | None = None) -> tuple[list[str], list[int], dict]:
+    """(ids, class indices, provenance) from one checkpoint, or from the ensemble of several; with `tta`
+    (soup.models.views), from the mean of logits over its views."""
     if len(checkpoints) > 1 and not ensemble:
         raise SoupError(f"{len(checkpoints)} checkpoints given; add --ensemble to average them, or name one")
     if ensemble:
-        return predict_test_ensemble(checkpoints, data_root)
+        return predict_test_ensemble(checkpoints, data_root, tta=tta)
     (checkpoint,) = checkpoints
-    ids, categories = predict_test(checkpoint, data_root)
-    return ids, categories, {"kind": checkpoint.kind, "members": [_member(checkpoint)]}
+    ids, categories = predict_test(checkpoint, data_root, tta=tta)
+    return ids, categories, {"kind": checkpoint.kind, "members": [_member(checkpoint)], "tta": tta}
 
 
 def _member(checkpoint: Checkpoint) -> dict:

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from soup.errors import SoupError
 from soup.models.metrics import scores
+from soup.models.views import apply_view
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -35,12 +36,14 @@ def eval_dtype(device: torch.device) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, list]:
-    """fp32 logits on the CPU for every item, and the items' labels (targets or ids), in loader order."""
+def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device,
+            view: str | None = None) -> tuple[torch.Tensor, list]:
+    """fp32 logits on the CPU for every item, and the items' labels (targets or ids), in loader order;
+    with `view`, of that test-time view of each image (soup.models.views)."""
     model.eval()
     dtype, logits, labels = eval_dtype(device), [], []
     for images, batch_labels in loader:
-        images = images.to(device, non_blocking=True)
+        images = apply_view(view, images.to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(images)
         logits.append(out.float().cpu())

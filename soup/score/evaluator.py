@@ -81,19 +81,27 @@ class Evaluator:
         return self._models[key], self._scorers[key]
 
     def logits(self, checkpoint: Checkpoint, state_dict: dict | None = None) -> tuple[torch.Tensor, list]:
+        return self.view_logits(checkpoint, (None,), state_dict)[0]
+
+    def view_logits(self, checkpoint: Checkpoint, views, state_dict: dict | None = None) -> list[tuple]:
+        """(logits, targets) for each test-time view (soup.models.views; None: the image as it is), the
+        weights loaded once."""
         model, scorer = self.model_for(checkpoint)
         try:
             model.load_state_dict(state_dict if state_dict is not None else checkpoint.state_dict())
         except RuntimeError as err:
             raise SoupError(f"{checkpoint.path}: weights do not fit {checkpoint.backbone} "
                             f"({str(err).splitlines()[0]})") from None
+        return [self._view_logits(checkpoint, model, scorer, view) for view in views]
+
+    def _view_logits(self, checkpoint: Checkpoint, model, scorer, view) -> tuple[torch.Tensor, list]:
         if scorer is not None:
             try:
-                logits, targets = scorer.logits()
+                logits, targets = scorer.logits(view)
                 return logits, targets.tolist()
             except CacheUnavailable:  # its decoded store could not be made (full disk): the plain forward
                 pass
-        return predict(model, self.data_for(checkpoint).loader, self.device)
+        return predict(model, self.data_for(checkpoint).loader, self.device, view)
 
     def __call__(self, checkpoint: Checkpoint, state_dict: dict | None = None) -> dict:
         logits, targets = self.logits(checkpoint, state_dict)
