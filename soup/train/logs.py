@@ -26,6 +26,7 @@ from rich.console import Console
 from soup.errors import SoupError
 from soup.models import distributed
 from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, write_text_atomic
+from soup.train.state import open_lock_file
 
 try:
     from torch.utils.tensorboard import SummaryWriter
@@ -120,12 +121,7 @@ def finished(events: Logs, meta: dict, run_dir: Path) -> None:
 @contextlib.contextmanager
 def locked(folder: Path):
     """The recipe folder's logs lock: one writer of summary.csv or soups.csv at a time, waited for."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / LOGS_LOCK, "w")
-    except OSError as err:
-        raise SoupError(f"cannot write {folder}: {err.strerror or err}; choose a writable --out") from None
-    with handle:
+    with open_lock_file(folder, LOGS_LOCK) as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 

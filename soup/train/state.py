@@ -21,7 +21,8 @@ from rich.console import Console
 from torch import nn
 
 from soup.errors import Interrupted, SoupError
-from soup.models.checkpoint import INGREDIENT_FILE, LOCK_FILE, STATE_FILE, TEMP_SUFFIX, atomic_path, read_checkpoint, write_text_atomic
+from soup.models.checkpoint import (INGREDIENT_FILE, LOCK_FILE, STATE_FILE, TEMP_SUFFIX, atomic_path, read_checkpoint,
+                                   write_text_atomic)
 from soup.recipe.spec import Ingredient, recipe_from_dict, resumable
 
 METRICS_FILE = "metrics.json"
@@ -114,16 +115,20 @@ def resume_state(path: Path, meta: dict, model, optimizer, scaler, schedule) -> 
     return state
 
 
+def open_lock_file(folder: Path, name: str):
+    """The lock file `name` in `folder` (made if missing), open for flock; one line when it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return open(folder / name, "w")
+    except OSError as err:
+        raise SoupError(f"cannot write {folder}: {err.strerror or err}; choose a writable --out") from None
+
+
 @contextlib.contextmanager
 def ingredient_lock(run_dir: Path, wait: bool = False):
     """One process per ingredient: a second `soup train --ingredient K` on the same folder stops at once
     (with `wait`, it waits for the first one instead: the probed start every ingredient shares)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(run_dir / LOCK_FILE, "w")
-    except OSError as err:
-        raise SoupError(f"cannot write {run_dir}: {err.strerror or err}; choose a writable --out") from None
-    with handle:
+    with open_lock_file(run_dir, LOCK_FILE) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError:
