@@ -124,7 +124,7 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     if calibrate and select_on is None:
         raise SoupError("--calibrate fits a temperature on held-out data; drop --no-eval")
     select = Selector(ingredients[0], select_on, data_root, device) if select_on else None
-    console.print(f"[bold]{method} soup[/] of {len(ingredients)} ingredients" +
+    console.print(f"[bold]{method} soup[/] of {len(ingredients)} ingredient{'s' if len(ingredients) != 1 else ''}" +
                   (f", selected on {select_on}" if select else ", without data"))
     soup = spec.fn(ingredients, select, console, Kitchen(ingredients[0], dict(options or {})))
     # Whether held-out scores chose or fitted the weights (greedy, learned, an alpha sweep), making a
