@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from click.testing import CliRunner
 
+from soup.cli import cli
 from soup.data.folders import class_list, load_split
 from soup.data.sketches import generate_sketches
 from soup.fast import decoded as fast_decoded, prefix as fast_prefix
@@ -161,3 +164,17 @@ def one_error_line(result, *fragments) -> None:
     assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1, result.output
     for fragment in fragments:
         assert fragment in result.stderr, result.output
+
+
+def run_study(work: Path, recipe: dict, *commands: list[str]) -> list[str]:
+    """Write `recipe` as <work>/r.yaml, then run `soup train r.yaml` and each of `commands` in `work` through
+    the CLI, each required to exit 0; their outputs, in order."""
+    (work / "r.yaml").write_text(yaml.safe_dump(recipe))
+    outputs = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        for args in (["train", "r.yaml"], *commands):
+            result = CliRunner().invoke(cli, args)
+            assert result.exit_code == 0, result.output
+            outputs.append(result.output)
+    return outputs

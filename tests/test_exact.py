@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 
 from soup.cli import cli
@@ -17,7 +16,7 @@ from soup.models.checkpoint import read_checkpoint, save_checkpoint
 from soup.models.inference import evaluate, make_loader
 from soup.recipe.spec import recipe_from_dict
 
-from conftest import probed_start_by_hand, tiny_recipe, tiny_vit_model
+from conftest import probed_start_by_hand, run_study, tiny_recipe, tiny_vit_model
 
 CPU = torch.device("cpu")
 
@@ -42,12 +41,7 @@ def probed_work(tmp_path_factory, small_sketch_root):
     recipe = tiny_recipe(small_sketch_root, model=tiny_vit_model(freeze=0.5, probe={"epochs": 2, "lr": 1e-2}),
                          data={"image_size": 28}, train={"epochs": 2, "lr": 5e-3},
                          sweep={"train.seed": [0, 1]})
-    (work / "r.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(work)
-        for args in (["train", "r.yaml"], ["cook", "--uniform", "--no-eval"]):
-            result = CliRunner().invoke(cli, args)
-            assert result.exit_code == 0, result.output
+    run_study(work, recipe, ["cook", "--uniform", "--no-eval"])
     return work
 
 
@@ -144,15 +138,8 @@ def augmented_work(tmp_path_factory, sketch_root):
                          data={"image_size": 28, "augment": "trivialaugment"},
                          train={"epochs": 2, "ema": 0.9, "amp": "fp16", "lr": 5e-3},
                          sweep={"train.seed": [0, 1, 2]})
-    (work / "r.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(work)
-        result = CliRunner().invoke(cli, ["train", "r.yaml"])
-        assert result.exit_code == 0, result.output
-        assert "val: prefix cache" in result.output  # the path under test
-        for method in ("--uniform", "--greedy"):
-            result = CliRunner().invoke(cli, ["cook", method])
-            assert result.exit_code == 0, result.output
+    trained, _, _ = run_study(work, recipe, ["cook", "--uniform"], ["cook", "--greedy"])
+    assert "val: prefix cache" in trained  # the path under test
     return work
 
 

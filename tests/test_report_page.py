@@ -4,14 +4,12 @@ which writes without matplotlib, and which a real browser draws without console 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from soup.cli import cli
@@ -19,7 +17,7 @@ from soup.errors import SoupError
 from soup.judge import page, plot
 from soup.judge.report import eval_cells
 
-from conftest import one_error_line, tiny_recipe
+from conftest import one_error_line, run_study, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +25,8 @@ def study(tmp_path_factory, small_sketch_root):
     """Three ingredients (two epochs each, so the history has a line) and a greedy soup under checkpoints/."""
     work = tmp_path_factory.mktemp("study")
     recipe = tiny_recipe(small_sketch_root, sweep={"train.seed": [0, 1, 2]}, train={"epochs": 2})
-    (work / "tiny.yaml").write_text(yaml.safe_dump(recipe))
-    old = os.getcwd()
-    os.chdir(work)
-    try:
-        runner = CliRunner()
-        for args in (["train", "tiny.yaml"], ["cook", "--greedy"]):
-            result = runner.invoke(cli, args)
-            assert result.exit_code == 0, result.output
-        yield work
-    finally:
-        os.chdir(old)
+    run_study(work, recipe, ["cook", "--greedy"])
+    return work
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from soup.cli import cli
 from soup.judge.study import below_start
 from soup.models.checkpoint import find_checkpoints, rewrite_metadata, save_checkpoint
 
-from conftest import probed_start_by_hand, tiny_recipe, tiny_vit_model
+from conftest import probed_start_by_hand, run_study, tiny_recipe, tiny_vit_model
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +20,7 @@ def study(tmp_path_factory, small_sketch_root):
     work = tmp_path_factory.mktemp("study")
     recipe = tiny_recipe(small_sketch_root, model=tiny_vit_model(freeze=0.5, probe={"epochs": 2, "lr": 1e-2}),
                          data={"image_size": 28}, train={"epochs": 1}, sweep={"train.seed": [0, 1, 2, 3]})
-    (work / "r.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(work)
-        result = CliRunner().invoke(cli, ["train", "r.yaml"])
-        assert result.exit_code == 0, result.output
+    run_study(work, recipe)
     ingredients = find_checkpoints([work / "checkpoints" / "tiny"], kinds={"ingredient"})
     start_acc = ingredients[0].meta["probe"]["val_acc"]
     # 00 underfits: below the start, its last train loss far above the others'.

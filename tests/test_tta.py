@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 from PIL import ImageOps
 from torchvision import transforms
@@ -23,7 +22,7 @@ from soup.models.metrics import scores
 from soup.models.views import views_of
 from soup.recipe.spec import recipe_from_dict
 
-from conftest import ingredient_path, one_error_line, tiny_recipe, tiny_vit_model
+from conftest import ingredient_path, one_error_line, run_study, tiny_recipe, tiny_vit_model
 
 CPU = torch.device("cpu")
 
@@ -34,12 +33,8 @@ def vit_work(tmp_path_factory, small_sketch_root):
     work = tmp_path_factory.mktemp("tta")
     recipe = tiny_recipe(small_sketch_root, model=tiny_vit_model(freeze=0.5), data={"image_size": 28},
                          train={"epochs": 1, "lr": 5e-3})
-    (work / "r.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(work)
-        result = CliRunner().invoke(cli, ["train", "r.yaml"])
-        assert result.exit_code == 0, result.output
-        assert "prefix cache" in result.output  # the path under test
+    [trained] = run_study(work, recipe)
+    assert "prefix cache" in trained  # the path under test
     return work
 
 
