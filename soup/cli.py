@@ -149,7 +149,7 @@ def _method_options(fn):
 @click.option("--bound", type=float, default=None, metavar="B",
               help="--learned --hyperplane: each coefficient in [-B, 1+B] (default 0.5).")
 @click.option("--patience", type=click.IntRange(min=1), default=None, metavar="N",
-              help="--guided: stop after N candidates in a row are left out (2 by default).")
+              help="--guided: stop after N candidates in a row are left out (3 by default).")
 @click.option("--best", is_flag=True, help="Cook every method that fits, keep the best on the selection set "
               "(default output checkpoints/soups/best.safetensors) and compare them all on val.")
 @click.option("--plot", "plot_path", is_flag=False, flag_value="soups.png", default=None, metavar="[PNG]",

@@ -1,11 +1,15 @@
 """The soups that cost no extra training beyond uniform and greedy: learned, Model Stock, WiSE-FT interpolation."""
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
 from rich.console import Console
 
 from soup.cli import cli
+from soup.cook import learned
 from soup.cook.cooking import cook
 from soup.cook.methods import METHODS, parse_alphas
 from soup.cook.weights import starting_weights
@@ -71,6 +75,24 @@ def test_learned_coefficients_sum_to_one_and_make_the_soup(ingredients, tmp_path
     assert torch.equal(state["backbone.bn1.num_batches_tracked"], states[0]["backbone.bn1.num_batches_tracked"])
     assert [m["weight"] for m in soup.meta["members"]] == pytest.approx(record["ingredients"])
     assert len(soup.meta["steps"]) == 2 and soup.meta["selection"]["split"] == "val"
+
+
+def test_learned_runs_enough_steps_on_a_small_selection_set(ingredients, tmp_path, small_sketch_root,
+                                                           monkeypatch):
+    # Without epochs asked for: 5 epochs, or more until MIN_STEPS AdamW steps (12 here, 100 by default).
+    monkeypatch.setattr(learned, "MIN_STEPS", 12)
+    images = len(list((Path(small_sketch_root) / "val_images").rglob("*.jpeg")))
+    expected = max(5, math.ceil(12 / math.ceil(images / 32)))
+    assert expected > 5  # the small set is what lengthens the fit, so this checks the rule
+    soup = read_checkpoint(cook("learned", ingredients, tmp_path / "auto.safetensors", "val", console=quiet))
+    assert soup.meta["coefficients"]["epochs"] == expected == len(soup.meta["steps"])
+    asked = read_checkpoint(cook("learned", ingredients, tmp_path / "asked.safetensors", "val", console=quiet,
+                                 options={"epochs": 3}))
+    assert asked.meta["coefficients"]["epochs"] == 3 == len(asked.meta["steps"])
+    for bad in (0, 2.5, True, "5"):
+        with pytest.raises(SoupError, match="expected a whole number of epochs"):
+            cook("learned", ingredients, tmp_path / "bad.safetensors", "val", console=quiet, options={"epochs": bad})
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_learned_needs_data(ingredients, tmp_path):

@@ -127,9 +127,10 @@ def test_guided_keeps_greedy_members_and_scores_fewer_weight_sets(tmp_path):
     members = {c.meta["id"] for c, _ in guided.members}
     assert {c.meta["id"] for c, _ in greedy.members} == members == good
     assert greedy_calls == 10 + 9  # plain greedy: each ingredient, then each candidate
-    # Guided: each ingredient once (its logits), the three good candidates, then two rejections in a row.
-    assert select.calls == guided.extra["guided"]["scored"] == 10 + 3 + 2 < greedy_calls
-    assert len(guided.extra["guided"]["untried"]) == 4
+    # Guided: each ingredient once (its logits), the three good candidates, then three rejections in a row
+    # (the default patience).
+    assert select.calls == guided.extra["guided"]["scored"] == 10 + 3 + 3 < greedy_calls
+    assert len(guided.extra["guided"]["untried"]) == 3
     kept = [s for s in guided.steps if s["kept"]]
     assert all(later["top1"] >= earlier["top1"] for earlier, later in zip(kept, kept[1:]))  # the paper's >=
 

@@ -16,6 +16,7 @@ coefficients within float rounding.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,6 +38,15 @@ from soup.models.checkpoint import Checkpoint, tensors_across
 
 # The hyperplane coefficients' default room beyond the convex hull: each in [-0.5, 1.5].
 DEFAULT_BOUND = 0.5
+# Without --epochs the softmax fit runs 5 epochs and at least 100 AdamW steps: the paper's few epochs assume
+# a held-out set of thousands of images, while on a few hundred 5 epochs are a couple of dozen steps, too few
+# for the coefficients to leave the uniform soup (lr 0.05 moves a logit by about 0.05 a step).
+MIN_EPOCHS, MIN_STEPS = 5, 100
+
+
+def fitting_epochs(requested: int | None, batches: int) -> int:
+    """Epochs of the softmax fit: those asked for, else enough for MIN_EPOCHS and MIN_STEPS."""
+    return requested if requested is not None else max(MIN_EPOCHS, math.ceil(MIN_STEPS / max(1, batches)))
 
 
 @dataclass
@@ -155,6 +165,7 @@ def fit_softmax(ingredients: list[Checkpoint], select: Selector, console: Consol
     if not stacked:  # one ingredient, or identical ones: nothing to learn
         return Fitted(shared, [1.0 / k] * k, [], {"coefficients": {"per_layer": False, "ingredients": [1.0 / k] * k}})
     fit = fitting(select, shared, options["batch_size"])
+    epochs = fitting_epochs(options["epochs"], len(fit.loader))
     fixed = {key: value.to(device) for key, value in shared.items() if key not in fit.skip}
     on_device = {key: value.to(device) for key, value in stacked.items()}
     columns = len(stacked) if options["per_layer"] else 1
@@ -164,10 +175,10 @@ def fit_softmax(ingredients: list[Checkpoint], select: Selector, console: Consol
     scale = torch.zeros((), device=device, requires_grad=True)
     optimizer = torch.optim.AdamW([logits, scale], lr=options["lr"])
     console.print(f"  learned: {k} ingredients, {len(stacked)} of {len(stacked) + len(shared)} tensors differ; "
-                  f"{k * columns} coefficients and β, {options['epochs']} epochs on {select.split} through "
+                  f"{k * columns} coefficients and β, {epochs} epochs on {select.split} through "
                   f"{fit.description}")
     steps = []
-    for epoch in range(options["epochs"]):
+    for epoch in range(epochs):
         loss_sum, seen = 0.0, 0
         for batch in fit.loader:
             inputs, targets = fit.fetch(batch)
@@ -185,7 +196,7 @@ def fit_softmax(ingredients: list[Checkpoint], select: Selector, console: Consol
     # Each column sums to one, so the mean over tensors does too: one weight per member for the metadata.
     weights = coefficients.mean(dim=1).tolist()
     record = {"per_layer": options["per_layer"], "ingredients": weights, "logit_scale": scale.exp().item(),
-              "fitted_on": fit.description}
+              "epochs": epochs, "fitted_on": fit.description}
     if options["per_layer"]:
         record["layers"] = {key: coefficients[:, j].tolist() for j, key in enumerate(stacked)}
     return Fitted({**shared, **mixed}, weights, steps, {"coefficients": record})
@@ -229,6 +240,9 @@ def check_options(options: dict) -> None:
         raise SoupError("--bound limits the --hyperplane coefficients; add --hyperplane or drop --bound")
     if options["bound"] is not None and not 0 <= options["bound"] <= 10:
         raise SoupError(f"--bound {options['bound']}: expected a number from 0 (the convex hull) to 10")
+    epochs = options["epochs"]
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise SoupError(f"learned epochs {epochs!r}: expected a whole number of epochs, at least 1")
     if options["block"] < 2:
         raise SoupError(f"block {options['block']}: a block needs at least 2 coefficients (their sum is fixed)")
 

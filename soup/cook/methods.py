@@ -117,7 +117,7 @@ def topk_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
     return Soup(weighted_average(members), members, curve, {"topk": {"k": best["k"]}})
 
 
-@soup_method("guided", needs_selection=True, options={"patience": 2})
+@soup_method("guided", needs_selection=True, options={"patience": 3})
 def guided_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
                 kitchen: Kitchen | None = None) -> Soup:
     """Ensemble-guided greedy: greedy's rule, trying next the candidate whose logit ensemble with the soup
@@ -149,7 +149,7 @@ def guided_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
 
 @soup_method("learned", needs_selection=True,
              options={"per_layer": False, "hyperplane": False, "bound": None, "block": 2, "rounds": 2,
-                      "epochs": 5, "lr": 0.05, "batch_size": 32})
+                      "epochs": None, "lr": 0.05, "batch_size": 32})
 def learned_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
                  kitchen: Kitchen | None = None) -> Soup:
     """The paper's learned soup: softmax mixing coefficients per ingredient (or per ingredient and tensor,
