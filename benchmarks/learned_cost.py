@@ -8,7 +8,11 @@ perturbing the trainable tensors of one random start (the prefix stays bit-ident
 generated sketches. Each way of cooking runs in a fresh subprocess, selecting on val: wall time of
 `cook(...)` (building the selector, its caches and scoring the soup included) and the peak RSS (/proc
 VmHWM, reset after imports and reading the metadata). The full path is today's learned soup forced by
-making `soup.cook.learned.cached_prefix` find no cache.
+making `soup.cook.learned.cached_prefix` find no cache. Besides the whole `cook(...)`, each learned row
+times the fitting alone (the coefficients' gradient descent, where the two paths differ), and the last line
+gives the compute bound of that ratio: (full forward + suffix backward) / (suffix forward + backward) per
+image from the model's FLOP counts, as `train_speed.py` counts it, since fitting back-propagates into the
+suffix's mixed weights only (a shared frozen prefix gets no gradient on either path).
 """
 
 from __future__ import annotations
@@ -69,16 +73,29 @@ def make_setup(folder: Path, n: int, val_per_class: int) -> None:
         save_checkpoint(folder / f"ing{i}" / "model.safetensors", noisy, meta)
 
 
+def _timed(fit, seconds: list):
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        result = fit(*args, **kwargs)
+        seconds.append(time.perf_counter() - started)
+        return result
+    return timed
+
+
 def child(folder: Path, n: int, way: str) -> None:
     from rich.console import Console
 
     import soup.cook.learned as learned
+    import soup.cook.methods as methods
     from soup.cook.cooking import cook
     from soup.models.checkpoint import read_checkpoint
 
     method, options, full = WAYS[way]
     if full:
         learned.cached_prefix = lambda select, shared: None
+    fit_seconds = []
+    for name in ("fit_softmax", "fit_hyperplane"):
+        setattr(methods, name, _timed(getattr(methods, name), fit_seconds))
     ingredients = [read_checkpoint(folder / f"ing{i}" / "model.safetensors") for i in range(n)]
     baseline = status_mb("VmRSS") or peak_mb()
     if not reset_peak():
@@ -88,8 +105,8 @@ def child(folder: Path, n: int, way: str) -> None:
                 options=options, overwrite=True)
     seconds = time.perf_counter() - started
     meta = read_checkpoint(path).meta
-    print(json.dumps({"way": way, "seconds": seconds, "baseline_mb": baseline, "peak_mb": max(peak_mb(), baseline),
-                      "top1": meta["selection"]["top1"],
+    print(json.dumps({"way": way, "seconds": seconds, "fit_seconds": sum(fit_seconds) if fit_seconds else None,
+                      "baseline_mb": baseline, "peak_mb": max(peak_mb(), baseline), "top1": meta["selection"]["top1"],
                       "fitted_on": (meta.get("coefficients") or {}).get("fitted_on", "")}))
 
 
@@ -113,16 +130,23 @@ def main() -> None:
                    check=True, capture_output=True)  # a warm-up: builds the decoded-image store every way reads
     print(f"torch {torch.__version__}; {torch.get_num_threads()} threads; {cpu_flags_line()}")
     print(f"{args.n} ingredients, vit_small_patch14_dinov2 (width 192, 12 blocks) at 112 px, freeze 0.75; "
-          f"{8 * args.val_per_class} val images; learned: 5 epochs, batch 32", flush=True)
+          f"{8 * args.val_per_class} val images; learned: batch 32, 5 epochs and at least 100 steps", flush=True)
     rows = {}
     for way in WAYS:
         out = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--n", str(args.n), "--child", way],
                              check=True, capture_output=True, text=True)
         row = rows[way] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{way}: {row['seconds']:.1f} s, peak RSS {row['peak_mb']:.0f} MB (cooking adds "
+        fitting = f" (fitting {row['fit_seconds']:.1f} s)" if row["fit_seconds"] is not None else ""
+        print(f"{way}: {row['seconds']:.1f} s{fitting}, peak RSS {row['peak_mb']:.0f} MB (cooking adds "
               f"{row['peak_mb'] - row['baseline_mb']:.0f} MB), top1 {row['top1']:.2%} {row['fitted_on']}", flush=True)
     full, cached = rows["learned (full model)"], rows["learned (prefix cache)"]
-    print(f"speedup of the learned soup on the cache: {full['seconds'] / cached['seconds']:.2f}x")
+    print(f"speedup of the learned soup on the cache: {full['seconds'] / cached['seconds']:.2f}x (cook), "
+          f"{full['fit_seconds'] / cached['fit_seconds']:.2f}x (fitting alone)")
+    from soup.recipe.spec import recipe_from_dict
+    from train_speed import compute_bound
+
+    bound, counted = compute_bound(recipe_from_dict(recipe_dict(args.dir / "data")), 8)
+    print(f"bound: {bound:.2f} {counted}")
 
 
 if __name__ == "__main__":
