@@ -1,7 +1,7 @@
 """What soups are for: test accuracy of every soup method minus that of the ingredient a user would pick
 on val, over whole studies repeated with different seeds.
 
-    python benchmarks/soup_gain.py                  # 3 studies, CPU, about 10 minutes on 2 cores
+    python benchmarks/soup_gain.py                  # 3 studies, CPU, about 8 minutes on 2 cores
     python benchmarks/soup_gain.py --studies 1      # one study, a quick look
 
 Each study, seeded by its index:
