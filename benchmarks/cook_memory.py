@@ -49,6 +49,20 @@ def peak_mb() -> float:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def baseline_mb() -> float:
+    """RSS now, with the peak reset to it where the kernel allows (else the peak so far): what cooking adds
+    is then peak_mb() minus this."""
+    baseline = status_mb("VmRSS") or peak_mb()
+    return baseline if reset_peak() else peak_mb()
+
+
+def ingredient_meta(name: str, index: int, recipe, backbone: str, classes: list[str]) -> dict:
+    """The metadata of a made-up ingredient of one start (the benchmarks' stand-ins for a sweep)."""
+    return {"kind": "ingredient", "name": name, "id": f"ing{index}", "recipe": recipe.to_dict(),
+            "backbone": backbone, "classes": classes, "start_fingerprint": "0" * 16, "seed": index,
+            "val_history": [], "val_acc": 0.0}
+
+
 def make_checkpoints(folder: Path, n: int) -> list[Path]:
     """n ViT-B/14-architecture ingredients (random weights, one start, different noise), written once."""
     import torch
@@ -60,7 +74,9 @@ def make_checkpoints(folder: Path, n: int) -> list[Path]:
     paths = [folder / f"ing{i}" / "model.safetensors" for i in range(n)]
     if all(p.exists() for p in paths):
         return paths
-    raw = {"name": "mem", "data": {"root": str(folder), "image_size": 224},
+    # A data root of its own (never read: cooking here selects nothing): the soups this writes into `folder`
+    # on every run must not be files of the data root, which soup never replaces.
+    raw = {"name": "mem", "data": {"root": str(folder / "data"), "image_size": 224},
            "model": {"backbone": "timm:vit_base_patch14_dinov2", "pretrained": False, "freeze": 0.75,
                      "kwargs": {"img_size": 224}}}
     recipe = recipe_from_dict(raw)
@@ -71,10 +87,7 @@ def make_checkpoints(folder: Path, n: int) -> list[Path]:
         generator = torch.Generator().manual_seed(i)
         noisy = {k: v + 1e-3 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
                  for k, v in state.items()}
-        meta = {"kind": "ingredient", "name": "mem", "id": f"ing{i}", "recipe": recipe.to_dict(),
-                "backbone": raw["model"]["backbone"], "classes": CLASSES, "start_fingerprint": "0" * 16,
-                "seed": i, "val_history": [], "val_acc": 0.0}
-        save_checkpoint(path, noisy, meta)
+        save_checkpoint(path, noisy, ingredient_meta("mem", i, recipe, raw["model"]["backbone"], CLASSES))
     return paths
 
 
@@ -85,9 +98,7 @@ def child(folder: Path, n: int) -> None:
     from soup.cook.cooking import cook
 
     ingredients = [read_checkpoint(folder / f"ing{i}" / "model.safetensors") for i in range(n)]
-    baseline = status_mb("VmRSS") or peak_mb()
-    if not reset_peak():
-        baseline = peak_mb()
+    baseline = baseline_mb()
     started = time.perf_counter()
     cook("uniform", ingredients, folder / f"soup{n}.safetensors", select_on=None, console=Console(quiet=True),
          overwrite=True)  # a rerun measures again into the same folder

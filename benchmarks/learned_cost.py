@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cook_memory import peak_mb, reset_peak, status_mb  # noqa: E402
+from cook_memory import baseline_mb, ingredient_meta, peak_mb  # noqa: E402
 
 WAYS = {  # name -> (method, options, force the full model)
     "greedy": ("greedy", {}, False),
@@ -67,10 +67,8 @@ def make_setup(folder: Path, n: int, val_per_class: int) -> None:
         generator = torch.Generator().manual_seed(i)
         noisy = {k: v + 2e-2 * torch.randn(v.shape, generator=generator) if k in trained else v
                  for k, v in state.items()}
-        meta = {"kind": "ingredient", "name": "cost", "id": f"ing{i}", "recipe": recipe.to_dict(),
-                "backbone": raw["model"]["backbone"], "classes": classes, "start_fingerprint": "0" * 16,
-                "seed": i, "val_history": [], "val_acc": 0.0}
-        save_checkpoint(folder / f"ing{i}" / "model.safetensors", noisy, meta)
+        save_checkpoint(folder / f"ing{i}" / "model.safetensors", noisy,
+                        ingredient_meta("cost", i, recipe, raw["model"]["backbone"], classes))
 
 
 def _timed(fit, seconds: list):
@@ -97,9 +95,7 @@ def child(folder: Path, n: int, way: str) -> None:
     for name in ("fit_softmax", "fit_hyperplane"):
         setattr(methods, name, _timed(getattr(methods, name), fit_seconds))
     ingredients = [read_checkpoint(folder / f"ing{i}" / "model.safetensors") for i in range(n)]
-    baseline = status_mb("VmRSS") or peak_mb()
-    if not reset_peak():
-        baseline = peak_mb()
+    baseline = baseline_mb()
     started = time.perf_counter()
     path = cook(method, ingredients, folder / "soup.safetensors", "val", console=Console(quiet=True),
                 options=options, overwrite=True)
@@ -122,8 +118,10 @@ def main() -> None:
         return
 
     import torch
+    from train_speed import compute_bound
 
     from soup.models.precision import cpu_flags_line
+    from soup.recipe.spec import recipe_from_dict
 
     make_setup(args.dir, args.n, args.val_per_class)
     subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--n", str(args.n), "--child", "greedy"],
@@ -142,9 +140,6 @@ def main() -> None:
     full, cached = rows["learned (full model)"], rows["learned (prefix cache)"]
     print(f"speedup of the learned soup on the cache: {full['seconds'] / cached['seconds']:.2f}x (cook), "
           f"{full['fit_seconds'] / cached['fit_seconds']:.2f}x (fitting alone)")
-    from soup.recipe.spec import recipe_from_dict
-    from train_speed import compute_bound
-
     bound, counted = compute_bound(recipe_from_dict(recipe_dict(args.dir / "data")), 8)
     print(f"bound: {bound:.2f} {counted}")
 

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
 
+from soup.cook.best import candidate_methods  # noqa: E402
 from soup.cook.cooking import cook  # noqa: E402
-from soup.cook.methods import METHODS  # noqa: E402
 from soup.data.sketches import generate_sketches  # noqa: E402
 from soup.judge.evaluate import ensemble_logits  # noqa: E402
 from soup.models.checkpoint import find_checkpoints, read_checkpoint  # noqa: E402
@@ -101,13 +101,15 @@ def study(args, index: int, work: Path, console: Console) -> dict:
     probe = ingredients[0].meta.get("probe") or {}
     print(f"  study {index}: probed start {probe.get('val_acc', float('nan')):.2%} on val; ingredients on val: "
           + " ".join(f"{v:.1%}" for v in val_scores), flush=True)
-    picked = ingredients[max(range(len(ingredients)), key=lambda i: (val_scores[i], -i))]
-    results = {"picked": _test_predictions(test, picked), "picked_name": picked.name}
-    members = [(c, test.logits(c)[0]) for c in ingredients]
-    logits, how = ensemble_logits(members)
-    targets = test.logits(ingredients[0])[1]
-    results["ensemble"] = {"outcome": predictions(logits, targets, picked.classes), "seconds": 0.0, "scored": None}
-    methods = {name: (name, {}) for name in METHODS if name != "interpolate"} | VARIANTS
+    # Each ingredient's test logits once: the picked one's figures and the ensemble both read them.
+    test_logits = [test.logits(c) for c in ingredients]
+    best = max(range(len(ingredients)), key=lambda i: (val_scores[i], -i))
+    picked = ingredients[best]
+    results = {"picked": {"outcome": predictions(*test_logits[best], picked.classes)}, "picked_name": picked.name}
+    logits, _ = ensemble_logits([(c, member_logits) for c, (member_logits, _) in zip(ingredients, test_logits)])
+    results["ensemble"] = {"outcome": predictions(logits, test_logits[0][1], picked.classes), "seconds": 0.0,
+                           "scored": None}
+    methods = {name: (name, {}) for name in candidate_methods()} | VARIANTS
     for name, (method, options) in methods.items():
         path = out / "soups" / f"{name}.safetensors"
         started = time.perf_counter()
@@ -120,14 +122,9 @@ def study(args, index: int, work: Path, console: Console) -> dict:
         soup = read_checkpoint(path)
         n = len(ingredients)
         scored = (soup.meta.get("guided") or {}).get("scored") or (2 * n - 1 if method in ("greedy", "topk") else None)
-        results[name] = {"outcome": _test_predictions(test, soup)["outcome"], "seconds": seconds, "scored": scored,
-                         "members": len(soup.meta.get("members", []))}
+        results[name] = {"outcome": predictions(*test.logits(soup), soup.classes), "seconds": seconds,
+                         "scored": scored, "members": len(soup.meta.get("members", []))}
     return results
-
-
-def _test_predictions(evaluator: Evaluator, checkpoint) -> dict:
-    logits, targets = evaluator.logits(checkpoint)
-    return {"outcome": predictions(logits, targets, checkpoint.classes)}
 
 
 def pooled(outcomes: list) -> object:

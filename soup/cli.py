@@ -99,7 +99,7 @@ def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
         console.print(ingredient_table(recipe.name, results))
         # The whole sweep so far, other processes' ingredients included: the reasons compare with it.
         sweep = find_checkpoints([Path(out) / recipe.name], kinds={"ingredient"}, warn=_warn)
-        print_below_start(below_start(sweep), len(sweep), console)
+        print_below_start(below_start(sweep), sweep, console)
 
 
 def _trust_hub_option(fn):
@@ -250,7 +250,7 @@ def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples
     print_eval_table(rows, split, console)
     if best:
         print_per_class(*best, console)
-    print_below_start(below, sum(c.kind == "ingredient" for c in checkpoints), console)
+    print_below_start(below, checkpoints, console)
 
 
 @cli.command(epilog=read_more("docs/evaluating.md"))

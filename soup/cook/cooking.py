@@ -26,11 +26,6 @@ from soup.data.outputs import check_output, data_roots
 from soup.score.compare import versus_best
 from soup.text import shown
 
-# Soups that start from the best ingredient on the selection set (their first member), so that on holdout
-# cooking ends with the soup against it on val.
-GREEDY_FAMILY = ("greedy", "guided", "topk")
-
-
 def first_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, bool] | None:
     """The first reason `a` and `b` cannot be averaged, and whether --force may override it."""
     if a.classes != b.classes:
@@ -131,7 +126,7 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     # later score on this split optimistic; uniform and stock are only checked on it.
     chose = spec.needs_selection or len(soup.steps) > 1
     return save_soup(method, soup, ingredients, out, select, chose, console, calibrate,
-                     holdout_verdict=method in GREEDY_FAMILY, data_root=data_root)
+                     holdout_verdict=spec.starts_from_best, data_root=data_root)
 
 
 def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str | Path, select: Selector | None,

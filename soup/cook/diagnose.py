@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from soup.cook.selector import Selector
-from soup.cook.weights import starting_weights, weighted_average
+from soup.cook.weights import rebuilt_starts, weighted_average
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, tensors_across
 from soup.text import shown
@@ -49,15 +49,8 @@ def pair_geometry(checkpoints: list[Checkpoint], console: Console | None = None)
     Distances compare any two checkpoints of one architecture; cosines only pairs that share a start,
     and only where the start can be rebuilt (offline: model.weights)."""
     console = console or Console(quiet=True)
-    starts: dict[str, dict | None] = {}
-    notes = []
-    for checkpoint in checkpoints:
-        if checkpoint.fingerprint not in starts:
-            try:
-                starts[checkpoint.fingerprint] = starting_weights(checkpoint)
-            except SoupError as err:
-                starts[checkpoint.fingerprint] = None
-                notes.append(f"start {checkpoint.fingerprint} not rebuilt ({err}): distances only")
+    starts, errors = rebuilt_starts(checkpoints)
+    notes = [f"start {start} not rebuilt ({err}): distances only" for start, err in errors.items()]
     groups: dict[tuple, list[int]] = {}
     for index, checkpoint in enumerate(checkpoints):
         groups.setdefault(_layout_key(checkpoint), []).append(index)

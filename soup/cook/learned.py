@@ -32,7 +32,7 @@ from soup.cook.selector import Selector
 from soup.cook.weights import weighted_average
 from soup.errors import SoupError
 from soup.fast.decoded import gather
-from soup.fast.prefix import to_float
+from soup.fast.prefix import to_device
 from soup.models.checkpoint import Checkpoint, tensors_across
 
 
@@ -116,7 +116,7 @@ def fitting(select: Selector, shared: dict[str, torch.Tensor], batch_size: int) 
     cached = select.cached
     positions = cached.features.positions(cached.rows)
     tokens, targets = cached.features.tokens, cached.features.targets[positions]
-    at_store, load = positions.to(tokens.device), to_float(device)
+    at_store, load = positions.to(tokens.device), to_device(device)
     suffix = cached.suffix.eval()
     return Fitting(suffix, _names_in(suffix, model), _shuffled(range(len(positions)), batch_size, 0, False),
                    lambda rows: (load(gather(tokens, at_store[rows.to(at_store.device)])), targets[rows].to(device)),

@@ -43,15 +43,18 @@ class SoupMethod:
     needs_selection: bool
     takes_soups: bool = False  # may mix finished soups too (interpolate), not only ingredients
     options: dict = field(default_factory=dict)  # option name -> default; the CLI spells them --name
+    # Starts from the best ingredient on the selection set (its first member): on holdout, cooking then
+    # measures the soup against that ingredient on val.
+    starts_from_best: bool = False
 
 
 METHODS: dict[str, SoupMethod] = {}
 
 
 def soup_method(name: str, needs_selection: bool = False, takes_soups: bool = False,
-                options: dict | None = None):
+                options: dict | None = None, starts_from_best: bool = False):
     def register(fn):
-        METHODS[name] = SoupMethod(fn, needs_selection, takes_soups, dict(options or {}))
+        METHODS[name] = SoupMethod(fn, needs_selection, takes_soups, dict(options or {}), starts_from_best)
         return fn
     return register
 
@@ -86,7 +89,7 @@ def uniform_soup(ingredients: list[Checkpoint], select: Selector | None, console
     return Soup(weighted_average(members), members)
 
 
-@soup_method("greedy", needs_selection=True)
+@soup_method("greedy", needs_selection=True, starts_from_best=True)
 def greedy_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
                 kitchen: Kitchen | None = None) -> Soup:
     """The paper's recipe: rank ingredients by held-out accuracy, start from the best, and add each next
@@ -99,7 +102,7 @@ def greedy_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
     return Soup(weighted_average(soup.members()), soup.members(), steps)
 
 
-@soup_method("topk", needs_selection=True)
+@soup_method("topk", needs_selection=True, starts_from_best=True)
 def topk_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
               kitchen: Kitchen | None = None) -> Soup:
     """Uniform soups of the k best ingredients for every k; keeps the k that scores best on held-out data
@@ -117,7 +120,7 @@ def topk_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
     return Soup(weighted_average(members), members, curve, {"topk": {"k": best["k"]}})
 
 
-@soup_method("guided", needs_selection=True, options={"patience": 3})
+@soup_method("guided", needs_selection=True, options={"patience": 3}, starts_from_best=True)
 def guided_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
                 kitchen: Kitchen | None = None) -> Soup:
     """Ensemble-guided greedy: greedy's rule, trying next the candidate whose logit ensemble with the soup

@@ -23,11 +23,11 @@ def starting_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     fingerprint. A mismatch names its cause: the recipe's start, or the probed start found for it."""
     recipe = recipe_from_dict(checkpoint.recipe)
     model = build_model(recipe.model, checkpoint.classes, recipe.data.image_size, recorded_in=checkpoint.path)
-    probe = probed_start(model, recipe, checkpoint)
+    probe = probed_start(recipe, checkpoint)
     if probe is not None:
-        trained_from = read_checkpoint(probe).fingerprint
-        _same_start(checkpoint, recipe, fingerprint(model), trained_from)
-        load_probe(model, probe)
+        trained_from, start = read_checkpoint(probe).fingerprint, fingerprint(model)
+        _same_start(checkpoint, recipe, start, trained_from)
+        load_probe(model, probe, start)
         rebuilt = fingerprint(model)
         if rebuilt != checkpoint.fingerprint:
             raise SoupError(f"{probe}: this probed start is not the one {checkpoint.path} started from (fingerprint "
@@ -37,6 +37,20 @@ def starting_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
         _same_start(checkpoint, recipe, fingerprint(model), checkpoint.fingerprint)
     return {k: (v.detach().float() if v.is_floating_point() else v.detach()).clone()
             for k, v in model.state_dict().items()}
+
+
+def rebuilt_starts(checkpoints: list[Checkpoint]) -> tuple[dict[str, dict | None], dict[str, SoupError]]:
+    """Each start among `checkpoints`, rebuilt once per fingerprint (starting_weights), and the error of
+    each that cannot be (offline, moved: its start is None), both by fingerprint in first-seen order."""
+    starts: dict[str, dict | None] = {}
+    errors: dict[str, SoupError] = {}
+    for checkpoint in checkpoints:
+        if checkpoint.fingerprint not in starts:
+            try:
+                starts[checkpoint.fingerprint] = starting_weights(checkpoint)
+            except SoupError as err:
+                starts[checkpoint.fingerprint], errors[checkpoint.fingerprint] = None, err
+    return starts, errors
 
 
 def _same_start(checkpoint: Checkpoint, recipe, rebuilt: str, expected: str) -> None:

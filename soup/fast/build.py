@@ -32,7 +32,7 @@ from soup.data.augment import DeviceAugment, augment_generator, store_size
 from soup.data.folders import build_transform
 from soup.data.pipeline import Pipeline, epoch_order, plain_pipeline
 from soup.fast.decoded import Normalizer, decoded_images, decoded_on, move, plain_transform, unwrap
-from soup.fast.prefix import SuffixModel, feature_config, find_prefix, prefix_features, to_float
+from soup.fast.prefix import SuffixModel, feature_config, find_prefix, prefix_features, to_device
 from soup.fast.scorer import score_rows
 from soup.fast.store import CacheUnavailable, human
 from soup.models import distributed
@@ -129,7 +129,7 @@ def _prefix_pipeline(recipe: Recipe, split, model: nn.Module, folders: tuple, ro
     suffix = SuffixModel(model, split)
     fresh = "computed now" if train_f.built or val_f.built else "shared with an earlier run"
     where = train_f.where if train_f.where == val_f.where else f"{train_f.where}/{val_f.where}"
-    batches, steps = batch_iterator(train_f.tokens, train_f.targets, rows[0], to_float(device), device, t.seed,
+    batches, steps = batch_iterator(train_f.tokens, train_f.targets, rows[0], to_device(device), device, t.seed,
                                     t.batch_size)
     return Pipeline(
         suffix, batches, _suffix_scores(suffix, val_f, rows[1], device, eval_batch), steps,
@@ -140,7 +140,7 @@ def _prefix_pipeline(recipe: Recipe, split, model: nn.Module, folders: tuple, ro
 def _suffix_scores(suffix: SuffixModel, features, rows: torch.Tensor, device: torch.device,
                    batch_size: int) -> Callable[[], dict]:
     """Val scores of the current weights from stored prefix tokens: the trained part runs, nothing else."""
-    positions, load = features.positions(rows), to_float(device)
+    positions, load = features.positions(rows), to_device(device)
     return lambda: score_rows(suffix, features.tokens, features.targets, positions, load, device, batch_size)
 
 

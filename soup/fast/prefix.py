@@ -35,7 +35,7 @@ from soup.fast.determinism import mode, moves_state_in_train_mode, output_digest
 from soup.fast.store import (CACHE_VERSION, available_ram, cache_dir, create_store, fits_on_device, hash_of,
                              open_store, remember)
 from soup.models.inference import eval_dtype
-from soup.models.views import apply_view
+from soup.models.views import apply_view, is_identity
 
 # Where prefix features live: auto (device if it fits, else pinned/plain CPU memory, else a file), or
 # forced to "device", "cpu" or "disk" (tests and benchmarks use this to exercise every placement).
@@ -245,7 +245,7 @@ def prefix_features(split: ViTSplit, folder: Dataset, transform: tuple, device: 
     family = {"prefix": fp, "probe": probe, "model": config or {}, "kind": split.kind, "k": split.k}
     base = {"version": CACHE_VERSION, **family, "size": size, "mean": mean, "std": std, "decoded": dkey,
             "dtype": str(dtype), "tokens": str(TOKEN_DTYPE)}
-    if view not in (None, "image"):  # only then: the image's own tokens keep the key they always had
+    if not is_identity(view):  # only then: the image's own tokens keep the key they always had
         base["view"] = view
     whole = hash_of(base)
     if rows is not None and sorted(set(rows)) == list(range(len(folder.samples))):
@@ -323,6 +323,8 @@ class SuffixModel(nn.Module):
         return self.head(self.split.suffix(tokens))
 
 
-def to_float(device: torch.device):
-    """Stored tokens -> the suffix's input on `device`: the fp32 residual stream, as in the full forward."""
+def to_device(device: torch.device):
+    """Stored tokens -> the suffix's input on `device`; they are stored as the fp32 residual stream the full
+    forward carries, so moving them is all it takes."""
     return lambda tokens: move(tokens, device)
+

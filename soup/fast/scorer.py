@@ -11,11 +11,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from soup.fast.decoded import Normalizer, decoded_images, decoded_key, decoded_on, gather, plain_transform, unwrap
-from soup.fast.prefix import SuffixModel, find_prefix, prefix_features, to_float
+from soup.fast.prefix import SuffixModel, find_prefix, prefix_features, to_device
 from soup.fast.store import CacheUnavailable
 from soup.models.backbones import freeze_prefix
 from soup.models.inference import eval_dtype
-from soup.models.views import apply_view
+from soup.models.views import apply_view, is_identity
 from soup.models.metrics import scores
 
 
@@ -97,12 +97,12 @@ class CachedScorer:
         that test-time view of each image."""
         if self.features is not None and self.prefix_unchanged():
             features = self.features
-            if view not in (None, "image"):
+            if not is_identity(view):
                 if view not in self._views:  # the prefix is the reference one: its tokens are the cache's
                     self._views[view] = self._view_features(view)
                 features = self._views[view]
             rows = features.positions(self.rows)
-            return (logits_rows(self.suffix, features.tokens, rows, to_float(self.device), self.device,
+            return (logits_rows(self.suffix, features.tokens, rows, to_device(self.device), self.device,
                                 self.batch_size), features.targets[rows])
         if self._decode_failed is not None:  # tried once (e.g. no room on the disk): not again per weight set
             raise self._decode_failed

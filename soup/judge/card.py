@@ -11,6 +11,7 @@ import yaml
 
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, read_checkpoint
+from soup.recipe.search import describe
 from soup.score.compare import describe_difference
 from soup.text import printable
 
@@ -38,14 +39,14 @@ def _settings(member: dict) -> str:
         return "(checkpoint unreadable)"
     if not isinstance(settings, dict):
         return "(none recorded)"
-    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "(no sweep)"
+    return describe(settings) or "(no sweep)"
 
 
 def _members(checkpoint: Checkpoint) -> list[str]:
     members = checkpoint.meta.get("members")
     if checkpoint.kind == "ingredient" or not isinstance(members, list):
         settings = checkpoint.meta.get("settings") or {}
-        shown = ", ".join(f"{k}={v}" for k, v in settings.items()) if isinstance(settings, dict) else ""
+        shown = describe(settings) if isinstance(settings, dict) else ""
         return [f"One fine-tuned model (an ingredient), settings: {_cell(shown or '(no sweep)')}."]
     candidates = checkpoint.meta.get("candidates")
     lines = [f"A **{_cell(checkpoint.kind)}** soup: the weights of {len(members)} fine-tuned models (of "

@@ -62,15 +62,16 @@ def evaluate_rows(checkpoints: list[Checkpoint], evaluator: Evaluator, ensemble:
     rows, all_logits, targets = [], [], None
     temperatures = [temperature_of(c) for c in checkpoints]  # a bad one stops the command before any work
     for checkpoint, temperature in zip(checkpoints, temperatures):
-        logits, targets = evaluator.logits(checkpoint)
+        # One weight load for every view; each --tta choice's first view is the image, the plain row's.
+        per_view = evaluator.view_logits(checkpoint, views_of(tta) if tta is not None else (None,))
+        logits, targets = per_view[0]
         fields = dict(path=str(checkpoint.path), kind=checkpoint.kind,
                       members=len(checkpoint.meta.get("members", [])) or 1, split=evaluator.split,
                       selection_set=selection_split(checkpoint) == evaluator.split, temperature=temperature)
         rows.append(score_row(logits / temperature, targets, checkpoint.classes, name=checkpoint.name,
                               tta=None, **fields))
         if tta is not None:
-            others = evaluator.view_logits(checkpoint, views_of(tta)[1:])  # the first view is the image
-            combined = tta_logits([logits] + [lg for lg, _ in others], temperature)
+            combined = tta_logits([lg for lg, _ in per_view], temperature)
             rows.append(score_row(combined, targets, checkpoint.classes, name=f"{checkpoint.name} +tta {tta}",
                                   tta=tta, **fields))
         all_logits.append((checkpoint, logits / temperature, targets))

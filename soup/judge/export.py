@@ -22,11 +22,11 @@ from safetensors.torch import save_file
 from soup.data.outputs import data_roots
 from soup.errors import SoupError
 from soup.judge.card import model_card
-from soup.models.backbones import NETWORK_MODULES, model_from_checkpoint
+from soup.models.backbones import is_network_error, model_from_checkpoint
 from soup.models.checkpoint import (INGREDIENT_FILE, LOCK_FILE, STATE_FILE, TEMP_SUFFIX, Checkpoint, atomic_path,
-                                   fp32_state, is_soup_checkpoint, write_failure)
+                                   current_umask, fp32_state, is_soup_checkpoint, write_failure)
 from soup.recipe.checks import parse_backbone
-from soup.recipe.spec import recipe_from_dict
+from soup.recipe.spec import DataConfig, Recipe, recipe_from_dict
 from soup.text import printable
 
 try:  # the `hub` extra: only --push needs it
@@ -63,10 +63,10 @@ class Export:
     card: str
 
 
-def timm_architecture(checkpoint: Checkpoint) -> tuple[str, dict]:
-    """(timm architecture, timm model kwargs) that rebuild the checkpoint's network. A hub backbone is
-    named by its entry point (DinoV2's only); its kwargs are the recipe's, at the fine-tuned image size."""
-    recipe = recipe_from_dict(checkpoint.recipe)
+def timm_architecture(checkpoint: Checkpoint, recipe: Recipe) -> tuple[str, dict]:
+    """(timm architecture, timm model kwargs) that rebuild the checkpoint's network (`recipe`: its own,
+    parsed). A hub backbone is named by its entry point (DinoV2's only); its kwargs are the recipe's, at the
+    fine-tuned image size."""
     kind, _, entry = parse_backbone(recipe.model.backbone)
     if kind == "timm":
         return entry, dict(recipe.model.kwargs)
@@ -135,13 +135,13 @@ def timm_model(arch: str, model_args: dict, num_classes: int, state: dict | None
     return model.eval()
 
 
-def timm_state(checkpoint: Checkpoint, soup_model: torch.nn.Module, arch: str, model_args: dict) -> dict:
+def timm_state(checkpoint: Checkpoint, soup_model: torch.nn.Module, arch: str, model_args: dict,
+               image_size: int) -> dict:
     """The checkpoint's weights under timm's names: `backbone.*` mapped per its source, `head.*` to timm's
     own classifier (fc, head, classifier, head.fc, ... whatever the architecture calls it)."""
     state = soup_model.state_dict()
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     kind, _, _ = parse_backbone(checkpoint.backbone)
-    image_size = recipe_from_dict(checkpoint.recipe).data.image_size
     if kind == "hub":
         backbone = _hub_state(soup_model.backbone, backbone, image_size)
     with torch.device("meta"):  # names only: no memory, no initialisation
@@ -162,10 +162,10 @@ def check_same_logits(soup_model: torch.nn.Module, exported: torch.nn.Module, im
     return difference
 
 
-def timm_config(checkpoint: Checkpoint, arch: str, model_args: dict, model: torch.nn.Module) -> dict:
+def timm_config(checkpoint: Checkpoint, data: DataConfig, arch: str, model_args: dict,
+                model: torch.nn.Module) -> dict:
     """config.json as timm's save_config_for_hf lays it out; pretrained_cfg describes soup's preprocessing
     (resize the whole image to SxS, bilinear, then normalise), which is what the weights were tuned on."""
-    data = recipe_from_dict(checkpoint.recipe).data
     size = data.image_size
     default = timm.models.get_pretrained_cfg(arch)
     fixed = bool(default.fixed_input_size) if default is not None else False
@@ -189,17 +189,17 @@ def timm_config(checkpoint: Checkpoint, arch: str, model_args: dict, model: torc
 
 def prepare_export(checkpoint: Checkpoint, repo_id: str | None = None) -> Export:
     """Map, rebuild in timm, compare logits, and render config and card; nothing written yet."""
-    arch, model_args = timm_architecture(checkpoint)
+    recipe = recipe_from_dict(checkpoint.recipe)
+    arch, model_args = timm_architecture(checkpoint, recipe)
     try:
         json.dumps(model_args)
     except (TypeError, ValueError):
         raise SoupError(f"{checkpoint.path}: model.kwargs {model_args} cannot go into config.json") from None
     soup_model = model_from_checkpoint(checkpoint)
-    state = timm_state(checkpoint, soup_model, arch, model_args)
+    state = timm_state(checkpoint, soup_model, arch, model_args, recipe.data.image_size)
     exported = timm_model(arch, model_args, len(checkpoint.classes), state)
-    image_size = recipe_from_dict(checkpoint.recipe).data.image_size
-    check_same_logits(soup_model, exported, image_size, arch)
-    config = timm_config(checkpoint, arch, model_args, exported)
+    check_same_logits(soup_model, exported, recipe.data.image_size, arch)
+    config = timm_config(checkpoint, recipe.data, arch, model_args, exported)
     return Export(arch, model_args, state, config, model_card(checkpoint, config, repo_id))
 
 
@@ -268,9 +268,7 @@ def write_export(export: Export, folder: str | Path) -> list[Path]:
         for name, write in writers.items():
             with atomic_path(staging / name) as tmp:
                 write(tmp)
-        mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-        os.umask(mask)
-        os.chmod(staging, 0o777 & ~mask)  # mkdtemp's 0700 would hide a shared export from its readers
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared export from its readers
         os.replace(staging, folder)  # an empty DIR is replaced, as rename(2) allows
     except OSError as err:
         raise SoupError(f"cannot write {folder}: {write_failure(err) or err}; nothing was written there") from None
@@ -314,16 +312,11 @@ def push_folder(folder: str | Path, repo_id: str) -> str:
         if http_error and isinstance(err, http_error):
             raise SoupError(f"the Hub refused the push to {repo_id} ({_first_line(err)}); log in (huggingface-cli "
                             f"login, or set HF_TOKEN) with write access; {folder} is complete") from None
-        if _network_error(err):
+        if isinstance(err, OSError) or is_network_error(err):  # any OSError: the upload's I/O failed
             raise SoupError(f"could not reach the Hugging Face Hub to push {repo_id} ({_first_line(err)}); nothing "
                             f"was uploaded; {folder} is complete: push it when online") from None
         raise
     return f"https://huggingface.co/{repo_id}"
-
-
-def _network_error(err: BaseException) -> bool:
-    return isinstance(err, (ConnectionError, TimeoutError, OSError)) or any(
-        type(e).__module__.split(".")[0] in NETWORK_MODULES for e in (err, err.__cause__, err.__context__) if e)
 
 
 def export_checkpoint(checkpoint: Checkpoint, folder: str | Path, overwrite: bool,

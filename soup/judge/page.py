@@ -19,8 +19,10 @@ from soup.data.outputs import check_output, data_roots
 from soup.errors import SoupError
 from soup.judge import plot
 from soup.judge.evaluate import evaluate_rows
-from soup.judge.report import SOUPLESS, add_per_class, add_statistics, default_reference, eval_cells
+from soup.judge.report import (SOUPLESS, add_per_class, add_statistics, default_reference, eval_cells,
+                               top1_interval)
 from soup.models.checkpoint import Checkpoint, write_text_atomic
+from soup.recipe.search import describe
 from soup.score import stats
 from soup.score.evaluator import Evaluator
 from soup.text import printable, shown
@@ -97,7 +99,7 @@ def collect(checkpoints: list[Checkpoint], evaluator: Evaluator, resamples: int 
     worst = add_per_class(evaluated, PER_CLASS)
     soups = [pair for pair in evaluated if pair[0]["kind"] not in SOUPLESS]
     calibrated = max(soups or evaluated, key=lambda pair: pair[0]["top1"])
-    greedy = next((c for c in checkpoints if c.kind == "greedy" and c.meta.get("steps")), None)
+    greedy = plot.recorded_steps(checkpoints, "greedy")
     return {"split": evaluator.split, "checkpoints": checkpoints, "ingredients": ingredients, "rows": rows,
             "evaluated": evaluated, "per_class": worst, "reliability": calibrated, "greedy": greedy,
             "geometry": pair_geometry(ingredients) if ingredients else None}
@@ -122,12 +124,9 @@ def figures(study: dict) -> dict[str, str | None]:
     """Each plot as a data URI; None for every one when matplotlib is missing."""
     if not plot_available():
         return dict.fromkeys(("soups", "history", "pairs", "reliability"))
-    greedy = study["greedy"]
-    recorded = greedy and {"name": greedy.name, "steps": greedy.meta["steps"],
-                           "split": (greedy.meta.get("selection") or {}).get("split", "?")}
     histories = {c.name: c.meta.get("val_history") or [] for c in study["ingredients"]}
     geometry = study["geometry"]
-    return {"soups": _png(plot.draw, study["rows"], recorded or None),
+    return {"soups": _png(plot.draw, study["rows"], study["greedy"]),
             "history": _png(plot.draw_history, histories) if histories else None,
             "pairs": _png(plot.draw_pairs, geometry) if geometry and geometry["pairs"] else None,
             "reliability": _png(plot.draw_reliability, [study["reliability"]])}
@@ -160,11 +159,6 @@ def _recipe_section(study: dict) -> str:
     return "".join(parts)
 
 
-def _interval(row: dict) -> str:
-    low = row.get("top1_low")
-    return "" if low is None else f"{low * 100:.1f}–{row['top1_high'] * 100:.1f}"
-
-
 def _ingredients_section(study: dict) -> str:
     by_path = {row["path"]: row for row in study["rows"]}
     split, body = study["split"], []
@@ -172,9 +166,9 @@ def _ingredients_section(study: dict) -> str:
         row = by_path[str(checkpoint.path)]
         history = checkpoint.meta.get("val_history") or []
         seconds = sum(h.get("seconds") or 0.0 for h in history)
-        settings = ", ".join(f"{k}={v}" for k, v in (checkpoint.meta.get("settings") or {}).items())
+        settings = describe(checkpoint.meta.get("settings") or {})
         body.append(f'<tr data-path="{esc(row["path"])}">' + _cell(checkpoint.name) + _cell(settings, klass="text")
-                    + _cell(f"{row['top1']:.2%}", row["top1"]) + _cell(_interval(row), row.get("top1_low") or "")
+                    + _cell(f"{row['top1']:.2%}", row["top1"]) + _cell(top1_interval(row), row.get("top1_low") or "")
                     + _cell(str(len(history)), len(history)) + _cell(f"{seconds:.1f} s", seconds) + "</tr>")
     top1 = f"top-1 on {split}"
     table = _table(["ingredient", "settings", top1, "95% CI", "epochs", "time"], body, "ingredients", default=top1)
@@ -209,13 +203,13 @@ def _greedy_section(study: dict) -> str:
     greedy = study["greedy"]
     if greedy is None:
         return "<h2>Greedy's steps</h2><p class=\"note\">no greedy soup among the checkpoints.</p>"
-    where = (greedy.meta.get("selection") or {}).get("split", "?")
     body = ["<tr>" + _cell(str(i), i) + _cell(step["candidate"], klass="text")
             + _cell(f"{step['top1']:.2%}", step["top1"])
             + _cell("kept" if step["kept"] else "left out", klass="text") + "</tr>"
-            for i, step in enumerate(greedy.meta["steps"], 1)]
-    return (f"<h2>Greedy's steps: {esc(greedy.name)}</h2>"
-            + _table(["step", "candidate", f"top-1 on {where}", "verdict"], body, "greedy", sortable=False))
+            for i, step in enumerate(greedy["steps"], 1)]
+    return (f"<h2>Greedy's steps: {esc(greedy['name'])}</h2>"
+            + _table(["step", "candidate", f"top-1 on {greedy['split']}", "verdict"], body, "greedy",
+                     sortable=False))
 
 
 def _pairs_section(study: dict, uri: str | None, drawable: bool) -> str:

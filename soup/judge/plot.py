@@ -173,7 +173,7 @@ def draw_pairs(geometry: dict, path: str | Path) -> list[list[float | None]]:
     return matrix
 
 
-def _recorded(checkpoints: list[Checkpoint], kind: str) -> dict | None:
+def recorded_steps(checkpoints: list[Checkpoint], kind: str) -> dict | None:
     """The steps a soup of `kind` recorded (greedy's path, top-k's curve), from the first such soup."""
     soup = next((c for c in checkpoints if c.kind == kind and c.meta.get("steps")), None)
     if soup is None:
@@ -192,7 +192,7 @@ def plot_checkpoints(checkpoints: list[Checkpoint], path: str | Path, split: str
     ingredients = [c for c in checkpoints if c.kind == "ingredient"]
     evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root), ensemble=len(ingredients) >= 2)
     rows = [row for row, _ in evaluated]
-    greedy, topk = (_recorded(checkpoints, kind) for kind in ("greedy", "topk"))
+    greedy, topk = (recorded_steps(checkpoints, kind) for kind in ("greedy", "topk"))
     series = draw(rows, greedy, path, topk)
     console.print(f"wrote {shown(path)}: {len(ingredients)} ingredients, {len(rows) - len(ingredients)} soups/ensemble "
                   f"on {split}" + (", and the greedy path" if greedy else "")

@@ -105,14 +105,16 @@ def add_statistics(evaluated: list[tuple[dict, Predictions]], resamples: int = s
     return rows
 
 
+def top1_interval(row: dict) -> str:
+    """A row's top-1 95% interval in percent, "" where it has none."""
+    low = row.get("top1_low")
+    return "" if low is None else f"{low * 100:.1f}–{row['top1_high'] * 100:.1f}"
+
+
 def _columns(rows: list[dict]) -> dict:
     """Column name -> (justify, cell of a row); those without data anywhere are left out."""
     def top1(row):
         return f"{row['top1']:.2%}" + (" *" if row["selection_set"] else "")
-
-    def interval(row):
-        low = row.get("top1_low")
-        return "" if low is None else f"{low * 100:.1f}–{row['top1_high'] * 100:.1f}"
 
     def delta(row):
         c = row.get("compare")
@@ -125,7 +127,7 @@ def _columns(rows: list[dict]) -> dict:
         return "" if c.get("low") is None else f"{points(c['low'])}, {points(c['high'])}"
 
     columns = {"kind": ("left", lambda r: r["kind"]), "members": ("right", lambda r: str(r["members"])),
-               "top-1": ("right", top1), "95% CI": ("right", interval),
+               "top-1": ("right", top1), "95% CI": ("right", top1_interval),
                "top-5": ("right", lambda r: f"{r['top5']:.1%}"), "NLL": ("right", lambda r: f"{r['nll']:.3f}"),
                "ECE": ("right", lambda r: f"{r['ece']:.1%}"), "Δ pts": ("right", delta),
                "Δ 95% CI": ("right", delta_interval),

@@ -17,8 +17,7 @@ import statistics
 from rich.console import Console
 from safetensors import safe_open
 
-from soup.cook.weights import starting_weights
-from soup.errors import SoupError
+from soup.cook.weights import rebuilt_starts
 from soup.models.checkpoint import Checkpoint
 from soup.text import shown
 
@@ -34,14 +33,10 @@ def _last_train_loss(checkpoint: Checkpoint) -> float | None:
 
 def start_distances(checkpoints: list[Checkpoint]) -> dict[str, float]:
     """‖θ − θ₀‖ over the floating tensors of each checkpoint whose start can be rebuilt (by path)."""
-    starts: dict[str, dict | None] = {}
+    # A start that is gone (offline, moved) gives no distance; the loss reason still works.
+    starts, _ = rebuilt_starts(checkpoints)
     distances = {}
     for checkpoint in checkpoints:
-        if checkpoint.fingerprint not in starts:
-            try:
-                starts[checkpoint.fingerprint] = starting_weights(checkpoint)
-            except SoupError:  # the start is gone (offline, moved): no distance, the loss reason still works
-                starts[checkpoint.fingerprint] = None
         start = starts[checkpoint.fingerprint]
         if start is None:
             continue
@@ -55,6 +50,10 @@ def start_distances(checkpoints: list[Checkpoint]) -> dict[str, float]:
     return distances
 
 
+def _same_sweep(a: Checkpoint, b: Checkpoint) -> bool:
+    return a.meta.get("name") == b.meta.get("name") and a.fingerprint == b.fingerprint
+
+
 def below_start(checkpoints: list[Checkpoint]) -> list[dict]:
     """One record per ingredient that ended below its probed start: name, path, val_acc, start_acc and the
     reasons to suspect (see the module's docstring). Ingredients without a probe have no measured start."""
@@ -64,11 +63,11 @@ def below_start(checkpoints: list[Checkpoint]) -> list[dict]:
     if not below:
         return []
     losses = {str(c.path): _last_train_loss(c) for c in ingredients}
-    distances = start_distances(ingredients)
+    # Only the sweeps of draws below their start are compared: measure no other ingredient's distance.
+    distances = start_distances([c for c in ingredients if any(_same_sweep(c, b) for b in below)])
     records = []
     for checkpoint in below:
-        sweep = [c for c in ingredients if c.meta.get("name") == checkpoint.meta.get("name")
-                 and c.fingerprint == checkpoint.fingerprint]
+        sweep = [c for c in ingredients if _same_sweep(c, checkpoint)]
         reasons = []
         loss, others = losses[str(checkpoint.path)], [losses[str(c.path)] for c in sweep]
         known = [x for x in others if x is not None]
@@ -94,7 +93,9 @@ def flag_rows(rows: list[dict], checkpoints: list[Checkpoint]) -> list[dict]:
     return records
 
 
-def print_below_start(records: list[dict], total: int, console: Console) -> None:
+def print_below_start(records: list[dict], checkpoints: list[Checkpoint], console: Console) -> None:
+    """Print `records` (from below_start) out of the ingredients among `checkpoints`."""
+    total = sum(c.kind == "ingredient" for c in checkpoints)
     for line in describe_below_start(records, total):
         console.print(f"[yellow]{line}[/]" if not line.startswith(" ") else line)
 

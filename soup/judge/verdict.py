@@ -4,14 +4,13 @@ in choosing the winner (--select-on holdout); otherwise the tables say so."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
 from soup.judge.evaluate import evaluate_rows, score_row
-from soup.judge.report import add_statistics, print_eval_table
+from soup.judge.report import add_statistics, print_eval_table, reference_index
 from soup.models.checkpoint import Checkpoint
 from soup.score import stats
 from soup.score.evaluator import Evaluator, Predictions
@@ -39,8 +38,7 @@ class BestVerdict:
         """Print the candidates against the best ingredient on this split, then against the ensemble; returns
         both tables' rows (keys "ingredient" and "ensemble")."""
         evaluated = evaluate_rows(self.ingredients, self.evaluator, ensemble=len(self.ingredients) >= 2)
-        ingredients = [pair for pair in evaluated if pair[0]["kind"] == "ingredient"]
-        picked = max(ingredients, key=lambda pair: pair[0]["top1"])  # ties: the first listed
+        picked = evaluated[reference_index([row for row, _ in evaluated], "best")]
         references = [picked] + [pair for pair in evaluated if pair[0]["kind"] == "ensemble"]
         chosen_here = select_on == self.split
         for row, _ in self.candidates:
@@ -60,5 +58,5 @@ class BestVerdict:
             what = f"the ingredient {self.split} picks, {row['name']}" if ref == "ingredient" else row["name"]
             print_eval_table(rows, self.split, console, title=f"--best: each method on {self.split} against "
                              f"{shown(what)}")
-            tables[ref] = copy.deepcopy(rows)
+            tables[ref] = rows
         return tables

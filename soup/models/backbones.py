@@ -34,7 +34,7 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images))
 
 
-def _is_network_error(err: BaseException) -> bool:
+def is_network_error(err: BaseException) -> bool:
     return isinstance(err, (ConnectionError, TimeoutError)) or any(
         type(e).__module__.split(".")[0] in NETWORK_MODULES for e in (err, err.__cause__, err.__context__) if e
     )
@@ -167,7 +167,7 @@ def create_backbone(cfg: ModelConfig, image_size: int, pretrained: bool, weights
     except TypeError as err:
         raise SoupError(f"model.kwargs {cfg.kwargs}: {cfg.backbone} does not accept them ({err})") from None
     except Exception as err:
-        if _is_network_error(err):
+        if is_network_error(err):
             raise SoupError(_offline_hint(cfg.backbone)) from None
         if isinstance(err, (FileNotFoundError, ImportError)) and kind == "hub":
             raise SoupError(f"model.backbone {cfg.backbone}: {err}") from None

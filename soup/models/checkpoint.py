@@ -30,7 +30,7 @@ LOCK_FILE = ".lock"  # held while a process trains the ingredient
 TEMP_SUFFIX = ".tmp"  # atomic_path's temporary files: .<name>.<random>.tmp beside <name>
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)
     return mask
@@ -95,7 +95,7 @@ def atomic_path(path: str | Path):
         _fsync(tmp)
         # Temp files are 0600 (mkstemp, and safetensors writes its own); a shared output folder needs a
         # normal file's permissions (umask applies), so that whoever cooks can read what every job wrote.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except Exception as err:
         reason = write_failure(err)

@@ -43,9 +43,14 @@ def _crop(images: torch.Tensor, view: str) -> torch.Tensor:
     return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
+def is_identity(view: str | None) -> bool:
+    """Whether `view` is the image as it is: no view at all, or the "image" view every --tta choice starts with."""
+    return view is None or view == "image"
+
+
 def apply_view(view: str | None, images: torch.Tensor) -> torch.Tensor:
     """`images` (normalised, N x 3 x S x S) as `view` sees them."""
-    if view is None or view == "image":
+    if is_identity(view):
         return images
     if view == "flip":
         return torch.flip(images, dims=[-1])  # equals mirroring the PIL image before ToTensor

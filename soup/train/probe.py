@@ -56,11 +56,11 @@ def probe_file(recipe: Recipe, out: str | Path) -> Path | None:
     return None if item is None else Path(out) / recipe.name / item.id / INGREDIENT_FILE
 
 
-def load_probe(model: nn.Module, path: Path) -> nn.Module:
+def load_probe(model: nn.Module, path: Path, start: str | None = None) -> nn.Module:
     """Put the probe's weights into `model` (built from the recipe's start): checked to have been trained
-    from that very start."""
+    from that very start. `start`: `model`'s fingerprint, when the caller has just computed it."""
     checkpoint = read_checkpoint(path)
-    start = fingerprint(model)
+    start = fingerprint(model) if start is None else start
     if checkpoint.kind != KIND or checkpoint.fingerprint != start:
         raise SoupError(f"{path}: this probed start was not trained from this recipe's start (fingerprint "
                         f"{checkpoint.fingerprint}, not {start}); delete its folder to probe again")
@@ -87,7 +87,7 @@ def probe_places(checkpoint: Checkpoint, recipe: Recipe) -> list[Path]:
     return list(dict.fromkeys(places))
 
 
-def probed_start(model: nn.Module, recipe: Recipe, checkpoint: Checkpoint) -> Path | None:
+def probed_start(recipe: Recipe, checkpoint: Checkpoint) -> Path | None:
     """The probed start `checkpoint`'s ingredients began from (None when its recipe has no model.probe),
     found wherever the checkpoint lives (probe_places); one line naming where it looked when it is gone."""
     places = probe_places(checkpoint, recipe)
