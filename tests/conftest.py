@@ -10,16 +10,20 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from rich.console import Console
 
+import soup.cli
 from soup.cli import cli
 from soup.data.folders import class_list, load_split
 from soup.data.sketches import generate_sketches
 from soup.fast import decoded as fast_decoded, prefix as fast_prefix
-from soup.models.backbones import build_model, freeze_prefix
+from soup.models.backbones import build_model, freeze_prefix, model_from_checkpoint
 from soup.models.checkpoint import read_checkpoint
+from soup.models.inference import evaluate, make_loader
 from soup.recipe.spec import recipe_from_dict
 
 CLASSES = ["circle", "cross", "square", "triangle"]
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -158,6 +162,12 @@ def ingredient_path(work: Path, index: int = 0) -> Path:
     return sorted((work / "checkpoints" / "tiny").glob("*/model.safetensors"))[index]
 
 
+def run_files(run_dir: Path) -> list[str]:
+    """A run folder's file names, sorted, less TensorBoard's event files (soup.train.logs writes them there
+    when tensorboard is installed)."""
+    return sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events.out"))
+
+
 def one_error_line(result, *fragments) -> None:
     """Exit 2 and one line on stderr holding every fragment, no traceback."""
     assert result.exit_code == 2, result.output
@@ -178,3 +188,22 @@ def run_study(work: Path, recipe: dict, *commands: list[str]) -> list[str]:
             assert result.exit_code == 0, result.output
             outputs.append(result.output)
     return outputs
+
+
+def invoke_with_console(args: list[str], monkeypatch, width: int):
+    """`soup ARGS` through the CLI with soup's console swapped for one `width` columns wide, unhighlighted."""
+    monkeypatch.setattr(soup.cli, "console", Console(width=width, highlight=False))
+    return CliRunner().invoke(cli, args)
+
+
+def plain_scores(checkpoint, state_dict=None, split="val") -> dict:
+    """A plain evaluation: the whole model over a plain loader, as `soup eval --no-cache` runs it."""
+    model = model_from_checkpoint(checkpoint)
+    model.load_state_dict(state_dict if state_dict is not None else checkpoint.state_dict())
+    recipe = recipe_from_dict(checkpoint.recipe)
+    dataset = load_split(recipe.data, split, classes=checkpoint.classes)
+    return evaluate(model, make_loader(dataset, 128, 0, CPU), CPU)
+
+
+def plain_top1(checkpoint, state_dict=None, split="val") -> float:
+    return plain_scores(checkpoint, state_dict, split)["top1"]

@@ -10,28 +10,9 @@ from click.testing import CliRunner
 
 from soup.cli import cli
 from soup.cook.weights import weighted_average
-from soup.data.folders import load_split
-from soup.models.backbones import model_from_checkpoint
 from soup.models.checkpoint import read_checkpoint, save_checkpoint
-from soup.models.inference import evaluate, make_loader
-from soup.recipe.spec import recipe_from_dict
 
-from conftest import probed_start_by_hand, run_study, tiny_recipe, tiny_vit_model
-
-CPU = torch.device("cpu")
-
-
-def plain_scores(checkpoint, state_dict=None, split="val") -> dict:
-    """A plain evaluation: the whole model over a plain loader, as `soup eval --no-cache` runs it."""
-    model = model_from_checkpoint(checkpoint)
-    model.load_state_dict(state_dict if state_dict is not None else checkpoint.state_dict())
-    recipe = recipe_from_dict(checkpoint.recipe)
-    dataset = load_split(recipe.data, split, classes=checkpoint.classes)
-    return evaluate(model, make_loader(dataset, 128, 0, CPU), CPU)
-
-
-def plain_top1(checkpoint, state_dict=None, split="val") -> float:
-    return plain_scores(checkpoint, state_dict, split)["top1"]
+from conftest import plain_scores, plain_top1, probed_start_by_hand, run_study, tiny_recipe, tiny_vit_model
 
 
 @pytest.fixture(scope="module")

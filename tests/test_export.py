@@ -16,7 +16,7 @@ from soup.models.backbones import model_from_checkpoint, trusting_hubs
 from soup.models.checkpoint import read_checkpoint
 from soup.recipe.spec import recipe_from_dict
 
-from conftest import tiny_recipe, tiny_vit_model
+from conftest import run_study, tiny_recipe, tiny_vit_model
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +25,9 @@ def work(tmp_path_factory, small_sketch_root):
     work = tmp_path_factory.mktemp("export")
     recipe = tiny_recipe(small_sketch_root, model=tiny_vit_model(), data={"image_size": 28},
                          train={"batch_size": 8}, sweep={"train.seed": [0, 1]})
-    (work / "vit.yaml").write_text(yaml.safe_dump(recipe))
-    runner = CliRunner()
-    ckpts = work / "checkpoints"
-    result = runner.invoke(cli, ["train", str(work / "vit.yaml"), "--out", str(ckpts)])
-    assert result.exit_code == 0, result.output
-    soup = ckpts / "soups" / "greedy.safetensors"
-    result = runner.invoke(cli, ["cook", "--greedy", str(ckpts / "tiny"), "-o", str(soup), "--calibrate"])
-    assert result.exit_code == 0, result.output
+    ckpts = work / "checkpoints"  # soup train's default --out in `work`; the cook given absolute paths
+    run_study(work, recipe, ["cook", "--greedy", str(ckpts / "tiny"), "-o", str(ckpts / "soups" / "greedy.safetensors"),
+                             "--calibrate"])
     return work
 
 
@@ -119,10 +114,9 @@ def test_hub_backbone_of_unknown_layout_is_one_line(small_sketch_root, hub_dir, 
     recipe = tiny_recipe(small_sketch_root, model={"backbone": f"hub:{hub_dir}:tiny_dinov2", "pretrained": False,
                                                    "kwargs": {"img_size": 28, "embed_dim": 32}},
                          data={"image_size": 28}, train={"batch_size": 8})
-    (tmp_path / "hub.yaml").write_text(yaml.safe_dump(recipe))
+    run_study(tmp_path, recipe)
     runner = CliRunner()
-    assert runner.invoke(cli, ["train", str(tmp_path / "hub.yaml"), "--out", str(tmp_path / "c")]).exit_code == 0
-    path = next((tmp_path / "c").glob("*/*/model.safetensors"))
+    path = next((tmp_path / "checkpoints").glob("*/*/model.safetensors"))
     result = runner.invoke(cli, ["export", str(path), str(tmp_path / "out")])
     assert result.exit_code == 2 and "soup export knows the timm layout of DinoV2" in result.output
     assert not (tmp_path / "out").exists()
@@ -159,10 +153,9 @@ def test_dinov2_hub_backbone_exports_as_timm_dinov2(small_sketch_root, tmp_path)
                                                    "kwargs": {"img_size": 28, "embed_dim": 32, "depth": 2,
                                                               "num_heads": 2}},
                          data={"image_size": 28}, train={"batch_size": 8})
-    (tmp_path / "hub.yaml").write_text(yaml.safe_dump(recipe))
+    run_study(tmp_path, recipe)
     runner = CliRunner()
-    assert runner.invoke(cli, ["train", str(tmp_path / "hub.yaml"), "--out", str(tmp_path / "c")]).exit_code == 0
-    path = next((tmp_path / "c").glob("*/*/model.safetensors"))
+    path = next((tmp_path / "checkpoints").glob("*/*/model.safetensors"))
     assert "backbone.mask_token" in read_checkpoint(path).state_dict()
     out = tmp_path / "out"
     result = runner.invoke(cli, ["export", str(path), str(out)])

@@ -6,18 +6,15 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 from rich.console import Console
 from safetensors import safe_open
 
-import soup.cli
-from soup.cli import cli
 from soup.cook.cooking import cook
 from soup.models.checkpoint import read_checkpoint, rewrite_metadata
 from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.train.loop import train_ingredient
 
-from conftest import tiny_recipe
+from conftest import invoke_with_console, tiny_recipe
 
 quiet = Console(quiet=True)
 
@@ -42,8 +39,7 @@ def run(shelf, monkeypatch):
     monkeypatch.chdir(shelf["out"])
 
     def invoke(args, width=80):
-        monkeypatch.setattr(soup.cli, "console", Console(width=width, highlight=False))
-        return CliRunner().invoke(cli, args)
+        return invoke_with_console(args, monkeypatch, width)
     return invoke
 
 

@@ -19,7 +19,7 @@ from soup.models.metrics import scores
 from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.train.loop import train_ingredient
 
-from conftest import ingredient_path, one_error_line, tiny_recipe
+from conftest import ingredient_path, one_error_line, run_study, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +28,7 @@ def trained(tmp_path_factory, small_sketch_root):
     (<work>/data, their recipe's data.root), so that a test aiming at the data can only harm a copy."""
     work = tmp_path_factory.mktemp("hostile")
     shutil.copytree(small_sketch_root, work / "data")
-    recipe = tiny_recipe(work / "data", sweep={"train.seed": [0, 1]})
-    (work / "tiny.yaml").write_text(yaml.safe_dump(recipe))
-    result = CliRunner().invoke(cli, ["train", str(work / "tiny.yaml"), "--out", str(work / "checkpoints")])
-    assert result.exit_code == 0, result.output
+    run_study(work, tiny_recipe(work / "data", sweep={"train.seed": [0, 1]}))
     return work
 
 
@@ -308,15 +305,13 @@ def odd_names(tmp_path_factory, small_sketch_root):
     for split in ("train_images", "val_images"):
         for plain, odd in ODD.items():
             (work / "data" / split / plain).rename(work / "data" / split / odd)
-    (work / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(work / "data")))
-    result = CliRunner().invoke(cli, ["train", str(work / "r.yaml"), "--out", str(work / "out")])
-    assert result.exit_code == 0, result.output
+    run_study(work, tiny_recipe(work / "data"))
     return work
 
 
 def test_per_class_rows_show_odd_class_names_escaped_on_one_line(odd_names, monkeypatch):
     monkeypatch.setattr(soup.cli, "console", Console(width=200, highlight=False))
-    path = next((odd_names / "out").rglob("model.safetensors"))
+    path = next((odd_names / "checkpoints").rglob("model.safetensors"))
     assert set(ODD.values()) <= set(read_checkpoint(path).classes)
     result = CliRunner().invoke(cli, ["eval", str(path), "--per-class", "4"])
     assert result.exit_code == 0, result.output

@@ -12,8 +12,7 @@ from soup.models.checkpoint import read_checkpoint
 from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.train.loop import train_ingredient
 
-from conftest import tiny_recipe, tiny_vit_model
-from test_exact import plain_scores
+from conftest import plain_scores, tiny_recipe, tiny_vit_model
 
 quiet = Console(quiet=True)
 

@@ -3,11 +3,8 @@
 
 import pytest
 import torch
-from click.testing import CliRunner
 from rich.console import Console
 
-import soup.cli
-from soup.cli import cli
 from soup.cook.methods import greedy_soup, guided_soup
 from soup.cook.selector import Selector
 from soup.models.checkpoint import read_checkpoint, save_checkpoint
@@ -16,8 +13,7 @@ from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.score.evaluator import predictions
 from soup.train.loop import train_ingredient
 
-from conftest import tiny_recipe
-from test_exact import plain_scores
+from conftest import invoke_with_console, plain_scores, tiny_recipe
 
 quiet = Console(quiet=True)
 
@@ -32,8 +28,7 @@ def pantry(tmp_path_factory, small_sketch_root):
 
 
 def run(args, monkeypatch, width=200):
-    monkeypatch.setattr(soup.cli, "console", Console(width=width, highlight=False))
-    return CliRunner().invoke(cli, args)
+    return invoke_with_console(args, monkeypatch, width)
 
 
 def mean_of(checkpoints) -> dict:

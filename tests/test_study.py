@@ -4,7 +4,6 @@
 import json
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from soup.cli import cli
@@ -39,8 +38,8 @@ def study(tmp_path_factory, small_sketch_root):
 
 
 
-def distance_by_hand(work, checkpoint) -> float:
-    start = probed_start_by_hand(work, checkpoint)
+def distance_by_hand(start, checkpoint) -> float:
+    """`checkpoint`'s distance from `start` (its probed start, from probed_start_by_hand)."""
     state = checkpoint.state_dict()
     return sum((state[k].double() - start[k].double()).pow(2).sum().item()
                for k in state if state[k].is_floating_point()) ** 0.5
@@ -54,9 +53,10 @@ def test_below_start_names_each_draw_and_its_reason(study):
     assert underfit["start_acc"] == ingredients[0].meta["probe"]["val_acc"] > underfit["val_acc"]
     assert [r.split(":")[0] for r in underfit["reasons"]] == ["underfit"]
     assert [r.split(":")[0] for r in off["reasons"]] == ["off-basin"]
-    distances = sorted(distance_by_hand(study, c) for c in ingredients)
+    start = probed_start_by_hand(study, ingredients[0])  # one start for the whole sweep
+    distances = sorted(distance_by_hand(start, c) for c in ingredients)
     median = (distances[1] + distances[2]) / 2
-    far = distance_by_hand(study, ingredients[1])
+    far = distance_by_hand(start, ingredients[1])
     assert off["reasons"][0] == f"off-basin: {far:.3g} from the start, {far / median:.1f}x the sweep's median"
 
 
@@ -77,9 +77,7 @@ def test_soup_eval_and_soup_train_flag_them(study, monkeypatch):
     assert "2 of 4 ingredients ended below the probed start" in " ".join(result.output.split())
 
 
-def test_without_a_probe_nothing_is_flagged(small_sketch_root, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(small_sketch_root)))
-    result = CliRunner().invoke(cli, ["train", "r.yaml"])
-    assert result.exit_code == 0 and "below the probed start" not in result.output
+def test_without_a_probe_nothing_is_flagged(small_sketch_root, tmp_path):
+    [output] = run_study(tmp_path, tiny_recipe(small_sketch_root))  # exit 0 checked there
+    assert "below the probed start" not in output
     assert below_start(find_checkpoints([tmp_path / "checkpoints"])) == []
