@@ -31,7 +31,7 @@ from soup.recipe.spec import expand_sweep, load_recipe, recipe_from_dict
 from soup.train.loop import train_ingredient
 from soup.train.state import METRICS_FILE, METRICS_KEYS, STATE_FILE, ingredient_lock, save_state
 
-from conftest import tiny_recipe
+from conftest import run_files, tiny_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 META = {"kind": "ingredient", "recipe": {}, "backbone": "b", "classes": ["a"], "start_fingerprint": "f"}
@@ -99,7 +99,7 @@ def test_a_kill_right_after_the_checkpoint_rename_is_finished_by_resume(trained,
     monkeypatch.setattr(soup.train.loop, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         train_ingredient(ingredient, tmp_path, quiet())
-    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events.out"))  # events: soup.train.logs == [".lock", INGREDIENT_FILE, STATE_FILE]
+    assert run_files(run_dir) == [".lock", INGREDIENT_FILE, STATE_FILE]
     monkeypatch.undo()
 
     written = (run_dir / INGREDIENT_FILE).read_bytes()
@@ -107,7 +107,7 @@ def test_a_kill_right_after_the_checkpoint_rename_is_finished_by_resume(trained,
     train_ingredient(ingredient, tmp_path, console, resume=True)
     assert "finished already, skipped (wrote the missing metrics.json; removed the stale state.pt)" in \
         console.file.getvalue()
-    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events.out"))  # events: soup.train.logs == [".lock", METRICS_FILE, INGREDIENT_FILE]
+    assert run_files(run_dir) == [".lock", METRICS_FILE, INGREDIENT_FILE]
     assert (run_dir / INGREDIENT_FILE).read_bytes() == written
     meta = read_checkpoint(run_dir / INGREDIENT_FILE).meta
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
@@ -246,7 +246,7 @@ def test_a_full_disk_while_training_is_one_line(small_sketch_root, tmp_path):
     run_dir = tmp_path / "out" / "tiny" / "00"
     assert result.stderr == f"soup: error: cannot write {run_dir}/{STATE_FILE}: File too large; nothing was " \
                             "changed there\n"
-    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events.out"))  # events: soup.train.logs == [".lock"]
+    assert run_files(run_dir) == [".lock"]
 
 
 def test_a_full_disk_while_cooking_is_one_line(trained, tmp_path):

@@ -22,7 +22,7 @@ from soup.models.checkpoint import read_checkpoint
 from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.train.loop import train_ingredient
 
-from conftest import tiny_recipe, tiny_vit_model
+from conftest import run_files, tiny_recipe, tiny_vit_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(small_sk
 
     for ingredient in ingredients:
         ddp_dir = tmp_path / "ddp" / "tiny" / ingredient.id
-        assert sorted(p.name for p in ddp_dir.iterdir() if not p.name.startswith("events.out")) == [".lock", "metrics.json", "model.safetensors"]
+        assert run_files(ddp_dir) == [".lock", "metrics.json", "model.safetensors"]
         single = train_ingredient(ingredient, tmp_path / "single", use_cache=use_cache)
         ddp, one = read_checkpoint(ddp_dir / "model.safetensors"), read_checkpoint(single)
         a, b = ddp.state_dict(), one.state_dict()
