@@ -5,7 +5,7 @@ starting weights an ingredient was fine-tuned from, rebuilt from its recipe and 
 
 from __future__ import annotations
 
-import contextlib
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -61,14 +61,20 @@ def _same_start(checkpoint: Checkpoint, recipe, rebuilt: str, expected: str) -> 
                         "the original weights file (model.weights) or torch.hub/timm cache")
 
 
-@contextlib.contextmanager
-def _tensors(source: Checkpoint | dict):
-    """(keys, get) for a checkpoint file (read lazily, one tensor at a time) or an in-memory state dict."""
+def _reader(source: Checkpoint | dict) -> tuple[list[str], Callable[[str], torch.Tensor]]:
+    """(keys, get) for an in-memory state dict, or for a checkpoint file read one tensor at a time with the
+    file open only while that tensor is read: a file kept open keeps every page it has handed out mapped (and
+    counted in RSS), so N files held open at once would make cooking's memory grow with N."""
     if isinstance(source, dict):
-        yield list(source), source.__getitem__
-    else:
-        with safe_open(str(source.path), framework="pt") as f:
-            yield list(f.keys()), f.get_tensor
+        return list(source), source.__getitem__
+    path = str(source.path)
+    with safe_open(path, framework="pt") as f:
+        keys = list(f.keys())
+
+    def get(key: str) -> torch.Tensor:
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(key)
+    return keys, get
 
 
 def weighted_average(members: list[tuple[Checkpoint | dict, float]]) -> dict[str, torch.Tensor]:
@@ -80,18 +86,17 @@ def weighted_average(members: list[tuple[Checkpoint | dict, float]]) -> dict[str
     weights = [weight for _, weight in members]
     keeps_equal = abs(sum(weights) - 1.0) < 1e-6
     total: dict[str, torch.Tensor] = {}
-    with contextlib.ExitStack() as stack:
-        sources = [stack.enter_context(_tensors(source)) for source, _ in members]
-        for key in sources[0][0]:
-            first = sources[0][1](key)
-            # Copies: a member may be an in-memory state (the start) that later mixes still read.
-            if not first.is_floating_point():
-                total[key] = first.clone()
-                continue
-            mixed, same = first.to(torch.float32, copy=True).mul_(weights[0]), True
-            for (_, get), weight in zip(sources[1:], weights[1:]):
-                tensor = get(key)
-                same = same and torch.equal(tensor, first)
-                mixed.add_(tensor.float(), alpha=weight)
-            total[key] = first.to(torch.float32, copy=True) if same and keeps_equal else mixed
+    sources = [_reader(source) for source, _ in members]
+    for key in sources[0][0]:
+        first = sources[0][1](key)
+        # Copies: a member may be an in-memory state (the start) that later mixes still read.
+        if not first.is_floating_point():
+            total[key] = first.clone()
+            continue
+        mixed, same = first.to(torch.float32, copy=True).mul_(weights[0]), True
+        for (_, get), weight in zip(sources[1:], weights[1:]):
+            tensor = get(key)
+            same = same and torch.equal(tensor, first)
+            mixed.add_(tensor.float(), alpha=weight)
+        total[key] = first.to(torch.float32, copy=True) if same and keeps_equal else mixed
     return total
