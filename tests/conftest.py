@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 from rich.console import Console
 
-import soup.cli
+import soup.cli.base
 from soup.cli import cli
 from soup.data.folders import class_list, load_split
 from soup.data.sketches import generate_sketches
@@ -192,7 +192,7 @@ def run_study(work: Path, recipe: dict, *commands: list[str]) -> list[str]:
 
 def invoke_with_console(args: list[str], monkeypatch, width: int):
     """`soup ARGS` through the CLI with soup's console swapped for one `width` columns wide, unhighlighted."""
-    monkeypatch.setattr(soup.cli, "console", Console(width=width, highlight=False))
+    monkeypatch.setattr(soup.cli.base, "console", Console(width=width, highlight=False))
     return CliRunner().invoke(cli, args)
 
 

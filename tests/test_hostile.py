@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 from rich.console import Console
 
-import soup.cli
+import soup.cli.base
 import soup.judge.evaluate
 from soup.cli import cli
 from soup.errors import SoupError
@@ -310,7 +310,7 @@ def odd_names(tmp_path_factory, small_sketch_root):
 
 
 def test_per_class_rows_show_odd_class_names_escaped_on_one_line(odd_names, monkeypatch):
-    monkeypatch.setattr(soup.cli, "console", Console(width=200, highlight=False))
+    monkeypatch.setattr(soup.cli.base, "console", Console(width=200, highlight=False))
     path = next((odd_names / "checkpoints").rglob("model.safetensors"))
     assert set(ODD.values()) <= set(read_checkpoint(path).classes)
     result = CliRunner().invoke(cli, ["eval", str(path), "--per-class", "4"])
@@ -329,7 +329,7 @@ def test_an_error_naming_an_odd_folder_stays_one_whole_line(odd_names, tmp_path)
 
 
 def test_a_soup_file_name_with_a_newline_and_markup_is_shown_as_written(trained, tmp_path, monkeypatch):
-    monkeypatch.setattr(soup.cli, "console", Console(width=200, highlight=False))
+    monkeypatch.setattr(soup.cli.base, "console", Console(width=200, highlight=False))
     soup_path = tmp_path / "x\ny[bold]\u2066.safetensors"
     a, b = str(ingredient_path(trained, 0)), str(ingredient_path(trained, 1))
     cooked = CliRunner().invoke(cli, ["cook", "--no-eval", a, b, "-o", str(soup_path)])
