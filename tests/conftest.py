@@ -11,10 +11,12 @@ import torch
 import yaml
 from click.testing import CliRunner
 from rich.console import Console
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import DataLoader, Dataset
 
 import soup.cli.base
 from soup.cli import cli
-from soup.data.folders import class_list, load_split
+from soup.data.folders import build_transform, class_list, load_rgb, load_split
 from soup.data.sketches import generate_sketches
 from soup.fast import decoded as fast_decoded, prefix as fast_prefix
 from soup.models.backbones import build_model, freeze_prefix, model_from_checkpoint
@@ -203,6 +205,36 @@ def plain_scores(checkpoint, state_dict=None, split="val") -> dict:
     recipe = recipe_from_dict(checkpoint.recipe)
     dataset = load_split(recipe.data, split, classes=checkpoint.classes)
     return evaluate(model, make_loader(dataset, 128, 0, CPU), CPU)
+
+
+class RecordedImages(Dataset):
+    """The train images a soup's bn_reset records, in the recorded order, with the evaluation transform."""
+
+    def __init__(self, soup):
+        recipe = recipe_from_dict(soup.recipe)
+        folder = Path(recipe.data.root) / "train_images"
+        self.paths = [folder / name for name in soup.meta["bn_reset"]["files"]]
+        self.transform = build_transform(recipe.data)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(load_rgb(str(self.paths[i]))), 0
+
+
+def with_bn_reset(soup, weights: dict) -> dict:
+    """`weights` with the BatchNorm statistics torch.optim.swa_utils.update_bn measures for them on the images
+    and batches `soup` records (soup.cook.batchnorm, recomputed independently); as they are without a record."""
+    record = soup.meta.get("bn_reset")
+    if not record or record.get("off"):
+        return weights
+    model = model_from_checkpoint(soup)
+    model.load_state_dict(weights)
+    update_bn(DataLoader(RecordedImages(soup), batch_size=record["batch_size"]), model)
+    fresh = model.state_dict()
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    return {k: fresh[k].to(v.dtype) if k.endswith(stats) else v for k, v in weights.items()}
 
 
 def plain_top1(checkpoint, state_dict=None, split="val") -> float:

@@ -13,16 +13,18 @@ from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.score.evaluator import predictions
 from soup.train.loop import train_ingredient
 
-from conftest import invoke_with_console, plain_scores, tiny_recipe
+from conftest import invoke_with_console, plain_scores, tiny_recipe, with_bn_reset
 
 quiet = Console(quiet=True)
 
 
 @pytest.fixture(scope="module")
 def pantry(tmp_path_factory, small_sketch_root):
-    """Four tiny ResNet ingredients of one start, with a holdout slice to select on; one at a high lr."""
+    """Four tiny ResNet ingredients of one start, with a holdout slice to select on; one at a high lr. Two
+    epochs: with one step, every ingredient would keep the BatchNorm statistics of that step's batch at the
+    shared start, which a soup then keeps (soup.cook.batchnorm)."""
     out = tmp_path_factory.mktemp("select")
-    recipe = recipe_from_dict(tiny_recipe(small_sketch_root, data={"holdout": 0.25},
+    recipe = recipe_from_dict(tiny_recipe(small_sketch_root, data={"holdout": 0.25}, train={"epochs": 2},
                                           sweep={"train.seed": [0, 1], "train.lr": [2e-3, 5e-2]}))
     return [read_checkpoint(train_ingredient(i, out / "checkpoints", quiet)) for i in expand_sweep(recipe)]
 
@@ -53,14 +55,17 @@ def test_topk_scores_each_k_by_hand_and_keeps_the_best(pantry, tmp_path, monkeyp
     assert [p["k"] for p in curve] == [1, 2, 3, 4]
     assert [p["added"] for p in curve] == [c.name for c in order]
     for point in curve:
-        by_hand = mean_of(order[:point["k"]])
+        by_hand = with_bn_reset(soup, mean_of(order[:point["k"]])) if point["k"] > 1 else mean_of(order[:1])
         assert point["top1"] == plain_scores(order[0], by_hand)["top1"], point
         assert f"k={point['k']} (+ {point['added']}): {point['top1']:.2%} on val" in result.output or point["k"] == 1
     best = max(curve, key=lambda p: p["top1"])
     assert all(p["top1"] < best["top1"] for p in curve if p["k"] < best["k"])  # ties go to the smaller k
     assert soup.meta["topk"]["k"] == best["k"] and len(soup.meta["members"]) == best["k"]
     weights = soup.state_dict()
-    assert all(torch.allclose(weights[k], v.to(weights[k].dtype), atol=1e-6) for k, v in mean_of(order[:best["k"]]).items())
+    expected = mean_of(order[:best["k"]])
+    if best["k"] > 1:
+        expected = with_bn_reset(soup, expected)
+    assert all(torch.allclose(weights[k], v.to(weights[k].dtype), atol=1e-6) for k, v in expected.items())
     assert soup.meta["selection"]["top1"] == plain_scores(soup)["top1"] == best["top1"]
 
 
@@ -149,7 +154,7 @@ def test_guided_through_the_cli_records_plain_figures(pantry, tmp_path, monkeypa
     assert soup.meta["steps"][0] == {"candidate": order[0].name, "top1": accuracy[order[0].name], "kept": True}
     for step in soup.meta["steps"][1:]:
         trial = kept + [by_name[step["candidate"]]]
-        assert step["top1"] == plain_scores(order[0], mean_of(trial))["top1"]
+        assert step["top1"] == plain_scores(order[0], with_bn_reset(soup, mean_of(trial)))["top1"]
         kept = trial if step["kept"] else kept
     assert [m["name"] for m in soup.meta["members"]] == [c.name for c in kept]
     assert soup.meta["selection"]["top1"] == plain_scores(soup)["top1"] >= accuracy[order[0].name]
@@ -169,7 +174,7 @@ def test_best_cooks_every_method_and_reports_on_val(pantry, tmp_path, monkeypatc
     assert record["winner"] == max(scores_, key=lambda m: scores_[m])  # ties: the earlier method
     # Recomputed plainly: the saved winner's weights, and the uniform candidate averaged by hand.
     assert soup.meta["selection"]["top1"] == plain_scores(soup, split=select_on)["top1"] == scores_[record["winner"]]
-    assert scores_["uniform"] == plain_scores(pantry[0], mean_of(pantry), split=select_on)["top1"]
+    assert scores_["uniform"] == plain_scores(pantry[0], with_bn_reset(soup, mean_of(pantry)), split=select_on)["top1"]
     said = " ".join(result.output.split())
     picked = max(pantry, key=lambda c: plain_scores(c)["top1"])  # on val; ties: the first listed
     assert f"against the ingredient val picks, {picked.name}" in said

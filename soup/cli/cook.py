@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from soup.cook import sweeps
+from soup.cook.batchnorm import DEFAULT_IMAGES, check_images
 from soup.cook.best import check_best_request, cook_best
 from soup.cook.cooking import cook as cook_soup
 from soup.cook.methods import METHODS
@@ -60,14 +61,19 @@ def _method_options(fn):
               "the soup).")
 @click.option("--calibrate", is_flag=True, help="Also fit the soup's temperature on the selection set and "
               "store it in its metadata (see soup calibrate).")
+@click.option("--bn-images", type=int, default=DEFAULT_IMAGES, show_default=True, metavar="N",
+              help="Train images (a fixed, seeded subset) on which each mixed weight set's BatchNorm statistics "
+              "are re-estimated before it is scored or written; models without BatchNorm skip it.")
+@click.option("--no-bn-reset", is_flag=True, help="Keep the members' averaged BatchNorm statistics instead.")
 def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, alpha, per_layer, hyperplane, bound,
-         patience, best, plot_path, calibrate):
+         patience, best, plot_path, calibrate, bn_images, no_bn_reset):
     """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
     ingredients = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None,
                                    warn=_warn)
     _report_sweeps(ingredients, list(paths) or [Path("checkpoints")])
+    bn_images = None if no_bn_reset else check_images(bn_images)
     options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None), ("hyperplane", hyperplane or None),
                                  ("bound", bound), ("patience", patience)) if v is not None}
     if best:
@@ -81,11 +87,11 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     if best:
         verdict = BestVerdict(ingredients, data_root)
         path = cook_best(ingredients, output, None if no_eval else select_on, data_root, force, base.console,
-                         calibrate=calibrate, overwrite=overwrite, on_candidate=verdict)
+                         calibrate=calibrate, overwrite=overwrite, on_candidate=verdict, bn_images=bn_images)
         verdict.report(read_checkpoint(path).meta["best"]["winner"], select_on, base.console)
     else:
         path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, base.console,
-                         options=options, calibrate=calibrate, overwrite=overwrite)
+                         options=options, calibrate=calibrate, overwrite=overwrite, bn_images=bn_images)
     if png:
         soups = [c for c in find_checkpoints([path.parent], warn=_warn) if c.kind != "ingredient"]
         plot_checkpoints([c for c in ingredients if c.kind == "ingredient"] + soups, png, select_on, data_root,

@@ -11,9 +11,9 @@ from typing import Callable
 import torch
 from rich.console import Console
 
-from soup.cook.cooking import check_ingredients, save_soup
+from soup.cook.batchnorm import DEFAULT_IMAGES, check_images
+from soup.cook.cooking import check_ingredients, fitted, save_soup, selector
 from soup.cook.methods import METHODS, Kitchen, Soup
-from soup.cook.selector import Selector
 from soup.errors import SoupError, one_line
 from soup.models.checkpoint import Checkpoint
 from soup.text import shown
@@ -37,7 +37,7 @@ def candidate_methods() -> list[str]:
 def cook_best(ingredients: list[Checkpoint], out: str | Path, select_on: str | None = "val",
               data_root: str | Path | None = None, force: bool = False, console: Console | None = None,
               device: torch.device | None = None, calibrate: bool = False, overwrite: bool = False,
-              on_candidate: Callable[[str, Soup], None] | None = None) -> Path:
+              on_candidate: Callable[[str, Soup], None] | None = None, bn_images: int | None = DEFAULT_IMAGES) -> Path:
     """Cook every candidate method with its defaults on one selector, keep the best on `select_on` (ties:
     the earlier method) and write it. A method that cannot run here (stock without a rebuildable start,
     one ingredient) is skipped with a one-line note. `on_candidate(method, soup)` sees every soup cooked."""
@@ -45,12 +45,13 @@ def cook_best(ingredients: list[Checkpoint], out: str | Path, select_on: str | N
     if select_on is None:
         raise SoupError("--best picks the winner on held-out data; drop --no-eval")
     check_ingredients(ingredients, out, False, data_root, force, console, overwrite)
-    select = Selector(ingredients[0], select_on, data_root, device)
+    check_images(bn_images)
+    select = selector(ingredients, select_on, data_root, device, bn_images, console)
     scored, skipped, best = {}, {}, None
     for method in candidate_methods():
         console.print(f"[bold]{method} soup[/] of {len(ingredients)} ingredients, selected on {select_on}")
         try:
-            soup = METHODS[method].fn(ingredients, select, console, Kitchen(ingredients[0]))
+            soup = fitted(METHODS[method].fn(ingredients, select, console, Kitchen(ingredients[0])), select, console)
         except SoupError as err:
             skipped[method] = one_line(err)
             console.print(f"  best: {method} skipped: {shown(skipped[method])}")

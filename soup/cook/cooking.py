@@ -19,6 +19,7 @@ from soup.models.checkpoint import Checkpoint, save_checkpoint
 from soup.models.metrics import scores
 from soup.score.calibrate import calibration_record, print_calibration
 # Importing soup.cook.methods registers every method in METHODS.
+from soup.cook.batchnorm import DEFAULT_IMAGES, check_images
 from soup.cook.methods import METHODS, Kitchen, Soup
 from soup.cook.record import record_soup
 from soup.cook.selector import Selector
@@ -97,11 +98,13 @@ def check_ingredients(ingredients: list[Checkpoint], out: str | Path, takes_soup
 def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on: str | None = "val",
          data_root: str | Path | None = None, force: bool = False, console: Console | None = None,
          device: torch.device | None = None, options: dict | None = None, calibrate: bool = False,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, bn_images: int | None = DEFAULT_IMAGES) -> Path:
     """Cook one soup with `method` and write it as a normal checkpoint with its provenance. `options` are
     the method's own (e.g. alpha for interpolate, per_layer for learned); others are refused. `calibrate`
-    fits the soup's temperature on the selection split and stores it in the metadata. An existing
-    `out` is replaced only with `overwrite`, and never when it is an ingredient (see soup.data.outputs)."""
+    fits the soup's temperature on the selection split and stores it in the metadata. `bn_images`: the
+    train images every mixed weight set's BatchNorm statistics are re-estimated on (None: kept as
+    mixed). An existing `out` is replaced only with `overwrite`, and never when it is an ingredient (see
+    soup.data.outputs)."""
     console = console or Console()
     if method not in METHODS:
         raise SoupError(f"unknown soup method {method!r}; choose from {', '.join(METHODS)}")
@@ -118,15 +121,45 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
         raise SoupError(f"the {method} soup needs held-out data; --no-eval works with {without} only")
     if calibrate and select_on is None:
         raise SoupError("--calibrate fits a temperature on held-out data; drop --no-eval")
-    select = Selector(ingredients[0], select_on, data_root, device) if select_on else None
+    check_images(bn_images)
+    select = selector(ingredients, select_on, data_root, device, bn_images, console) if select_on else None
     console.print(f"[bold]{method} soup[/] of {len(ingredients)} ingredient{'s' if len(ingredients) != 1 else ''}" +
                   (f", selected on {select_on}" if select else ", without data"))
-    soup = spec.fn(ingredients, select, console, Kitchen(ingredients[0], dict(options or {})))
+    soup = fitted(spec.fn(ingredients, select, console, Kitchen(ingredients[0], dict(options or {}))), select,
+                  console)
     # Whether held-out scores chose or fitted the weights (greedy, learned, an alpha sweep), making a
     # later score on this split optimistic; uniform and stock are only checked on it.
     chose = spec.needs_selection or len(soup.steps) > 1
     return save_soup(method, soup, ingredients, out, select, chose, console, calibrate,
                      holdout_verdict=spec.starts_from_best, data_root=data_root)
+
+
+def selector(ingredients: list[Checkpoint], select_on: str, data_root: str | Path | None,
+             device: torch.device | None, bn_images: int | None, console: Console) -> Selector:
+    """The judge every weight set of a cook goes through, BatchNorm statistics re-estimated (bn_images)."""
+    return Selector(ingredients[0], select_on, data_root, device, members=ingredients, bn_images=bn_images,
+                    console=console)
+
+
+def fitted(soup: Soup, select: Selector | None, console: Console) -> Soup:
+    """The soup with the BatchNorm statistics its selection scored (a method returns mixed ones); without
+    data, the mixed ones, said in one line where members differ in them."""
+    if select is not None:
+        soup.state_dict = select.prepare(soup.state_dict)
+    elif len(soup.members) > 1 and any(key.endswith(".running_var") for key in soup.state_dict):
+        console.print("  batchnorm: running statistics averaged, not re-estimated (--no-eval reads no data); "
+                      "cook with data to fit them to the soup's weights")
+    return soup
+
+
+def batchnorm_record(select: Selector | None, state: dict[str, torch.Tensor]) -> dict:
+    """The metadata's bn_reset: which BatchNorm layers got statistics of their own, on which images; absent
+    for a model without BatchNorm, so such a soup's file is the same with or without the reset."""
+    if select is None or not select.has_batchnorm:
+        return {}
+    if select.reset is None:
+        return {"bn_reset": {"off": True, "layers": []}}
+    return {"bn_reset": select.reset.record(state)}
 
 
 def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str | Path, select: Selector | None,
@@ -161,6 +194,7 @@ def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str |
         "selection": selection,
         **soup.extra,
         **extra,
+        **batchnorm_record(select, soup.state_dict),
     }
     path = save_checkpoint(out, soup.state_dict, meta)
     record_soup(path, meta, ingredients)

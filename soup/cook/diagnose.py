@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from soup.cook.batchnorm import describe_reset
 from soup.cook.selector import Selector
 from soup.cook.weights import rebuilt_starts, weighted_average
 from soup.errors import SoupError
@@ -113,6 +114,9 @@ def describe_soup(checkpoint: Checkpoint, console: Console) -> None:
                           + " ".join(f"{c:.2f}" for c in step["coefficients"]))
     if "stock" in meta:
         console.print(f"  stock: mean ratio toward the average {meta['stock']['mean_ratio']:.3f}")
+    statistics = describe_reset(meta.get("bn_reset"))
+    if statistics:
+        console.print(f"  {statistics}")
 
 
 def loss_line(a: Checkpoint, b: Checkpoint, points: int = 5, split: str = "val",

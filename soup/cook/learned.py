@@ -298,7 +298,8 @@ def fit_hyperplane(ingredients: list[Checkpoint], select: Selector, console: Con
               "fitted_on": fit.description}
     extra = {"coefficients": record}
     if select.split != "val":  # fitted elsewhere: val is an honest test of the soup, so report it
-        result = Selector(ingredients[0], "val", select.evaluator.root, device)(state)
+        state = select.prepare(state)  # the statistics the written soup will have
+        result = Selector(ingredients[0], "val", select.evaluator.root, device, reset=select.reset)(state)
         console.print(f"  hyperplane soup: {result['top1']:.2%} on val (not used in fitting)")
         extra["reported"] = {"split": "val", **result}
     return Fitted(state, weights, steps, extra)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from soup.cook.batchnorm import describe_reset
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, read_checkpoint
 from soup.recipe.search import describe
@@ -92,6 +93,9 @@ def _results(checkpoint: Checkpoint) -> list[str]:
                      f"{_number(calibration.get('ece_after'), '.3f') or '?'}). The weights do not include it.")
     else:
         lines.append("- Calibration: none recorded (use the logits as they are).")
+    statistics = describe_reset(meta.get("bn_reset"))
+    if statistics:
+        lines.append(f"- {_cell(statistics)}.")
     return lines or ["- No scores recorded."]
 
 

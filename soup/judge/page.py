@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
+from soup.cook.batchnorm import describe_reset
 from soup.cook.diagnose import pair_geometry
 from soup.data.outputs import check_output, data_roots
 from soup.errors import SoupError
@@ -196,7 +197,14 @@ def _eval_section(study: dict, uri: str | None, drawable: bool) -> str:
         note += f"*: measured on {esc(study['split'])}, the set that selected this soup (optimistic, not a test)."
     return (f"<h2>Soups, ingredients and the ensemble on {esc(study['split'])}</h2>"
             f"{_table(['checkpoint'] + names, body, 'eval')}<p class=\"note\">{note}</p>"
-            + _figure(uri, "soups", drawable))
+            + _statistics_note(study) + _figure(uri, "soups", drawable))
+
+
+def _statistics_note(study: dict) -> str:
+    """Each soup's BatchNorm statistics: re-estimated for its weights, kept, or averaged."""
+    lines = [f"{esc(c.name)}: {esc(text)}" for c in study["checkpoints"]
+             if c.kind != "ingredient" and (text := describe_reset(c.meta.get("bn_reset")))]
+    return f'<p class="note">{"<br>".join(lines)}</p>' if lines else ""
 
 
 def _greedy_section(study: dict) -> str:

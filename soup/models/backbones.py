@@ -260,6 +260,17 @@ def model_from_checkpoint(checkpoint: Checkpoint) -> Classifier:
     return model.eval()
 
 
+def train_mode(model: nn.Module, freeze_bn: bool = False) -> nn.Module:
+    """The model in train mode; with `freeze_bn` (model.freeze_bn), every BatchNorm layer stays in eval mode
+    and keeps the start's running statistics, while its weight and bias still train."""
+    model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    return model
+
+
 def freeze_prefix(backbone: nn.Module, fraction: float) -> tuple[int, int]:
     """Freeze the first `fraction` of the backbone's parameters (counted in elements, in parameter order,
     whole tensors only). Returns (frozen, total) parameter counts."""

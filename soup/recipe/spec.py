@@ -67,6 +67,9 @@ class ModelConfig:
     # weights: soups need a shared start.
     init_seed: int = 0
     probe: Optional[ProbeConfig] = None
+    # Every BatchNorm layer in eval mode while fine-tuning, keeping the start's running statistics (DiWA,
+    # DomainBed): the ingredients then share them bit for bit and soups keep them. Weight and bias still train.
+    freeze_bn: bool = False
 
 
 @dataclass

@@ -33,7 +33,7 @@ from soup.data.pipeline import Pipeline
 from soup.errors import SoupError, interrupt_on_signals
 from soup.fast.build import build_pipeline
 from soup.models import distributed
-from soup.models.backbones import build_model, fingerprint, freeze_prefix
+from soup.models.backbones import build_model, fingerprint, freeze_prefix, train_mode
 from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint
 from soup.models.inference import resolve_device
 from soup.models.precision import choose_autocast, explicit_attention, unfused_attention_modules
@@ -284,7 +284,7 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict:
         # Per-rank streams (augmentation differs across ranks), drawn from (seed, rank, epoch) so a
         # resumed run is reproducible although state.pt holds rank 0's RNG state only.
         seed_everything((t.seed * 1_000_003 + w.rank * 10_007 + epoch) % 2**32)
-    run.model.train()
+    train_mode(run.model, run.recipe.model.freeze_bn)
     lr = run.optimizer.param_groups[-1]["lr"]  # the full-rate group's lr at the epoch's first step
     generator = mix_generator(t.seed, w.rank, epoch) if run.mixer is not None else None
     batches = progress.add_task(f"epoch {epoch + 1}", total=run.pipeline.steps_per_epoch, status="")

@@ -1,0 +1,195 @@
+"""Issue 24: every soup's BatchNorm statistics re-estimated for its own weights, inside selection too, checked
+against torch.optim.swa_utils.update_bn run by hand on the images the soup records; a model without
+BatchNorm gives the same soup bytes with and without the reset; model.freeze_bn keeps the start's statistics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+import torch
+from click.testing import CliRunner
+
+from soup.cli import cli
+from soup.models.backbones import build_model
+from soup.models.checkpoint import find_checkpoints, read_checkpoint
+from soup.recipe.spec import recipe_from_dict
+
+from conftest import one_error_line, plain_top1, run_study, tiny_recipe, with_bn_reset
+
+STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def mean_of(paths: list[Path]) -> dict[str, torch.Tensor]:
+    states = [read_checkpoint(p).state_dict() for p in paths]
+    return {k: (torch.stack([s[k].float() for s in states]).mean(0) if states[0][k].is_floating_point()
+                else states[0][k]) for k in states[0]}
+
+
+@pytest.fixture(scope="module")
+def bn_study(tmp_path_factory, small_sketch_root):
+    """Three tiny ResNets (BatchNorm everywhere) fine-tuned from one start with different seeds and lrs."""
+    work = tmp_path_factory.mktemp("bn_study")
+    recipe = tiny_recipe(small_sketch_root, train={"epochs": 2},
+                         sweep={"train.seed": [0, 1, 2], "train.lr": [3e-3]})
+    run_study(work, recipe)
+    paths = sorted((work / "checkpoints" / "tiny").glob("*/model.safetensors"))
+    return work, paths, small_sketch_root
+
+
+def cook(work: Path, *args: str):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        return CliRunner().invoke(cli, ["cook", *args])
+
+
+def test_uniform_soup_statistics_equal_update_bn_by_hand(bn_study):
+    work, paths, root = bn_study
+    result = cook(work, "--uniform", "-o", "u.safetensors", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "batchnorm:" in result.output and "re-estimated" in result.output
+    soup = read_checkpoint(work / "u.safetensors")
+    record = soup.meta["bn_reset"]
+    saved = soup.state_dict()
+    assert record["split"] == "train" and record["images"] == len(record["files"]) > 0
+    assert record["layers"] and len(record["layers"]) == record["of_layers"]
+    # Never the selection split: every recorded file is a train image, none a val one.
+    assert all((root / "train_images" / f).is_file() for f in record["files"])
+    # The weights are the plain mean; the statistics are update_bn's on those weights, exactly.
+    mean = mean_of(paths)
+    for key, value in saved.items():
+        if not key.endswith(STATS):
+            assert torch.allclose(value, mean[key], atol=1e-6), key
+    expected = with_bn_reset(soup, saved)
+    bn_keys = [k for k in saved if k.endswith(STATS)]
+    assert bn_keys
+    for key in bn_keys:
+        assert torch.equal(saved[key], expected[key].to(saved[key].dtype)), key
+        if key.endswith("running_var"):  # not the averaged statistics any more
+            assert not torch.equal(saved[key], mean[key]), key
+    # The figure cooking recorded is a plain evaluation of the saved weights.
+    assert soup.meta["selection"]["top1"] == plain_top1(soup)
+
+
+def test_greedy_selection_scores_the_reset_weights(bn_study):
+    work, paths, root = bn_study
+    result = cook(work, "--greedy", "-o", "g.safetensors", "--overwrite")
+    assert result.exit_code == 0, result.output
+    soup = read_checkpoint(work / "g.safetensors")
+    by_name = {read_checkpoint(p).name: p for p in paths}
+    kept: list[Path] = []
+    tried_mixes = 0
+    for step in soup.meta["steps"]:
+        trial = kept + [by_name[step["candidate"]]]
+        if len(trial) == 1:  # one ingredient alone is scored as it is
+            expected = plain_top1(read_checkpoint(trial[0]))
+        else:
+            tried_mixes += 1
+            expected = plain_top1(soup, with_bn_reset(soup, mean_of(trial)))
+        assert step["top1"] == expected, step
+        if step["kept"]:
+            kept = trial
+    assert tried_mixes == len(paths) - 1
+    assert soup.meta["selection"]["top1"] == plain_top1(soup)
+    # soup eval reads the same figure from the written file, cached or not.
+    for extra in ([], ["--no-cache"]):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(work)
+            out = CliRunner().invoke(cli, ["eval", "g.safetensors", "--json", "--bootstrap", "0", *extra])
+        assert out.exit_code == 0, out.output
+        [row] = json.loads(out.output)
+        assert row["top1"] == soup.meta["selection"]["top1"], extra
+
+
+def test_no_bn_reset_keeps_the_averaged_statistics(bn_study):
+    work, paths, _ = bn_study
+    result = cook(work, "--uniform", "-o", "plain.safetensors", "--overwrite", "--no-bn-reset")
+    assert result.exit_code == 0, result.output
+    soup = read_checkpoint(work / "plain.safetensors")
+    mean = mean_of(paths)
+    saved = soup.state_dict()
+    for key in saved:
+        if key.endswith("running_var"):
+            assert torch.allclose(saved[key], mean[key], atol=1e-6), key
+    assert soup.meta["bn_reset"] == {"off": True, "layers": []}
+
+
+def test_the_reset_is_deterministic(bn_study):
+    work, _, _ = bn_study
+    for name in ("a.safetensors", "b.safetensors"):
+        assert cook(work, "--stock", "-o", name, "--overwrite").exit_code == 0
+    a, b = read_checkpoint(work / "a.safetensors"), read_checkpoint(work / "b.safetensors")
+    assert a.meta["bn_reset"]["layers"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_bn_images_picks_a_seeded_subset(bn_study):
+    work, _, _ = bn_study
+    result = cook(work, "--uniform", "-o", "few.safetensors", "--overwrite", "--bn-images", "5")
+    assert result.exit_code == 0, result.output
+    record = read_checkpoint(work / "few.safetensors").meta["bn_reset"]
+    assert record["images"] == 5 and len(record["files"]) == 5 and record["requested"] == 5
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_bad_bn_images_is_one_line(bn_study, value):
+    work, _, _ = bn_study
+    one_error_line(cook(work, "--uniform", "-o", "x.safetensors", "--bn-images", value), "--bn-images")
+    assert not (work / "x.safetensors").exists()
+
+
+def test_one_ingredient_alone_is_kept_as_it_is(bn_study):
+    """A greedy soup that keeps one member is that ingredient, statistics included: nothing to re-estimate."""
+    work, paths, _ = bn_study
+    result = cook(work, "--greedy", str(paths[0]), "-o", "one.safetensors", "--overwrite")
+    assert result.exit_code == 0, result.output
+    soup = read_checkpoint(work / "one.safetensors")
+    ingredient = read_checkpoint(paths[0]).state_dict()
+    saved = soup.state_dict()
+    assert all(torch.equal(saved[k], ingredient[k].to(saved[k].dtype)) for k in saved)
+    assert soup.meta["bn_reset"]["layers"] == []
+
+
+def test_a_model_without_batchnorm_gives_the_same_soup_bytes(tmp_path, small_sketch_root):
+    """timm's norm-free test network: no running statistics, so the reset changes nothing and costs nothing."""
+    recipe = tiny_recipe(small_sketch_root, model={"backbone": "timm:test_nfnet", "pretrained": False},
+                         sweep={"train.seed": [0, 1]})
+    run_study(tmp_path, recipe)
+    for name, extra in (("on.safetensors", []), ("off.safetensors", ["--no-bn-reset"])):
+        result = cook(tmp_path, "--greedy", "-o", name, *extra)
+        assert result.exit_code == 0, result.output
+        assert "batchnorm" not in result.output
+    assert (tmp_path / "on.safetensors").read_bytes() == (tmp_path / "off.safetensors").read_bytes()
+    assert "bn_reset" not in read_checkpoint(tmp_path / "on.safetensors").meta
+
+
+def test_freeze_bn_keeps_the_start_statistics_and_soups_keep_them(tmp_path, small_sketch_root):
+    recipe = tiny_recipe(small_sketch_root, model={"freeze_bn": True}, sweep={"train.seed": [0, 1]})
+    run_study(tmp_path, recipe)
+    ingredients = find_checkpoints([tmp_path / "checkpoints" / "tiny"], kinds={"ingredient"})
+    assert [c.recipe["model"]["freeze_bn"] for c in ingredients] == [True, True]
+    built = recipe_from_dict(ingredients[0].recipe)  # the init_seed start every ingredient shares
+    start = build_model(built.model, ingredients[0].classes, built.data.image_size).state_dict()
+    states = [c.state_dict() for c in ingredients]
+    stat_keys = [k for k in start if k.endswith(("running_mean", "running_var"))]
+    assert stat_keys
+    for key in stat_keys:
+        assert all(torch.equal(s[key], start[key]) for s in states), key
+    weights = [k for k in start if k.endswith(".weight")]
+    assert any(not torch.equal(states[0][k], start[k]) for k in weights)  # the weights did train
+    result = cook(tmp_path, "--uniform", "-o", "u.safetensors")
+    assert result.exit_code == 0, result.output
+    soup = read_checkpoint(tmp_path / "u.safetensors")
+    assert soup.meta["bn_reset"]["layers"] == []
+    saved = soup.state_dict()
+    assert all(torch.equal(saved[k], start[k]) for k in stat_keys)
+
+
+def test_freeze_bn_is_validated(tmp_path, small_sketch_root):
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(small_sketch_root, model={"freeze_bn": "yes"})))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        one_error_line(CliRunner().invoke(cli, ["train", "r.yaml"]), "model.freeze_bn")
