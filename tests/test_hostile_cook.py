@@ -4,6 +4,7 @@ weights at export, an edited class list, and the guided and hyperplane lines."""
 
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -137,10 +138,19 @@ def test_a_non_finite_grad_clip_is_refused_saying_what_turns_clipping_off(traine
 def test_weights_from_a_device_a_fifo_or_a_folder_are_not_a_regular_file(trained, tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)  # opening it would wait for a writer forever
+
+    def hang_up():  # should soup open the pipe after all, its reader gets an end: a failure, not a hang
+        with open(fifo, "wb"):
+            pass
+
+    watchdog = threading.Timer(60, hang_up)
+    watchdog.daemon = True
+    watchdog.start()
     for path in ("/dev/zero", str(fifo), str(tmp_path)):
         recipe = write_recipe(trained, tmp_path, model={"weights": path})
         result = CliRunner().invoke(cli, ["train", recipe, "--out", str(tmp_path / "out")])
         one_error_line(result, f"model.weights: {path} is not a regular file", ".safetensors")
+    watchdog.cancel()
     recipe = write_recipe(trained, tmp_path, model={"weights": str(tmp_path / "absent.pth")})
     one_error_line(CliRunner().invoke(cli, ["train", recipe]), "absent.pth does not exist")
 
