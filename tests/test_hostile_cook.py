@@ -47,7 +47,7 @@ def write_recipe(trained, tmp_path, **sections) -> str:
 # 1, 7. --alpha: finite numbers, and a sweep of at most MAX_ALPHA_POINTS ------------------------------------
 
 @pytest.mark.parametrize("alpha", ["nan", "inf", "-inf", "0:nan:0.1", "0:inf:0.1", "-inf:1:0.1", "0:1:inf",
-                                   "0:1:nan"])
+                                   "0:1:nan", "1e300", "-1e39:0:1e38"])
 def test_a_non_finite_alpha_is_one_line_before_any_ingredient_is_read(trained, tmp_path, monkeypatch, alpha):
     def never(*args, **kwargs):
         raise AssertionError("the ingredients were read before --alpha was checked")
@@ -62,13 +62,23 @@ def test_a_non_finite_alpha_is_one_line_before_any_ingredient_is_read(trained, t
     assert not out.exists()
 
 
-@pytest.mark.parametrize("alpha", ["0:1:1e-7", "0:1:0.0009", "0:1001:1", "0:1e308:1e-308", "-1e308:1e308:1"])
+@pytest.mark.parametrize("alpha", ["0:1:1e-7", "0:1:0.0009", "0:1001:1", "0:3e38:1e-300", "-3e38:3e38:1"])
 def test_an_alpha_sweep_past_the_cap_is_one_line_naming_it(trained, tmp_path, monkeypatch, alpha):
     monkeypatch.setattr(soup.cook.cooking, "check_ingredients", lambda *a, **k: pytest.fail("ingredients read"))
     result = CliRunner().invoke(cli, ["cook", "--interpolate", str(ingredient_path(trained, 0)),
                                       str(ingredient_path(trained, 1)), f"--alpha={alpha}",
                                       "-o", str(tmp_path / "soup.safetensors")])
     one_error_line(result, f"--alpha {alpha}", f"more than {MAX_ALPHA_POINTS} points")
+
+
+def test_an_alpha_whose_soup_overflows_float32_is_one_line(trained, tmp_path):
+    b = read_checkpoint(ingredient_path(trained, 1)).state_dict()
+    assert max(t.abs().max().item() for t in b.values() if t.is_floating_point()) > 1.2  # 3e38 x that > 3.4e38
+    out = tmp_path / "soup.safetensors"
+    result = CliRunner().invoke(cli, ["cook", "--interpolate", str(ingredient_path(trained, 0)),
+                                      str(ingredient_path(trained, 1)), "--alpha=3e38", "-o", str(out)])
+    one_error_line(result, "--alpha 3e+38", "overflows to inf or NaN")
+    assert not out.exists()
 
 
 def test_the_cap_itself_is_a_sweep_and_is_documented():

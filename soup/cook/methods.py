@@ -201,6 +201,7 @@ def stock_soup(ingredients: list[Checkpoint], select: Selector | None, console: 
 
 # 0:1:0.001. Each point of a sweep is one evaluation on the selection set: past this a sweep runs for hours.
 MAX_ALPHA_POINTS = 1001
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def parse_alphas(alpha: str | float) -> list[float]:
@@ -213,9 +214,9 @@ def parse_alphas(alpha: str | float) -> list[float]:
             raise ValueError
     except ValueError:
         raise SoupError(f"--alpha {text}: expected a number or start:stop:step, e.g. 0.5 or 0:1:0.1") from None
-    if not all(math.isfinite(part) for part in parts):
-        raise SoupError(f"--alpha {text}: expected finite numbers, not nan or inf (they turn the soup's weights "
-                        "into NaN)")
+    if not all(abs(part) <= FLOAT32_MAX for part in parts):  # the weights mix in float32
+        raise SoupError(f"--alpha {text}: expected numbers finite in float32, not nan or inf (they turn the "
+                        "soup's weights into NaN)")
     if len(parts) == 1:
         return parts
     first, last, step = parts
@@ -253,7 +254,14 @@ def interpolate_soup(ingredients: list[Checkpoint], select: Selector | None, con
     def mix(alpha: float) -> dict[str, torch.Tensor]:
         # Integer buffers from the nearer endpoint, so alpha 0 and 1 give the endpoints exactly.
         pair = [(a, 1 - alpha), (b, alpha)]
-        return weighted_average(pair if alpha <= 0.5 else pair[::-1])
+        state = weighted_average(pair if alpha <= 0.5 else pair[::-1])
+        # A finite alpha far outside [0, 1] can still overflow float32: never a soup of infinities.
+        overflow = next((key for key, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()),
+                        None)
+        if overflow is not None:
+            raise SoupError(f"--alpha {alpha:g}: the soup's tensor {overflow} overflows to inf or NaN; take an "
+                            "alpha nearer [0, 1]")
+        return state
 
     steps, best = [], None
     for alpha in alphas:
