@@ -10,6 +10,7 @@ from rich.console import Console
 
 from soup.errors import SoupError, interrupt_on_signals, one_line
 from soup.models.backbones import trusting_hubs
+from soup.models.distributed import RankError, is_main
 from soup.models.checkpoint import find_checkpoints
 from soup.text import shown
 
@@ -23,18 +24,30 @@ def read_more(page: str) -> str:
 
 class SoupGroup(click.Group):
     """Turns a user mistake into one line on stderr and exit code 2, never a traceback; Ctrl-C or SIGTERM
-    into one line and exit code 130."""
+    into one line and exit code 130. Under torchrun rank 0 prints the line, except for a RankError (one
+    rank's own GPU or connection), which the rank that meets it prints."""
 
     def invoke(self, ctx):
         try:
             with interrupt_on_signals():
                 return super().invoke(ctx)
         except SoupError as err:
-            click.echo(f"soup: error: {one_line(err)}", err=True)
+            if isinstance(err, RankError) or _main_rank():
+                click.echo(f"soup: error: {one_line(err)}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
-            click.echo("soup: interrupted", err=True)
+            if _main_rank():
+                click.echo("soup: interrupted", err=True)
             ctx.exit(130)
+
+
+def _main_rank() -> bool:
+    """Under torchrun every rank meets the same mistake in its input: rank 0 alone says it (every rank exits
+    non-zero). A rank the environment cannot place says it too."""
+    try:
+        return is_main()
+    except SoupError:
+        return True
 
 
 @click.group(cls=SoupGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -20,7 +20,7 @@ from soup.models.metrics import scores
 from soup.score.calibrate import calibration_record, print_calibration
 # Importing soup.cook.methods registers every method in METHODS.
 from soup.cook.batchnorm import DEFAULT_IMAGES, check_images
-from soup.cook.methods import METHODS, Kitchen, Soup
+from soup.cook.methods import METHODS, Kitchen, Soup, parse_alphas
 from soup.cook.record import record_soup
 from soup.cook.selector import Selector
 from soup.data.outputs import check_output, data_roots
@@ -115,6 +115,8 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
             flag = "--" + option.replace("_", "-")
             raise SoupError(f"{flag} is not an option of the {method} soup" +
                             (f"; it goes with {' or '.join(owners)}" if owners else ""))
+    if "alpha" in (options or {}):
+        parse_alphas(options["alpha"])  # a bad --alpha is one line before any ingredient is read
     check_ingredients(ingredients, out, spec.takes_soups, data_root, force, console, overwrite)
     if spec.needs_selection and select_on is None:
         without = " or ".join(f"--{m}" for m, s in METHODS.items() if not s.needs_selection)

@@ -267,7 +267,8 @@ def fit_hyperplane(ingredients: list[Checkpoint], select: Selector, console: Con
     size = options["block"]
     # Consecutive blocks, the last wrapping round to the first ingredients: a block of one could not move.
     blocks = [[(i + j) % k for j in range(min(size, k))] for i in range(0, k, size)]
-    console.print(f"  learned (hyperplane): {k} coefficients in [{-bound:g}, {1 + bound:g}] summing to one and β, "
+    # 0 - bound: -bound of a bound of 0 is -0.0, which prints as "-0".
+    console.print(f"  learned (hyperplane): {k} coefficients in [{0 - bound:g}, {1 + bound:g}] summing to one and β, "
                   f"{options['rounds']} rounds over blocks of {size} on {select.split} through {fit.description}")
     steps = []
     for round_ in range(options["rounds"]):

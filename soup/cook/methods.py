@@ -143,9 +143,10 @@ def guided_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
         member_logits += [item.logits] if step["kept"] else []
         misses = 0 if step["kept"] else misses + 1
     n, untried = len(ingredients), [item.checkpoint.name for item in pool]
+    left = (f" ({len(untried)} candidate{'s' * (len(untried) != 1)} left untried after {patience} "
+            f"rejection{'s' * (patience != 1)} in a row)" if untried else "")
     console.print(f"  guided: scored {soup.scored} weight sets; plain greedy scores {n} + {n - 1} = {2 * n - 1}"
-                  + (f" ({len(untried)} candidates left untried after {patience} rejections in a row)"
-                     if untried else ""))
+                  + left)
     record = {"scored": soup.scored, "plain_greedy_scores": 2 * n - 1, "patience": patience, "untried": untried}
     return Soup(weighted_average(soup.members()), soup.members(), steps, {"guided": record})
 
@@ -198,18 +199,34 @@ def stock_soup(ingredients: list[Checkpoint], select: Selector | None, console: 
     return Soup(state, [(c, 1.0 / k) for c in ingredients], [], extra)
 
 
+# 0:1:0.001. Each point of a sweep is one evaluation on the selection set: past this a sweep runs for hours.
+MAX_ALPHA_POINTS = 1001
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def parse_alphas(alpha: str | float) -> list[float]:
-    """'0.5' -> [0.5]; '0:1:0.1' -> [0.0, 0.1, ..., 1.0] (stop included)."""
+    """'0.5' -> [0.5]; '0:1:0.1' -> [0.0, 0.1, ..., 1.0] (stop included); finite numbers only, at most
+    MAX_ALPHA_POINTS of them."""
     text = str(alpha).strip()
     try:
-        if ":" not in text:
-            return [float(text)]
-        first, last, step = (float(part) for part in text.split(":"))
+        parts = [float(part) for part in text.split(":")]
+        if len(parts) not in (1, 3):
+            raise ValueError
     except ValueError:
         raise SoupError(f"--alpha {text}: expected a number or start:stop:step, e.g. 0.5 or 0:1:0.1") from None
+    if not all(abs(part) <= FLOAT32_MAX for part in parts):  # the weights mix in float32
+        raise SoupError(f"--alpha {text}: expected numbers finite in float32, not nan or inf (they turn the "
+                        "soup's weights into NaN)")
+    if len(parts) == 1:
+        return parts
+    first, last, step = parts
     if step <= 0 or last < first:
         raise SoupError(f"--alpha {text}: needs start <= stop and step > 0, e.g. 0:1:0.1")
-    count = math.floor((last - first) / step + 1e-9) + 1
+    intervals = (last - first) / step  # inf when the division overflows: too many, like any other excess
+    count = math.floor(intervals + 1e-9) + 1 if intervals < MAX_ALPHA_POINTS else MAX_ALPHA_POINTS + 1
+    if count > MAX_ALPHA_POINTS:
+        raise SoupError(f"--alpha {text}: more than {MAX_ALPHA_POINTS} points, each one evaluation on the "
+                        f"selection set; take a step of at least (stop - start) / {MAX_ALPHA_POINTS - 1}")
     return [round(first + i * step, 10) for i in range(count)]
 
 
@@ -237,7 +254,14 @@ def interpolate_soup(ingredients: list[Checkpoint], select: Selector | None, con
     def mix(alpha: float) -> dict[str, torch.Tensor]:
         # Integer buffers from the nearer endpoint, so alpha 0 and 1 give the endpoints exactly.
         pair = [(a, 1 - alpha), (b, alpha)]
-        return weighted_average(pair if alpha <= 0.5 else pair[::-1])
+        state = weighted_average(pair if alpha <= 0.5 else pair[::-1])
+        # A finite alpha far outside [0, 1] can still overflow float32: never a soup of infinities.
+        overflow = next((key for key, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()),
+                        None)
+        if overflow is not None:
+            raise SoupError(f"--alpha {alpha:g}: the soup's tensor {overflow} overflows to inf or NaN; take an "
+                            "alpha nearer [0, 1]")
+        return state
 
     steps, best = [], None
     for alpha in alphas:

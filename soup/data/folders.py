@@ -158,6 +158,10 @@ class SketchFolder(ImageFolder):
 
     def find_classes(self, directory):
         classes = find_classes(Path(directory))
+        if classes != self._expected and sorted(self._expected) == classes:
+            # Folders are read sorted, and so was every class list soup wrote: an edited checkpoint's.
+            raise SoupError(f"{directory}: class folders match the model's classes, but the model lists them in "
+                            "another order; its checkpoint's metadata (classes) was edited")
         if classes != self._expected:
             missing = sorted(set(self._expected) - set(classes))
             extra = sorted(set(classes) - set(self._expected))

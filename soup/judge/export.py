@@ -155,6 +155,12 @@ def check_same_logits(soup_model: torch.nn.Module, exported: torch.nn.Module, im
     images = torch.randn(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, theirs = soup_model.eval()(images), exported.eval()(images)
+    if not torch.isfinite(ours).all():  # no mapping's fault: the checkpoint's own logits are not numbers
+        bad = next((key for key, value in soup_model.state_dict().items()
+                    if value.is_floating_point() and not torch.isfinite(value).all()), None)
+        raise SoupError("the checkpoint's own logits are NaN or infinite" +
+                        (f": its tensor {bad} holds NaN or infinite values" if bad else " (its weights overflow)") +
+                        "; nothing was written; export a checkpoint with finite weights")
     difference = (ours - theirs).abs().max().item()
     if not difference <= TOLERANCE * max(1.0, ours.abs().max().item()):
         raise SoupError(f"timm's {arch} with the exported weights gives other logits than the checkpoint (largest "

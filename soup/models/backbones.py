@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import pickle
+import zipfile
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Iterable
@@ -21,6 +22,8 @@ from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, is_soup_checkpoint, read_checkpoint
 from soup.recipe.spec import ModelConfig, parse_backbone, recipe_from_dict
 
+# What model.weights reads: tensors only, never a pickle that runs code.
+WEIGHT_FORMATS = "a .safetensors file, or a .pth/.pt/.bin file written by torch.save"
 NETWORK_MODULES = ("urllib", "http", "socket", "ssl", "requests", "httpx", "httpcore", "huggingface_hub", "urllib3")
 
 
@@ -175,10 +178,39 @@ def create_backbone(cfg: ModelConfig, image_size: int, pretrained: bool, weights
     return backbone, _num_features(backbone, image_size)
 
 
+def _check_weight_file(path: str | Path) -> None:
+    """One line for a path that is no file to read weights from, before anything opens it (a FIFO's open
+    would wait for a writer; /dev/zero's read would never end)."""
+    path = Path(path)
+    if not path.exists():
+        raise SoupError(f"model.weights: {path} does not exist")
+    if not path.is_file():
+        raise SoupError(f"model.weights: {path} is not a regular file (a folder, device or pipe); name "
+                        f"{WEIGHT_FORMATS}")
+
+
+def _numpy_weights(path: Path) -> bool:
+    """A NumPy .npy/.npz file, whatever its name: torch.load would fail on it with its own zip internals."""
+    if path.suffix.lower() in (".npy", ".npz"):
+        return True
+    with open(path, "rb") as f:
+        if f.read(6) == b"\x93NUMPY":
+            return True
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):  # not a zip: torch.load says what it is
+        return False
+    return bool(names) and all(name.endswith(".npy") for name in names)
+
+
 def _read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
-    if not path.is_file():
-        raise SoupError(f"model.weights: {path} does not exist")
+    _check_weight_file(path)
+    if _numpy_weights(path):
+        raise SoupError(f"model.weights: {path} holds NumPy arrays (.npz/.npy), which soup does not read; give "
+                        f"{WEIGHT_FORMATS} (a timm ViT's JAX .npz: timm.models.load_checkpoint(model, NPZ), "
+                        "then save model.state_dict() with safetensors)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -225,8 +257,7 @@ def build_model(cfg: ModelConfig, classes: list[str], image_size: int, pretraine
     soup_start: Checkpoint | None = None
     raw_weights = None
     if weights:
-        if not Path(weights).is_file():
-            raise SoupError(f"model.weights: {weights} does not exist")
+        _check_weight_file(weights)
         if is_soup_checkpoint(weights):
             soup_start = read_checkpoint(weights)
         else:

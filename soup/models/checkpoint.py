@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -242,6 +243,10 @@ def _checkpoint_from(path: Path, raw: str | None) -> Checkpoint:
     if wrong or not all(isinstance(c, str) for c in meta["classes"]):
         raise SoupError(f"{path}: soup metadata has a wrong type in {', '.join(wrong) or 'classes'}; the file "
                         "is damaged")
+    twice = next((name for name, count in Counter(meta["classes"]).items() if count > 1), None)
+    if twice is not None:  # the class folders could never match it: it is the metadata that is wrong
+        raise SoupError(f"{path}: soup metadata's classes name {twice!r} twice; the file's metadata was edited "
+                        "or damaged")
     return Checkpoint(path, meta)
 
 

@@ -23,6 +23,11 @@ from torch import nn
 from soup.errors import SoupError
 
 
+class RankError(SoupError):
+    """A mistake one rank may meet without the others (its GPU, its process group): the rank that meets it
+    prints it, since rank 0, which prints every other user error, may not have met it."""
+
+
 @dataclass(frozen=True)
 class World:
     rank: int = 0
@@ -88,7 +93,7 @@ def rank_device(device: torch.device, w: World | None = None) -> torch.device:
         raise SoupError(f"train.device={device} pins one GPU, but under torchrun each process uses "
                         "cuda:LOCAL_RANK; set train.device=auto (or cuda)")
     if w.local_rank >= torch.cuda.device_count():
-        raise SoupError(f"LOCAL_RANK {w.local_rank} but this machine sees {torch.cuda.device_count()} GPUs; "
+        raise RankError(f"LOCAL_RANK {w.local_rank} but this machine sees {torch.cuda.device_count()} GPUs; "
                         "set torchrun --nproc_per_node to at most the number of GPUs")
     return torch.device("cuda", w.local_rank)
 
@@ -112,7 +117,7 @@ def session(device: torch.device | str = "cpu", timeout_minutes: float = 30.0):
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
                                 **({"device_id": device} if backend == "nccl" else {}))
     except (RuntimeError, ValueError) as err:
-        raise SoupError(f"cannot start the {backend} process group for rank {w.rank} of {w.size} ({err}); "
+        raise RankError(f"cannot start the {backend} process group for rank {w.rank} of {w.size} ({err}); "
                         "check MASTER_ADDR/MASTER_PORT or launch with torchrun") from None
     try:
         yield world()

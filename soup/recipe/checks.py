@@ -168,7 +168,10 @@ def _training_checks(t) -> list[tuple[bool, str, str]]:
         (0 <= t.min_lr <= MAX_RATE, "train.min_lr", f"must be 0 or more, at most {MAX_RATE:g}"),
         (t.schedule != "cosine" or t.min_lr <= t.lr, "train.min_lr", "must be at most train.lr"),
         (t.layer_decay is None or 0.0 < t.layer_decay <= 1.0, "train.layer_decay", "must be in (0, 1] or null"),
-        (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive or null"),
+        # inf would pass the check yet clip nothing; nan would turn every gradient into nan.
+        (t.grad_clip is None or 0 < t.grad_clip < math.inf, "train.grad_clip",
+         f"must be positive or null, and finite, not {t.grad_clip}: leave it out or set it to null to turn "
+         "clipping off"),
         (t.ema is None or 0.0 < t.ema < 1.0, "train.ema", "must be a decay in (0, 1) (e.g. 0.999) or null"),
         # torch draws Beta(alpha, alpha) in float32: an alpha of inf there mixes nothing, silently.
         (0 <= t.mixup <= FLOAT32_MAX, "train.mixup", "must be 0 (off) or a positive alpha, finite in float32"),
