@@ -53,8 +53,8 @@ def _flag(value: Any) -> bool:
 
 
 WANTED = {_number: "a number", _integer: "a whole number", _text: "a text", _numbers: "a list of numbers",
-          _number_map: "a number for each tensor",
-          _texts: "a list of texts", _mapping: "an object", _flag: "true or false"}
+          _number_map: "a number for each tensor", _texts: "a list of texts", _mapping: "an object",
+          _flag: "true or false"}
 
 
 # What each known field holds where present (older files lack some); a record's own fields below.
@@ -72,9 +72,8 @@ RECORDS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
 MEMBER = ({"name": _text, "path": _text, "weight": _number}, ("name", "weight"))
 # A step of the greedy family, of top-k, of an interpolation or of a learned soup: told apart by the key
 # each one alone has (the order soup inspect tells them apart in).
-STEP_KEYS = {"candidate": _text, "kept": _flag, "top1": _number,
-             "k": _integer, "added": _text, "alpha": _number, "epoch": _integer, "loss": _number,
-             "coefficients": _numbers, "gain": _mapping}
+STEP_KEYS = {"candidate": _text, "kept": _flag, "top1": _number, "k": _integer, "added": _text, "alpha": _number,
+             "epoch": _integer, "loss": _number, "coefficients": _numbers, "gain": _mapping}
 STEP_FORMS = (("candidate", ("top1", "kept")), ("k", ("added", "top1")), ("alpha", ("top1",)),
               ("epoch", ("loss", "coefficients")))
 
