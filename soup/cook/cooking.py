@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from safetensors import safe_open
 
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, save_checkpoint
@@ -51,14 +50,10 @@ def first_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, bool] | None:
 
 
 def check_finite(ingredients: list[Checkpoint]) -> None:
-    """A NaN or infinity in one ingredient would poison the whole average: refuse it by name."""
+    """A NaN or infinity in one ingredient would poison the whole average: refuse it by name before any
+    work (the methods that read files themselves, soup.cook.weights and .learned, rely on this)."""
     for checkpoint in ingredients:
-        with safe_open(str(checkpoint.path), framework="pt") as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise SoupError(f"{checkpoint.path}: tensor {key} holds NaN or infinite values; retrain "
-                                    "this ingredient (lower lr) or leave it out of the soup")
+        checkpoint.check_finite()
 
 
 def check_compatible(ingredients: list[Checkpoint], force: bool, console: Console) -> None:
@@ -187,6 +182,7 @@ def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str |
         "kind": method,
         "name": method,
         "recipe": reference.recipe,
+        **{k: reference.meta[k] for k in ("data_root",) if k in reference.meta},  # where its data.root led
         "backbone": reference.backbone,
         "classes": reference.classes,
         "start_fingerprint": reference.fingerprint,

@@ -17,18 +17,45 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 PICTURE_SUFFIX = ".png"  # what soup plot writes, and so may redraw
 
 
-def _in_ingredient_folder(path: Path) -> bool:
-    """Whether `path` lies in an ingredient's folder: one holding its checkpoint, training state or lock."""
-    return any((path.parent / name).is_file() for name in (INGREDIENT_FILE, STATE_FILE, LOCK_FILE))
+def ingredient_folder_of(path: Path, near: int = 1) -> Path | None:
+    """The ingredient folder `path` is or lies in, at any depth (`soup train` owns it whole): one holding a
+    soup checkpoint as model.safetensors (an export's has no soup metadata), or its training state and
+    lock. `path` and the `near` folders above it count with a lock or a state alone (a run before its
+    first checkpoint); further up, a lone `.lock` or `state.pt` is too common a name to go by."""
+    for depth, place in enumerate((path, *path.parents)):
+        weights = place / INGREDIENT_FILE
+        if weights.is_file() and is_soup_checkpoint(weights):
+            return place
+        markers = [(place / name).is_file() for name in (STATE_FILE, LOCK_FILE)]
+        if all(markers) or (depth <= near and any(markers)):
+            return place
+    return None
+
+
+def recorded_roots(checkpoint: Checkpoint) -> list[Path]:
+    """Where the data root a checkpoint's recipe names lies, resolved. A relative data.root was read from
+    the folder training ran in: training records that resolved path (data_root); a file from before that
+    record had its checkpoints folder there by default, so each ancestor holding such a data root counts
+    too. The current folder's reading counts as well: that is where eval and submit look for it."""
+    data = checkpoint.recipe.get("data")
+    root = data.get("root") if isinstance(data, dict) else None
+    if not isinstance(root, str) or not root:
+        return []
+    places = [Path(root)]
+    if isinstance(checkpoint.meta.get("data_root"), str):
+        places.append(Path(checkpoint.meta["data_root"]))
+    if not Path(root).is_absolute():
+        places += [folder / root for folder in checkpoint.path.resolve().parents
+                   if (folder / root / SPLIT_FOLDERS["train"]).is_dir()]
+    return [place.resolve() for place in places]
 
 
 def data_roots(checkpoints: list[Checkpoint], given: str | Path | None = None) -> list[Path]:
-    """The data roots a command on `checkpoints` reads: --data when given, else each one's recipe data.root."""
+    """The data roots, resolved, a command on `checkpoints` reads: --data when given, else each one's
+    recipe data.root wherever training found it (see `recorded_roots`)."""
     if given is not None:
-        return [Path(given)]
-    roots = [c.recipe.get("data") for c in checkpoints]
-    roots = [data.get("root") for data in roots if isinstance(data, dict)]
-    return [Path(root) for root in dict.fromkeys(roots) if isinstance(root, str) and root]
+        return [Path(given).resolve()]
+    return list(dict.fromkeys(root for c in checkpoints for root in recorded_roots(c)))
 
 
 def _image_folders(root: Path) -> list[Path]:
@@ -64,9 +91,9 @@ def check_output(path: str | Path, inputs: list[str | Path], overwrite: bool, wh
     elsewhere = f"write the {what} elsewhere with -o"
     if any(Path(given).resolve() == target for given in inputs):
         raise SoupError(f"{path} is one of this command's inputs; {elsewhere}")
-    if _in_ingredient_folder(target):
-        raise SoupError(f"{path} lies in the ingredient folder {target.parent}, which `soup train` owns; "
-                        f"{elsewhere}")
+    owner = ingredient_folder_of(target.parent, near=0)
+    if owner is not None:
+        raise SoupError(f"{path} lies in the ingredient folder {owner}, which `soup train` owns; {elsewhere}")
     exists = path.exists() or path.is_symlink()
     _check_data_roots(path, exists, roots, what, elsewhere)
     suffixes = {path.suffix.lower(), target.suffix.lower()}

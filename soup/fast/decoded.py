@@ -128,7 +128,9 @@ def decoded_images(folder: Dataset, size: int, num_workers: int = 0, key: str | 
                     out[start:start + len(batch)] = batch.numpy()
                     start += len(batch)
 
-        array, built = create_store(path, key, (len(paths), 3, size, size), np.uint8, fill), True
+        # A store of this folder and size for another file list: the images changed, it is never read again.
+        stale = f"decoded-{Path(folder.root).name}-{size}-*.bin"
+        array, built = create_store(path, key, (len(paths), 3, size, size), np.uint8, fill, stale), True
     store = DecodedImages(torch.from_numpy(array), torch.tensor([t for _, t in folder.samples]), key, path, built)
     return remember(_DECODED, (key, "cpu"), store)
 

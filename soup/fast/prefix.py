@@ -290,6 +290,8 @@ def _all_tokens(run, n: int, batch_size: int, device: torch.device, key: str,
     shape = (n, *first.shape[1:])
     where = _placement(math.prod(shape) * first.element_size(), device)
     if where == "disk":
+        # Named by what it holds: another model's or study's store of this split stays (the folder's
+        # budget, soup.fast.store.evict, is what removes stores).
         path = cache_dir(Path(folder.root).parent) / f"prefix-{Path(folder.root).name}-{key[:16]}.bin"
         array, built = open_store(path, key), False
         if array is None or array.shape != shape:

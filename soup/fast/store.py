@@ -38,6 +38,11 @@ HEADER_BYTES = 4096
 CACHE_DIR_ENV = "SOUP_CACHE_DIR"
 GB = 1e9
 KEEP = 4  # stores a registry keeps open (see `remember`)
+# A cache folder's stores together stay under this many GB (the least recently used go first): room for
+# a few studies' prefix features at the course's scale (about 18 GB each) beside their decoded images.
+BUDGET_ENV = "SOUP_CACHE_BUDGET_GB"
+DEFAULT_BUDGET_GB = 64.0
+STORE_PATTERNS = ("decoded-*.bin", "prefix-*.bin")
 
 
 class CacheUnavailable(Exception):
@@ -142,13 +147,18 @@ def open_store(path: Path, key: str) -> np.ndarray | None:
         array = np.memmap(path, dtype=dtype, mode="c", offset=HEADER_BYTES, shape=shape)
         if _crc(array) != meta["crc"]:
             return None
+        with contextlib.suppress(OSError):  # used now: the last a budget evicts (another's file: as it was)
+            os.utime(path)
         return array
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def create_store(path: Path, key: str, shape: tuple, dtype, fill: Callable[[np.ndarray], None]) -> np.ndarray:
-    """Write a store atomically: `fill` writes the array in place, then the header seals it."""
+def create_store(path: Path, key: str, shape: tuple, dtype, fill: Callable[[np.ndarray], None],
+                 supersedes: str | None = None) -> np.ndarray:
+    """Write a store atomically: `fill` writes the array in place, then the header seals it. `supersedes`:
+    a name pattern of the stores this one replaces (never read again); every other store stays, within
+    the folder's budget (see `evict`)."""
     dtype = np.dtype(dtype)
     # The writer's lock outlives the rename, so no later run takes this file for a killed one's leftover.
     with contextlib.ExitStack() as writing, atomic_path(path) as tmp:
@@ -161,10 +171,48 @@ def create_store(path: Path, key: str, shape: tuple, dtype, fill: Callable[[np.n
         del array
         f.write(_header(key, shape, dtype, crc))
         f.flush()
-    for stale in path.parent.glob(f"{path.name.rsplit('-', 1)[0]}-*.bin"):
-        if stale != path:  # same folder and size, older file list: never read again
+    for stale in path.parent.glob(supersedes) if supersedes else ():
+        if stale != path:
             stale.unlink(missing_ok=True)
+    evict(path.parent, keep=path)
     return np.memmap(path, dtype=dtype, mode="c", offset=HEADER_BYTES, shape=shape)
+
+
+def budget_bytes() -> float:
+    raw = os.environ.get(BUDGET_ENV)
+    try:
+        gb = float(raw) if raw else DEFAULT_BUDGET_GB
+    except ValueError:
+        gb = -1.0
+    if not (math.isfinite(gb) and gb >= 0):
+        if raw not in _WARNED:
+            _WARNED.add(raw)
+            warn(f"{BUDGET_ENV}={raw!r} is not a size in GB; using {DEFAULT_BUDGET_GB:g}")
+        gb = DEFAULT_BUDGET_GB
+    return gb * GB
+
+
+def evict(directory: Path, keep: Path) -> list[Path]:
+    """Delete the least recently used stores of `directory` (by modification time, which opening a store
+    renews) until they take no more than the budget, `keep` (the one just written) never; returns them. A
+    process reading an evicted store keeps its memory map; the next run that needs it rebuilds it."""
+    stores = []
+    for pattern in STORE_PATTERNS:
+        for store in directory.glob(pattern):
+            with contextlib.suppress(OSError):
+                info = store.stat()
+                stores.append((info.st_mtime, info.st_size, store))
+    total, budget, removed = sum(size for _, size, _ in stores), budget_bytes(), []
+    for _, size, store in sorted(stores, key=lambda item: item[0]):
+        if total <= budget:
+            break
+        if store == keep:
+            continue
+        with contextlib.suppress(OSError):
+            store.unlink()
+            removed.append(store)
+            total -= size
+    return removed
 
 
 def reserve(f: BinaryIO, nbytes: int, path: Path) -> None:

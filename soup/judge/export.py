@@ -19,12 +19,12 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from soup.data.outputs import data_roots
+from soup.data.outputs import data_roots, ingredient_folder_of
 from soup.errors import SoupError
 from soup.judge.card import model_card
 from soup.models.backbones import is_network_error, model_from_checkpoint
-from soup.models.checkpoint import (INGREDIENT_FILE, LOCK_FILE, STATE_FILE, TEMP_SUFFIX, Checkpoint, atomic_path,
-                                   current_umask, fp32_state, is_soup_checkpoint, write_failure)
+from soup.models.checkpoint import (TEMP_SUFFIX, Checkpoint, atomic_path, current_umask, fp32_state,
+                                   write_failure)
 from soup.recipe.checks import parse_backbone
 from soup.recipe.spec import DataConfig, Recipe, recipe_from_dict
 from soup.text import printable
@@ -209,17 +209,6 @@ def prepare_export(checkpoint: Checkpoint, repo_id: str | None = None) -> Export
     return Export(arch, model_args, state, config, model_card(checkpoint, config, repo_id))
 
 
-def _ingredient_folder(folder: Path) -> Path | None:
-    """`folder`, or the folder just above it, when `soup train` owns it: it holds a training state, a lock,
-    or a soup checkpoint as model.safetensors (an earlier export's model.safetensors has no soup metadata)."""
-    for place in (folder, folder.parent):
-        weights = place / INGREDIENT_FILE
-        if (place / STATE_FILE).is_file() or (place / LOCK_FILE).is_file() or (
-                weights.is_file() and is_soup_checkpoint(weights)):
-            return place
-    return None
-
-
 def check_export_folder(folder: str | Path, checkpoint: Checkpoint, overwrite: bool) -> None:
     """Before any work: DIR is a folder soup may fill (see soup.data.outputs for the same rules on files)."""
     folder = Path(folder)
@@ -227,11 +216,11 @@ def check_export_folder(folder: str | Path, checkpoint: Checkpoint, overwrite: b
     elsewhere = "export to another folder"
     if folder.exists() and not folder.is_dir():
         raise SoupError(f"{folder} exists and is not a folder; {elsewhere}")
-    owner = _ingredient_folder(target)
+    owner = ingredient_folder_of(target)
     if owner is not None:
         raise SoupError(f"{folder} lies in the ingredient folder {owner}, which `soup train` owns; {elsewhere}")
     for root in data_roots([checkpoint]):
-        if target.is_relative_to(Path(root).resolve()):
+        if target.is_relative_to(root):
             raise SoupError(f"{folder} lies in the data root {root}, which soup never writes into; {elsewhere}")
     for name in EXPORT_FILES:
         path = folder / name

@@ -284,7 +284,12 @@ def model_from_checkpoint(checkpoint: Checkpoint) -> Classifier:
     model = build_model(recipe.model, checkpoint.classes, recipe.data.image_size, pretrained=False,
                         load_weights=False, recorded_in=checkpoint.path)
     state = checkpoint.state_dict()
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape: edited model.kwargs or image size
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise SoupError(f"{checkpoint.path}: weights do not fit the recorded recipe's {recipe.model.backbone} "
+                        f"({detail[:200]}); the metadata was edited: re-create the file") from None
     if result.missing_keys or result.unexpected_keys:
         raise SoupError(f"{checkpoint.path}: weights do not fit {recipe.model.backbone} (missing "
                         f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from soup.errors import SoupError
+from soup.models.metadata import check_metadata
 
 FORMAT = "soup/1"
 METADATA_KEY = "soup"
@@ -188,8 +189,24 @@ class Checkpoint:
             return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Its tensors, every floating one checked finite as it is read (see `finite`)."""
         with _open(self.path) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: finite(self.path, k, f.get_tensor(k)) for k in f.keys()}
+
+    def check_finite(self) -> None:
+        """Refuse the file if one of its tensors holds NaN or infinity; one tensor in memory at a time."""
+        with _open(self.path) as f:
+            for key in f.keys():
+                finite(self.path, key, f.get_tensor(key))
+
+
+def finite(path: Path, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, unless it is a floating one holding NaN or infinity: every command that uses a
+    checkpoint's weights refuses those (a soup of them is NaN, a submission from them all one class)."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise SoupError(f"{path}: tensor {key} holds NaN or infinite values; its training diverged or the file "
+                        "was damaged: retrain it (e.g. a lower lr) or leave it out")
+    return tensor
 
 
 @contextlib.contextmanager
@@ -208,23 +225,28 @@ def tensors_across(checkpoints: list[Checkpoint]) -> Iterator[tuple[str, list[to
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(_open(c.path)) for c in checkpoints]
         for key in files[0].keys():
-            yield key, [f.get_tensor(key) for f in files]
+            yield key, [finite(c.path, key, f.get_tensor(key)) for c, f in zip(checkpoints, files)]
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise SoupError(f"{path}: no such checkpoint file")
-    return _checkpoint_from(path, _soup_metadata(path))
+    return _checkpoint_from(path, *_soup_header(path))
 
 
-def _soup_metadata(path: Path) -> str | None:
-    """The raw soup metadata of a safetensors file (None: a file soup did not write); one header read."""
+HEAD_WEIGHT = "head.weight"  # soup.models.backbones.Classifier's head: one row per class
+
+
+def _soup_header(path: Path) -> tuple[str | None, int | None]:
+    """(the raw soup metadata of a safetensors file (None: a file soup did not write), the rows of its head
+    tensor (None: it has none)); one header read."""
     with _open(path) as f:
-        return (f.metadata() or {}).get(METADATA_KEY)
+        shape = f.get_slice(HEAD_WEIGHT).get_shape() if HEAD_WEIGHT in f.keys() else None
+        return (f.metadata() or {}).get(METADATA_KEY), shape[0] if shape else None
 
 
-def _checkpoint_from(path: Path, raw: str | None) -> Checkpoint:
+def _checkpoint_from(path: Path, raw: str | None, head_rows: int | None = None) -> Checkpoint:
     """A Checkpoint from its raw metadata, checked (one line naming the file when it is not soup's)."""
     if raw is None:
         raise SoupError(f"{path}: a safetensors file without soup metadata; only files written by "
@@ -247,6 +269,7 @@ def _checkpoint_from(path: Path, raw: str | None) -> Checkpoint:
     if twice is not None:  # the class folders could never match it: it is the metadata that is wrong
         raise SoupError(f"{path}: soup metadata's classes name {twice!r} twice; the file's metadata was edited "
                         "or damaged")
+    check_metadata(path, meta, head_rows)
     return Checkpoint(path, meta)
 
 
@@ -266,9 +289,9 @@ def _in_folder(folder: Path, warn: Callable[[str], None] | None) -> list[Checkpo
         if file.name.startswith("."):
             continue
         try:
-            raw = _soup_metadata(file)
+            raw, head_rows = _soup_header(file)
             if raw is not None:  # other safetensors files (weights kept there) are not checkpoints
-                found.append(_checkpoint_from(file, raw))
+                found.append(_checkpoint_from(file, raw, head_rows))
         except SoupError as err:
             if warn is None:
                 raise

@@ -348,7 +348,7 @@ def finish(run: Run) -> Path:
         "name": recipe.name,
         "id": ingredient.id,
         "settings": ingredient.settings,
-        "recipe": recipe.to_dict(),
+        "recipe": recipe.to_dict(), "data_root": str(Path(recipe.data.root).resolve()),  # where data.root led
         "backbone": recipe.model.backbone,
         "classes": run.classes,
         "start_fingerprint": run.meta["start_fingerprint"],
