@@ -11,7 +11,7 @@ from rich.console import Console
 from soup.errors import SoupError, interrupt_on_signals, one_line
 from soup.models.backbones import trusting_hubs
 from soup.models.checkpoint import find_checkpoints
-from soup.text import shown
+from soup.text import one_notice_each, shown
 
 console = Console(highlight=False)
 
@@ -23,11 +23,11 @@ def read_more(page: str) -> str:
 
 class SoupGroup(click.Group):
     """Turns a user mistake into one line on stderr and exit code 2, never a traceback; Ctrl-C or SIGTERM
-    into one line and exit code 130."""
+    into one line and exit code 130; says each notice that something optional is off once per command."""
 
     def invoke(self, ctx):
         try:
-            with interrupt_on_signals():
+            with interrupt_on_signals(), one_notice_each():
                 return super().invoke(ctx)
         except SoupError as err:
             click.echo(f"soup: error: {one_line(err)}", err=True)
