@@ -57,17 +57,18 @@ ARCHS = {
 }
 
 
-def make_data(root: Path, classes: int, train_per_class: int, val_per_class: int, page: int) -> Path:
+def make_data(root: Path, classes: int, train_per_class: int, val_per_class: int, page: int,
+              test_images: int = 4) -> Path:
     """Sketches in the course layout; more than 16 classes are made by dealing the images of 16 shape
     classes into `classes` folders (content matters little for speed, decoding and size do)."""
-    marker = root / f".bench-{classes}-{train_per_class}-{val_per_class}-{page}"
+    marker = root / f".bench-{classes}-{train_per_class}-{val_per_class}-{page}-{test_images}"
     if marker.exists():
         return root
     shutil.rmtree(root, ignore_errors=True)
     shapes = min(classes, 16)
     raw = root / "raw" if classes > 16 else root
     per_shape = math.ceil(classes / shapes)
-    generate_sketches(raw, shapes, train_per_class * per_shape, val_per_class * per_shape, 4, page, seed=0)
+    generate_sketches(raw, shapes, train_per_class * per_shape, val_per_class * per_shape, test_images, page, seed=0)
     if classes > 16:
         for split in ("train_images", "val_images"):
             files = sorted((raw / split).rglob("*.*"))

@@ -11,7 +11,7 @@
    interpolation from the start to the greedy soup), selected on a held-out slice of train, never on val.
 4. Evaluate ingredients, soups and their ensemble on the selection set and on val, and say whether the
    greedy soup beats the best ingredient on val beyond noise (paired interval, McNemar p); draw them
-   (with matplotlib installed); write a submission.
+   (soups.png: matplotlib is a dependency of soup); write a submission.
 5. Show that the shared start matters: `soup inspect` says the starts differ, cooking refuses, and forcing
    it in gives a soup that collapses.
 """
@@ -38,6 +38,7 @@ from soup.models.checkpoint import find_checkpoints, read_checkpoint, write_text
 from soup.recipe.spec import recipe_from_dict
 from soup.score.compare import describe_difference
 from soup.score.evaluator import Evaluator
+from soup.text import one_notice_each
 from soup.train.loop import train_recipe
 
 CLASSES = list(SHAPES)[:8]
@@ -76,9 +77,13 @@ def _recipe(name: str, root: Path, epochs: int, **model) -> dict:
 
 
 def run_demo(out: str | Path = "soup_demo", console: Console | None = None, small: bool = False) -> dict:
-    """Run the demo under `out`; returns the paths it wrote and the rows of its tables."""
-    console = console or Console()
-    out = Path(out)
+    """Run the demo under `out`; returns the paths it wrote and the rows of its tables. Its three trainings
+    say once, not three times, that something optional (TensorBoard) is off."""
+    with one_notice_each():
+        return _run_demo(Path(out), console or Console(), small)
+
+
+def _run_demo(out: Path, console: Console, small: bool) -> dict:
     size = SMALL if small else FULL
 
     # A rerun reuses what an earlier run of the same size finished (--resume); another size, or a demo
@@ -164,7 +169,7 @@ def _plot(rows: list[dict], greedy, path: Path, console: Console) -> Path | None
     steps = {"name": greedy.name, "steps": greedy.meta["steps"], "split": greedy.meta["selection"]["split"]}
     try:
         draw(rows, steps, path)
-    except SoupError as err:  # matplotlib is an optional extra: the demo goes on without the picture
+    except SoupError as err:  # soup installed without its dependencies (no matplotlib): the rest still runs
         console.print(f"[yellow]no picture[/]: {escape(str(err))}")
         return None
     console.print(f"wrote {path}: ingredients, greedy path, soups and ensemble on val")

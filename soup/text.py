@@ -1,9 +1,12 @@
 """Names from outside (folder and file names, checkpoint metadata) as soup prints them: each on the line it
 was printed on, shown as written. A class folder named with a newline would otherwise split a table row,
-a right-to-left override (U+202E) reorder what follows it, and `[red]` in a file name turn into colour."""
+a right-to-left override (U+202E) reorder what follows it, and `[red]` in a file name turn into colour.
+And notices that something optional is off, said once per command however many runs of it ask."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import unicodedata
 
 from rich.markup import escape
@@ -30,3 +33,30 @@ def printable(text) -> str:
 def shown(text) -> str:
     """`printable(text)` for a rich console: markup in it is printed as written, not interpreted."""
     return escape(printable(text))
+
+
+# The notices said so far in this command; None outside one (a library call): each call says its own.
+_SAID: contextvars.ContextVar[set | None] = contextvars.ContextVar("soup_notices_said", default=None)
+
+
+@contextlib.contextmanager
+def one_notice_each():
+    """Within it (a whole command, the demo), `first_time` is true once per notice: a demo that trains
+    three recipes, or a sweep of eight, says once that TensorBoard is off, not once per run. Nested, the
+    outer scope's notices count."""
+    token = _SAID.set(set() if _SAID.get() is None else _SAID.get())
+    try:
+        yield
+    finally:
+        _SAID.reset(token)
+
+
+def first_time(notice: str) -> bool:
+    """Whether the notice named `notice` is still to be said (and from now on, within the scope, said)."""
+    said = _SAID.get()
+    if said is None:
+        return True
+    if notice in said:
+        return False
+    said.add(notice)
+    return True

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from soup.cli import cli
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
 from soup.score.evaluator import Evaluator
+from soup.train import logs
 
 from conftest import CLASSES, tiny_recipe
 
@@ -119,10 +120,15 @@ def test_user_mistakes_are_one_line(runner, args, message):
     assert "Traceback" not in result.output
 
 
-def test_demo_end_to_end_small(tmp_path):
+def test_demo_end_to_end_small(tmp_path, monkeypatch):
+    monkeypatch.setattr(logs, "SummaryWriter", None)  # as after `pip install .`: no tensorboard extra
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--small"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo" / "submission.csv").read_text().startswith("Id,Category\n")
+    # Issue 26: the picture the README promises, and TensorBoard's notice once for the demo's three trainings.
+    assert (tmp_path / "demo" / "soups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "no picture" not in result.output
+    assert result.output.count("TensorBoard is not installed") == 1, result.output
     assert "refused, as it should be" in result.output
     greedy = read_checkpoint(tmp_path / "demo" / "checkpoints" / "soups" / "greedy.safetensors")
     ingredient_scores = [s["top1"] for s in greedy.meta["steps"]]

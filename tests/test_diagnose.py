@@ -121,7 +121,7 @@ def test_plot_without_matplotlib_says_how_to_install(kitchen, tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     result = CliRunner().invoke(cli, ["plot", str(kitchen["pair"][0].path), "-o", str(tmp_path / "x.png")])
-    assert result.exit_code == 2 and "pip install 'soup[plot]'" in result.output
+    assert result.exit_code == 2 and "pip install matplotlib" in result.output
 
 
 def test_ensemble_across_architectures_averages_probabilities(kitchen):

@@ -12,7 +12,7 @@ from soup.errors import SoupError, interrupt_on_signals, one_line
 from soup.models.backbones import trusting_hubs
 from soup.models.distributed import RankError, is_main
 from soup.models.checkpoint import find_checkpoints
-from soup.text import shown
+from soup.text import one_notice_each, shown
 
 console = Console(highlight=False)
 
@@ -25,11 +25,12 @@ def read_more(page: str) -> str:
 class SoupGroup(click.Group):
     """Turns a user mistake into one line on stderr and exit code 2, never a traceback; Ctrl-C or SIGTERM
     into one line and exit code 130. Under torchrun rank 0 prints the line, except for a RankError (one
-    rank's own GPU or connection), which the rank that meets it prints."""
+    rank's own GPU or connection), which the rank that meets it prints. Each notice that something optional
+    is off is said once per command."""
 
     def invoke(self, ctx):
         try:
-            with interrupt_on_signals():
+            with interrupt_on_signals(), one_notice_each():
                 return super().invoke(ctx)
         except SoupError as err:
             if isinstance(err, RankError) or _main_rank():

@@ -113,7 +113,7 @@ def inspect_command(paths, line, points, data_root, split, as_json):
               "reliability.png beside the picture).")
 def plot_command(output, paths, data_root, split, reliability_path):
     """Picture of held-out accuracy: ingredients (sorted), the greedy path, every soup, and the ensemble
-    (default: everything under checkpoints/). Needs matplotlib: pip install 'soup[plot]'."""
+    (default: everything under checkpoints/). Draws with matplotlib, which soup installs."""
     checkpoints = _checkpoints(paths)
     if reliability_path == "reliability.png":
         reliability_path = Path(output).parent / reliability_path

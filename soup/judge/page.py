@@ -29,7 +29,7 @@ from soup.score.evaluator import Evaluator
 from soup.text import printable, shown
 
 PER_CLASS = 5
-NO_PLOT = "plot left out: matplotlib is not installed (pip install 'soup[plot]' draws it)"
+NO_PLOT = "plot left out: matplotlib is not installed (pip install matplotlib draws it)"
 
 # Sorts a table by the clicked header (numbers as numbers), and the ingredients by top-1 on load, so the
 # best sits on top and a DOM dump shows the script ran.

@@ -1,6 +1,6 @@
 """`soup plot`: one picture of held-out accuracy: each ingredient (sorted), the greedy path step by step,
 a top-k soup's curve (k -> accuracy), every soup, and the ingredients' ensemble as a reference line.
-matplotlib is an optional extra."""
+matplotlib comes with soup (a dependency); installed without it, the command says how to add it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from soup.score.evaluator import Evaluator, Predictions
 from soup.score.stats import reliability
 from soup.text import shown
 
-INSTALL_HINT = "soup plot needs matplotlib: pip install 'soup[plot]' (or pip install matplotlib)"
+INSTALL_HINT = "soup plot needs matplotlib, a dependency of soup that is missing here: pip install matplotlib"
 
 
 def _figure_class():

@@ -26,6 +26,7 @@ from rich.console import Console
 from soup.errors import SoupError
 from soup.models import distributed
 from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, write_text_atomic
+from soup.text import first_time
 from soup.train.state import open_lock_file
 
 try:
@@ -51,8 +52,9 @@ def available() -> bool:
 
 
 def notice(log: str, console: Console) -> None:
-    """The one line a run prints when its recipe asks for event files that cannot be written."""
-    if log == "tensorboard" and not available():
+    """The one line a command prints when its recipe asks for event files that cannot be written (once per
+    command: soup.text.first_time)."""
+    if log == "tensorboard" and not available() and first_time("tensorboard-off"):
         console.print(f"logs: TensorBoard is not installed, so no event files are written (summary.csv still "
                       f"is); {INSTALL} turns them on", markup=False)
 
