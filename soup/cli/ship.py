@@ -51,6 +51,8 @@ def export_command(checkpoint_path, folder, overwrite, repo_id):
     card README.md; loads with timm.create_model("local-dir:DIR", pretrained=True)."""
     checkpoint = read_checkpoint(checkpoint_path)
     export = export_checkpoint(checkpoint, folder, overwrite, repo_id)
+    for note in export.notes:
+        base.console.print(f"note: {shown(note)}")
     base.console.print(f"wrote {shown(folder)}: {export.architecture} with {len(checkpoint.classes)} classes "
                   "(model.safetensors, config.json, README.md); checked against the checkpoint's own logits")
     if repo_id:

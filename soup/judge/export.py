@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -22,9 +20,10 @@ from safetensors.torch import save_file
 from soup.data.outputs import data_roots
 from soup.errors import SoupError
 from soup.judge.card import model_card
+from soup.judge.staging import recover, replace_folder
 from soup.models.backbones import is_network_error, model_from_checkpoint
-from soup.models.checkpoint import (INGREDIENT_FILE, LOCK_FILE, STATE_FILE, TEMP_SUFFIX, Checkpoint, atomic_path,
-                                   current_umask, fp32_state, is_soup_checkpoint, write_failure)
+from soup.models.checkpoint import (INGREDIENT_FILE, LOCK_FILE, STATE_FILE, Checkpoint, fp32_state,
+                                   is_soup_checkpoint)
 from soup.recipe.checks import parse_backbone
 from soup.recipe.spec import DataConfig, Recipe, recipe_from_dict
 from soup.text import printable
@@ -61,6 +60,7 @@ class Export:
     state: dict[str, torch.Tensor]
     config: dict
     card: str
+    notes: list[str] = field(default_factory=list)  # what an earlier, interrupted export had left behind
 
 
 def timm_architecture(checkpoint: Checkpoint, recipe: Recipe) -> tuple[str, dict]:
@@ -248,34 +248,10 @@ def _writers(export: Export) -> dict:
     }
 
 
-def write_export(export: Export, folder: str | Path) -> list[Path]:
-    """A new or empty DIR appears whole (filled as a temporary folder beside it, then renamed); in a
-    non-empty one (--overwrite) each file is replaced atomically and every other file is left alone."""
-    folder = Path(folder)
-    writers = _writers(export)
-    if folder.is_dir() and any(folder.iterdir()):
-        for name, write in writers.items():
-            with atomic_path(folder / name) as tmp:
-                write(tmp)
-        return [folder / name for name in writers]
-    parent = folder.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=TEMP_SUFFIX, dir=parent))
-    except OSError as err:
-        raise SoupError(f"cannot write {folder}: {err.strerror or err}; choose a writable folder") from None
-    try:
-        for name, write in writers.items():
-            with atomic_path(staging / name) as tmp:
-                write(tmp)
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared export from its readers
-        os.replace(staging, folder)  # an empty DIR is replaced, as rename(2) allows
-    except OSError as err:
-        raise SoupError(f"cannot write {folder}: {write_failure(err) or err}; nothing was written there") from None
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return [folder / name for name in writers]
+def write_export(export: Export, folder: str | Path) -> list[str]:
+    """DIR holding the export whole, replaced in one step (soup.judge.staging): a new, empty or --overwrite
+    folder alike, every other file in it kept. What leftovers of an interrupted export were put right."""
+    return replace_folder(folder, _writers(export))
 
 
 def _hub_offline() -> bool:
@@ -323,8 +299,11 @@ def export_checkpoint(checkpoint: Checkpoint, folder: str | Path, overwrite: boo
                       repo_id: str | None = None) -> Export:
     """Check DIR (and --push), build and check the export, then write it. Pushing is the caller's next step."""
     check_export_folder(folder, checkpoint, overwrite)
+    notes = recover(folder, EXPORT_FILES)
+    if notes:  # DIR may be back: checked again as it is now
+        check_export_folder(folder, checkpoint, overwrite)
     if repo_id is not None:
         check_push(repo_id)
     export = prepare_export(checkpoint, repo_id)
-    write_export(export, folder)
+    export.notes = notes + write_export(export, folder)
     return export
