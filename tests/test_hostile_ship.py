@@ -95,3 +95,87 @@ def test_a_kill_between_the_two_renames_is_put_right_by_the_next_export(study, t
     one_error_line(result, "exists and is not empty", "--overwrite")  # DIR is back: nothing replaced unasked
     assert export_files(out) == export_files(study / "ref1") and (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# Items 3 and 4: --push, the Hub unreachable or refusing ----------------------------------------------------
+
+def fake_hub(monkeypatch, error):
+    """huggingface_hub's HfApi replaced by one whose upload raises `error`; the calls it got."""
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create", repo_id))
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload", kwargs["repo_id"]))
+            raise error
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(export_module.huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(export_module.huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return calls
+
+
+def hub_client():
+    """The HTTP client huggingface_hub uses (httpx2 from its 2.x, httpx before)."""
+    pytest.importorskip("huggingface_hub")
+    try:
+        import httpx2 as client
+    except ImportError:
+        import httpx as client
+    return client
+
+
+@pytest.mark.parametrize("error", ["ConnectError", "ConnectTimeout", "ProxyError"])
+def test_push_with_the_hub_unreachable_is_one_line(study, tmp_path, monkeypatch, error):
+    client = hub_client()
+    request = client.Request("POST", "https://huggingface.co/api/models/someone/tiny-soup/commit/main")
+    calls = fake_hub(monkeypatch, getattr(client, error)("[Errno -3] Temporary failure in name resolution",
+                                                         request=request))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["export", str(ingredient_path(study)), str(out), "--push", "someone/tiny-soup"])
+    one_error_line(result, "could not reach the Hugging Face Hub to push someone/tiny-soup",
+                   "Temporary failure in name resolution", "nothing was uploaded", "is complete")
+    assert calls == [("create", "someone/tiny-soup"), ("upload", "someone/tiny-soup")]
+    assert (out / "model.safetensors").read_bytes() == (study / "ref0" / "model.safetensors").read_bytes()
+    assert "hf-hub:someone/tiny-soup" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("repo", ["ownér/name", "a/b..c", "o" * 300 + "/name", "a/b.git", "-a/b", "a/b/c",
+                                  "a--b/c"])
+def test_push_names_the_hub_refuses_are_refused_before_any_work(study, tmp_path, monkeypatch, repo):
+    calls = fake_hub(monkeypatch, AssertionError("no upload expected"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["export", str(ingredient_path(study)), str(out), "--push", repo])
+    one_error_line(result, "--push", "the Hub would refuse this repo id", "OWNER/NAME")
+    assert not out.exists() and calls == []
+
+
+def test_push_names_follow_the_hubs_rules_without_huggingface_hub(monkeypatch):
+    monkeypatch.setattr(export_module, "huggingface_hub", None)
+    for repo in ("ownér/name", "a/b..c", "o" * 97 + "/name", "a/b.git", "-a/b", "a/b-", "a/b/c", "name"):
+        assert export_module.repo_id_problem(repo) is not None, repo
+    for repo in ("someone/tiny-soup", "a_/b", "Org.Name/model_v2.1", "o" * 96 + "/n"):
+        assert export_module.repo_id_problem(repo) is None, repo
+
+
+def test_a_hub_rejection_is_reported_as_a_rejection(study, tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+
+    client = hub_client()
+    request = client.Request("POST", "https://huggingface.co/api/models/someone/tiny-soup/commit/main")
+    rejections = [HfHubHTTPError("403 Forbidden: you have no write access to someone/tiny-soup",
+                                 response=client.Response(403, request=request)),
+                  HfHubHTTPError("400 Bad Request: invalid repo name",
+                                 response=client.Response(400, request=request)),
+                  HFValidationError("Repo id must use alphanumeric chars: 'someone/tiny-soup'")]
+    for error in rejections:
+        fake_hub(monkeypatch, error)
+        out = tmp_path / type(error).__name__ / str(rejections.index(error))
+        result = CliRunner().invoke(cli, ["export", str(ingredient_path(study)), str(out), "--push",
+                                          "someone/tiny-soup"])
+        one_error_line(result, "the Hub refused the push to someone/tiny-soup", str(error).split(":")[0],
+                       "nothing was uploaded")
+        assert "could not reach" not in result.output

@@ -39,7 +39,10 @@ CARD_FILE = "README.md"
 EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)
 HUB_HINT = "pip install 'soup[hub]' (or pip install huggingface_hub)"
 TOLERANCE = 1e-4  # on logits, relative to their largest magnitude: float reordering, not a wrong map
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# huggingface_hub's own rules (utils.validate_repo_id), for when it is not installed: OWNER/NAME, each 1 to 96
+# ASCII letters, digits, - _ . not starting or ending with - or ., no -- or .., not ending in .git.
+REPO_PART = r"(?=[A-Za-z0-9_])[A-Za-z0-9_.-]{1,96}(?<=[A-Za-z0-9_])"
+REPO_ID = re.compile(f"{REPO_PART}/{REPO_PART}", re.ASCII)
 
 # facebookresearch/dinov2 torch.hub entry points and the timm architectures holding the same network.
 HUB_ARCHITECTURES = {
@@ -259,13 +262,32 @@ def _hub_offline() -> bool:
     return flag or bool(getattr(getattr(huggingface_hub, "constants", None), "HF_HUB_OFFLINE", False))
 
 
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why the Hub would refuse `repo_id` (checked by huggingface_hub's own validator when installed), or None."""
+    if repo_id.count("/") != 1:
+        return "name the Hub repo as OWNER/NAME"
+    validate = getattr(getattr(huggingface_hub, "utils", None), "validate_repo_id", None)
+    if validate is not None:
+        try:
+            validate(repo_id)
+        except ValueError as err:  # huggingface_hub's HFValidationError
+            return _first_line(err)
+        return None
+    if not REPO_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id or repo_id.endswith(".git"):
+        return ("the Hub takes 1 to 96 ASCII letters, digits, -, _ and . on each side, not starting or ending "
+                "with - or ., without -- or .., not ending in .git")
+    return None
+
+
 def check_push(repo_id: str) -> None:
-    """Before any work: --push can work at all (installed, not offline, a repo id the Hub accepts)."""
+    """Before any work: --push can work at all (a repo id the Hub accepts, installed, not offline)."""
+    problem = repo_id_problem(repo_id)
+    if problem is not None:
+        raise SoupError(f"--push {printable(repo_id)}: the Hub would refuse this repo id ({problem}); name the Hub "
+                        "repo as OWNER/NAME (letters, digits, -, _, .)")
     if huggingface_hub is None:
         raise SoupError(f"--push needs huggingface_hub, which is not installed: {HUB_HINT}; or export without "
                         "--push and upload the folder yourself")
-    if not REPO_ID.fullmatch(repo_id):
-        raise SoupError(f"--push {printable(repo_id)}: name the Hub repo as OWNER/NAME (letters, digits, -, _, .)")
     if _hub_offline():
         raise SoupError(f"--push {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or export "
                         "without --push and upload the folder later (huggingface-cli upload OWNER/NAME DIR)")
@@ -276,6 +298,17 @@ def _first_line(err: BaseException) -> str:
     return printable(text.splitlines()[0] if text else type(err).__name__)
 
 
+def _refusal(err: BaseException) -> str | None:
+    """The Hub's answer when it refused the push (HTTP 4xx, or its client's check of the request), else None."""
+    errors = getattr(huggingface_hub, "errors", None)
+    if isinstance(err, getattr(errors, "HFValidationError", ())):
+        return f"it refused the request: {_first_line(err)}"
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, getattr(errors, "HfHubHTTPError", ())) and isinstance(status, int) and status < 500:
+        return f"HTTP {status}: {_first_line(err)}"
+    return None
+
+
 def push_folder(folder: str | Path, repo_id: str) -> str:
     """Upload DIR's export files to the Hub model repo `repo_id` in one commit (all or none of them)."""
     api = huggingface_hub.HfApi()
@@ -284,10 +317,11 @@ def push_folder(folder: str | Path, repo_id: str) -> str:
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                           allow_patterns=list(EXPORT_FILES), commit_message="soup export")
     except Exception as err:
-        http_error = getattr(getattr(huggingface_hub, "errors", None), "HfHubHTTPError", ())
-        if http_error and isinstance(err, http_error):
-            raise SoupError(f"the Hub refused the push to {repo_id} ({_first_line(err)}); log in (huggingface-cli "
-                            f"login, or set HF_TOKEN) with write access; {folder} is complete") from None
+        refusal = _refusal(err)
+        if refusal is not None:
+            login = " log in (huggingface-cli login, or set HF_TOKEN) with write access, or check the repo id;"
+            raise SoupError(f"the Hub refused the push to {repo_id} ({refusal});{login} nothing was uploaded; "
+                            f"{folder} is complete") from None
         if isinstance(err, OSError) or is_network_error(err):  # any OSError: the upload's I/O failed
             raise SoupError(f"could not reach the Hugging Face Hub to push {repo_id} ({_first_line(err)}); nothing "
                             f"was uploaded; {folder} is complete: push it when online") from None
