@@ -2,6 +2,7 @@
 refusing, a submission killed between its two files, side logs that cannot be written, odd names in
 pictures, cards and CSV files read by people."""
 
+import hashlib
 import json
 import os
 import signal
@@ -179,3 +180,50 @@ def test_a_hub_rejection_is_reported_as_a_rejection(study, tmp_path, monkeypatch
         one_error_line(result, "the Hub refused the push to someone/tiny-soup", str(error).split(":")[0],
                        "nothing was uploaded")
         assert "could not reach" not in result.output
+
+
+# Item 9: the submission and its provenance agree after any kill -------------------------------------------
+
+class Killed(BaseException):
+    """What a kill -9 leaves is what the disk holds when this stops the command (no cleanup code catches it)."""
+
+
+def kill_at_the_csv(monkeypatch, args):
+    """`soup ARGS` stopped where the provenance is written and the CSV not yet."""
+    import soup.judge.submit as submit_module
+
+    def killed(path, data):
+        raise Killed
+
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(submit_module, "_write_csv", killed)
+        CliRunner().invoke(cli, args)
+
+
+def test_a_submit_killed_between_its_two_files_is_found_by_the_rerun(study, tmp_path, monkeypatch, sketch_root):
+    first, second = ingredient_path(study, 0), ingredient_path(study, 1)
+    out = tmp_path / "s.csv"
+    sidecar = tmp_path / "s.csv.json"
+    # The first submission of other test images (7, not 5): its CSV differs from the second's.
+    assert CliRunner().invoke(cli, ["submit", str(first), "-o", str(out), "--data", str(sketch_root)]).exit_code == 0
+    old_csv = out.read_bytes()
+    kill_at_the_csv(monkeypatch, ["submit", str(second), "-o", str(out), "--overwrite"])
+    # The provenance of the second run beside the first run's CSV: it names the CSV it was written for.
+    assert out.read_bytes() == old_csv and str(second) in sidecar.read_text()
+    result = CliRunner().invoke(cli, ["submit", str(first), "-o", str(out)])
+    one_error_line(result, str(out), "is not the submission", "interrupted", "--overwrite")
+    result = CliRunner().invoke(cli, ["submit", str(second), "-o", str(out), "--overwrite"])
+    assert result.exit_code == 0 and "note:" in result.output and "interrupted" in result.output, result.output
+    recorded = json.loads(sidecar.read_text())
+    assert recorded["csv_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert recorded["members"][0]["path"] == str(second)
+    result = CliRunner().invoke(cli, ["submit", str(second), "-o", str(out), "--overwrite"])
+    assert result.exit_code == 0 and "note:" not in result.output  # a consistent pair: nothing to say
+
+
+def test_a_submit_killed_before_its_csv_is_found_by_the_rerun(study, tmp_path, monkeypatch):
+    out = tmp_path / "s.csv"
+    kill_at_the_csv(monkeypatch, ["submit", str(ingredient_path(study)), "-o", str(out)])
+    assert not out.exists() and (tmp_path / "s.csv.json").is_file()
+    result = CliRunner().invoke(cli, ["submit", str(ingredient_path(study)), "-o", str(out)])
+    one_error_line(result, "s.csv.json", "was never written", "--overwrite")
