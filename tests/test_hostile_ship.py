@@ -2,9 +2,12 @@
 refusing, a submission killed between its two files, side logs that cannot be written, odd names in
 pictures, cards and CSV files read by people."""
 
+import csv
 import hashlib
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +18,11 @@ from click.testing import CliRunner
 
 import soup.judge.export as export_module
 from soup.cli import cli
+from soup.errors import SoupError
+from soup.models.checkpoint import read_checkpoint, rewrite_metadata
+from soup.train.logs import write_summary
 
-from conftest import ingredient_path, one_error_line, run_study, tiny_recipe
+from conftest import ingredient_path, invoke_with_console, one_error_line, run_study, tiny_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -227,3 +233,98 @@ def test_a_submit_killed_before_its_csv_is_found_by_the_rerun(study, tmp_path, m
     assert not out.exists() and (tmp_path / "s.csv.json").is_file()
     result = CliRunner().invoke(cli, ["submit", str(ingredient_path(study)), "-o", str(out)])
     one_error_line(result, "s.csv.json", "was never written", "--overwrite")
+
+
+# Items 6, 14 (soups.csv), 15: side logs never cost the soup; people's CSV files never run formulas ----------
+
+@pytest.fixture
+def kitchen(study, tmp_path, monkeypatch):
+    """A copy of the study's checkpoints in a folder of the test's own, as the current folder; its recipe
+    folder (where soups.csv goes)."""
+    shutil.copytree(study / "checkpoints", tmp_path / "checkpoints")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "checkpoints" / "tiny"
+
+
+def cook_uniform(monkeypatch, output="soup.safetensors"):
+    return invoke_with_console(["cook", "--uniform", "--no-eval", "checkpoints/tiny", "-o", output], monkeypatch,
+                               width=400)
+
+
+def warnings_of(result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("warning")]
+
+
+@pytest.mark.parametrize("log", ["folder", "latin-1", "other columns"])
+def test_a_soups_csv_soup_cannot_use_is_one_warning_and_the_soup_is_written(kitchen, monkeypatch, log):
+    soups = kitchen / "soups.csv"
+    if log == "folder":
+        soups.mkdir()
+    elif log == "latin-1":
+        soups.write_bytes("method,soup\nuniform,café.safetensors\n".encode("latin-1"))
+    else:
+        soups.write_text("name,score\nmine,0.9\ntheirs,0.8\n")
+    before = None if log == "folder" else soups.read_bytes()
+    result = cook_uniform(monkeypatch)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    [warning] = warnings_of(result)
+    assert "soups.csv" in warning and "will not be logged" in warning
+    assert result.output.index("warning") < result.output.index("uniform soup")  # said before the work
+    assert Path("soup.safetensors").is_file()
+    assert soups.is_dir() if log == "folder" else soups.read_bytes() == before  # never touched
+
+
+def test_a_log_that_fails_to_write_is_one_warning_after_the_soup(kitchen, monkeypatch):
+    import soup.cook.record as record_module
+
+    def full_disk(path):
+        raise SoupError(f"cannot write {path}: No space left on device; nothing was changed there")
+
+    monkeypatch.setattr(record_module, "atomic_path", full_disk)
+    result = cook_uniform(monkeypatch)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    [warning] = warnings_of(result)
+    assert "the soup was written, but not logged" in warning and "No space left on device" in warning
+    assert Path("soup.safetensors").is_file()
+
+
+def test_a_soup_name_that_is_not_utf8_is_logged_with_its_bytes_shown(kitchen, monkeypatch):
+    name = os.fsdecode(b"caf\xe9.safetensors")
+    result = cook_uniform(monkeypatch, name)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert not warnings_of(result) and Path(name).is_file()
+    rows = list(csv.DictReader(io.StringIO((kitchen / "soups.csv").read_text(encoding="utf-8"))))
+    assert rows[-1]["soup"] == "caf\\xe9.safetensors"
+    assert cook_uniform(monkeypatch, "second.safetensors").exit_code == 0  # the log it wrote is one it reads again
+
+
+def test_formula_like_cells_are_quoted_in_the_csv_files_people_read(kitchen, monkeypatch):
+    result = cook_uniform(monkeypatch, "=1+2.safetensors")
+    assert result.exit_code == 0, result.output
+    assert cook_uniform(monkeypatch, "@SUM(A1).safetensors").exit_code == 0
+    rows = list(csv.DictReader(io.StringIO((kitchen / "soups.csv").read_text(encoding="utf-8"))))
+    assert [row["soup"] for row in rows] == ["'=1+2.safetensors", "'@SUM(A1).safetensors"]
+    assert rows[0]["method"] == "uniform" and float(rows[0]["weights"].split(";")[0]) == 0.5
+    # summary.csv: a setting recorded as text that would start a formula (-, + or a tab as well).
+    for index, value in enumerate(["-cmd|' /C calc'!A0", "\t=1"]):
+        path = ingredient_path(Path("."), index)
+        meta = read_checkpoint(path).meta
+        rewrite_metadata(path, {**meta, "settings": {**meta.get("settings", {}), "note": value}})
+    write_summary(kitchen)
+    rows = list(csv.DictReader(io.StringIO((kitchen / "summary.csv").read_text(encoding="utf-8"))))
+    assert [row["note"] for row in rows] == ["'-cmd|' /C calc'!A0", "'\t=1"]
+    assert all(float(row["val_acc"]) >= 0 for row in rows)  # numbers stay numbers
+
+
+def test_the_submission_keeps_formula_like_test_ids_verbatim(study, tmp_path, small_sketch_root):
+    """Kaggle matches rows by Id: a test file named =1+2.png is the Id =1+2, not '=1+2 (docs/shipping.md)."""
+    data = tmp_path / "data"
+    shutil.copytree(small_sketch_root, data)
+    test_dir = data / "test_images" / "mistery_category"
+    first = sorted(test_dir.iterdir())[0]
+    first.rename(test_dir / f"=1+2{first.suffix}")
+    out = tmp_path / "s.csv"
+    result = CliRunner().invoke(cli, ["submit", str(ingredient_path(study)), "--data", str(data), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    ids = [row["Id"] for row in csv.DictReader(io.StringIO(out.read_text(encoding="utf-8")))]
+    assert "=1+2" in ids and not any(i.startswith("'") for i in ids)
