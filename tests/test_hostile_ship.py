@@ -328,3 +328,45 @@ def test_the_submission_keeps_formula_like_test_ids_verbatim(study, tmp_path, sm
     assert result.exit_code == 0, result.output
     ids = [row["Id"] for row in csv.DictReader(io.StringIO(out.read_text(encoding="utf-8")))]
     assert "=1+2" in ids and not any(i.startswith("'") for i in ids)
+
+
+# Item 14: odd names in pictures and in the model card ------------------------------------------------------
+
+def test_plot_labels_show_newlines_and_bidi_controls_escaped(kitchen, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.text
+    import soup.judge.plot as plot_module
+
+    name = "evil\nline\u202eright$x$"
+    assert cook_uniform(monkeypatch, f"{name}.safetensors").exit_code == 0
+    figures = []
+    real = plot_module._figure_class()
+
+    class Recorded(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(plot_module, "_figure_class", lambda: Recorded)
+    result = CliRunner().invoke(cli, ["plot", "-o", "p.png", "--reliability", "r.png", "checkpoints/tiny",
+                                      f"{name}.safetensors"])
+    assert result.exit_code == 0, result.output
+    texts = [t.get_text() for figure in figures for t in figure.findobj(matplotlib.text.Text)]
+    texts += [line.get_label() for figure in figures for axes in figure.axes for line in axes.get_lines()]
+    assert not [t for t in texts if "\n" in t or "\u202e" in t]
+    shown = [t for t in texts if "evil" in t]
+    assert len(shown) >= 3 and all("evil\\nline\\u202eright\\$x\\$" in t for t in shown)  # ticks, legends
+
+
+def test_the_model_card_shows_names_as_written_in_code_spans(kitchen):
+    path = ingredient_path(Path("."))
+    meta = read_checkpoint(path).meta
+    classes = ["<circle>", "cr&oss", "squ`are", "tri\nangle"]
+    rewrite_metadata(path, {**meta, "classes": classes})
+    result = CliRunner().invoke(cli, ["export", str(path), "out"])
+    assert result.exit_code == 0, result.output
+    card = Path("out/README.md").read_text()
+    line = next(line for line in card.splitlines() if line.startswith("Classes, in output order"))
+    assert line == "Classes, in output order: `<circle>`, `cr&oss`, ``squ`are``, `tri\\nangle`."
+    assert "&lt;" not in line and "&amp;" not in line
+    assert "`timm:test_resnet`" in card
