@@ -370,3 +370,19 @@ def test_the_model_card_shows_names_as_written_in_code_spans(kitchen):
     assert line == "Classes, in output order: `<circle>`, `cr&oss`, ``squ`are``, `tri\\nangle`."
     assert "&lt;" not in line and "&amp;" not in line
     assert "`timm:test_resnet`" in card
+
+
+def test_a_failed_export_write_leaves_dir_and_nothing_beside_it(study, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, data in export_files(study / "ref0").items():
+        (out / name).write_bytes(data)
+
+    def full_disk(tmp):
+        raise OSError(28, "No space left on device")
+
+    writers = export_module._writers
+    monkeypatch.setattr(export_module, "_writers", lambda export: {**writers(export), "config.json": full_disk})
+    result = CliRunner().invoke(cli, ["export", str(ingredient_path(study, 1)), str(out), "--overwrite"])
+    one_error_line(result, "No space left on device", "left as it was")
+    assert export_files(out) == export_files(study / "ref0") and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -6,6 +6,7 @@ What a killed swap leaves behind (`.DIR.<random>.tmp`, `.DIR.<random>.old`) is p
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from soup.errors import SoupError
-from soup.models.checkpoint import TEMP_SUFFIX, atomic_path, current_umask, write_failure
+from soup.models.checkpoint import TEMP_SUFFIX, _fsync, _fsync_folder, current_umask, write_failure
 
 STAGING_SUFFIX = TEMP_SUFFIX  # .DIR.<random>.tmp: the new folder being filled (mkdtemp's 8 random characters)
 AWAY_SUFFIX = ".old"  # .DIR.<random>.old: the previous folder moved away, where the file system cannot exchange
@@ -122,8 +123,11 @@ def _fill(staging: Path, writers: dict[str, Callable[[Path], object]], folder: P
                 _link(entry, staging / entry.name)
         _reached("linked others")
     for name, write in writers.items():
-        with atomic_path(staging / name) as tmp:
-            write(tmp)
+        # Each file appears under its name only once whole (synced): recovery counts on it.
+        partial = staging / f".{name}.partial"
+        write(partial)
+        _fsync(partial)
+        os.replace(partial, staging / name)
         _reached(f"wrote {name}")
     mode = stat.S_IMODE(folder.stat().st_mode) if folder.is_dir() else 0o777 & ~current_umask()
     os.chmod(staging, mode)  # mkdtemp's 0700 would hide a shared export from its readers
@@ -144,14 +148,15 @@ def replace_folder(folder: str | Path, writers: dict[str, Callable[[Path], objec
         if folder.is_dir() and any(folder.iterdir()):
             old = _swap_in(staging, folder)
             _reached("swapped")
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)  # DIR is new by now: what stays, the next export removes
         else:
             os.replace(staging, folder)  # a missing or empty DIR is replaced, as rename(2) allows
-    except OSError as err:
-        reason = write_failure(err) or err
-        try:
+        _fsync_folder(folder.parent)  # the swap itself survives a power loss
+    except BaseException as err:  # a failed write, a full disk, Ctrl-C: nothing half-done stays beside DIR
+        with contextlib.suppress(OSError, SoupError):  # the first failure is the one to report
             _recover(folder, names)
-        except (OSError, SoupError):
-            pass  # the first failure is the one to report
+        reason = write_failure(err)  # the system's reason, also when a writer wrapped it (safetensors)
+        if reason is None:
+            raise
         raise SoupError(f"cannot write {folder}: {reason}; it was left as it was") from None
     return notes
