@@ -47,14 +47,18 @@ def export_files(folder: Path) -> dict:
 
 KILLED_EXPORT = """
 import os, signal, sys
-import soup.judge.staging as staging
+import soup.judge.export as export
 point, exchange = sys.argv[1], sys.argv[2]
-def reached(where):
-    if where == point:
-        os.kill(os.getpid(), signal.SIGKILL)
-staging._reached = reached
-if exchange == "no-exchange":
-    staging._exchange = lambda a, b: False
+def kill(*args):
+    os.kill(os.getpid(), signal.SIGKILL)
+if point == "writing config.json":  # no hook: the weights are written, the config writer never returns
+    writers = export._writers
+    export._writers = lambda e: {**writers(e), "config.json": kill}
+else:
+    import soup.judge.staging as staging
+    staging._reached = lambda where: kill() if where == point else None
+    if exchange == "no-exchange":
+        staging._exchange = lambda a, b: False
 from soup.cli import cli
 cli(sys.argv[3:])
 """
@@ -68,7 +72,8 @@ def killed_export(study, out, point, exchange="exchange"):
     assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("point", ["wrote model.safetensors", "wrote config.json", "linked others", "swapped"])
+@pytest.mark.parametrize("point", ["writing config.json", "linked others", "wrote model.safetensors",
+                                   "wrote config.json", "swapped"])
 def test_a_killed_overwrite_leaves_the_old_export_or_the_new_one_whole(study, tmp_path, point):
     old, new = export_files(study / "ref0"), export_files(study / "ref1")
     assert old != new and set(old) == set(export_module.EXPORT_FILES)
