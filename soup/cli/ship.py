@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from soup.judge.export import export_checkpoint, push_folder
-from soup.judge.submit import check_submission_output, predict_submission, write_provenance, write_submission
+from soup.judge.submit import check_submission_output, predict_submission, write_submission_pair
 from soup.models.checkpoint import read_checkpoint
 from soup.models.views import parse_tta
 from soup.text import shown
@@ -30,10 +30,11 @@ def submit(checkpoint_paths, data_root, output, overwrite, ensemble, tta):
     """Write Id,Category predictions for the test images."""
     tta = parse_tta(tta)
     checkpoints = [read_checkpoint(p) for p in checkpoint_paths]
-    check_submission_output(output, checkpoints, overwrite, data_root)
+    found = check_submission_output(output, checkpoints, overwrite, data_root)
+    if found:
+        base.console.print(f"note: {shown(found)}; both are written again")
     ids, categories, provenance = predict_submission(checkpoints, data_root, ensemble, tta)
-    write_submission(output, ids, categories)
-    sidecar = write_provenance(output, provenance)
+    sidecar = write_submission_pair(output, ids, categories, provenance)
     what = f"the ensemble ({provenance['combined']}) of {len(checkpoints)} checkpoints" if ensemble else "1 checkpoint"
     base.console.print(f"wrote {shown(output)}: {len(ids)} predictions from {what}; provenance in {shown(sidecar)}")
 
@@ -51,6 +52,8 @@ def export_command(checkpoint_path, folder, overwrite, repo_id):
     card README.md; loads with timm.create_model("local-dir:DIR", pretrained=True)."""
     checkpoint = read_checkpoint(checkpoint_path)
     export = export_checkpoint(checkpoint, folder, overwrite, repo_id)
+    for note in export.notes:
+        base.console.print(f"note: {shown(note)}")
     base.console.print(f"wrote {shown(folder)}: {export.architecture} with {len(checkpoint.classes)} classes "
                   "(model.safetensors, config.json, README.md); checked against the checkpoint's own logits")
     if repo_id:

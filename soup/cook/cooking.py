@@ -20,7 +20,7 @@ from soup.score.calibrate import calibration_record, print_calibration
 # Importing soup.cook.methods registers every method in METHODS.
 from soup.cook.batchnorm import DEFAULT_IMAGES, check_images
 from soup.cook.methods import METHODS, Kitchen, Soup, parse_alphas
-from soup.cook.record import record_soup
+from soup.cook.record import check_logs, record_soup
 from soup.cook.selector import Selector
 from soup.data.outputs import check_output, data_roots
 from soup.score.compare import versus_best
@@ -88,6 +88,7 @@ def check_ingredients(ingredients: list[Checkpoint], out: str | Path, takes_soup
                  roots=data_roots(ingredients, data_root))
     check_compatible(ingredients, force, console or Console())
     check_finite(ingredients)
+    check_logs(ingredients, console or Console())
 
 
 def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on: str | None = "val",
@@ -195,6 +196,6 @@ def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str |
         **batchnorm_record(select, soup.state_dict),
     }
     path = save_checkpoint(out, soup.state_dict, meta)
-    record_soup(path, meta, ingredients)
+    record_soup(path, meta, ingredients, console)
     console.print(f"  wrote {shown(path)}")
     return path

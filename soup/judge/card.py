@@ -22,6 +22,15 @@ def _cell(value) -> str:
     return printable(value).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def _code(value) -> str:
+    """A markdown code span showing `value` as written: inside one, `<` and `&` are literal (an entity would
+    show as `&lt;`), so only the line breaks are escaped; the span's backticks outnumber any run inside."""
+    text = printable(value)
+    ticks = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or text.startswith(" ") and text.endswith(" ") else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
+
+
 def _fence(text: str) -> str:
     """A code fence longer than any run of backticks in `text`, which then cannot close it early."""
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
@@ -124,15 +133,15 @@ def model_card(checkpoint: Checkpoint, config: dict, repo_id: str | None = None)
     fence = _fence(recipe_yaml)
     pretrained = config["pretrained_cfg"]
     size = pretrained["input_size"][1]
-    classes = ", ".join(f"`{_cell(c).replace('`', '')}`" for c in checkpoint.classes)
+    classes = ", ".join(_code(c) for c in checkpoint.classes)
     title = _cell(checkpoint.meta.get("name") or checkpoint.path.stem)
     lines = [
         "---", "library_name: timm", "pipeline_tag: image-classification",
         "tags: [image-classification, timm, model-soup]", "---", "",
         f"# {title}", "",
         f"An image classifier for {len(checkpoint.classes)} classes, fine-tuned from "
-        f"`{_cell(checkpoint.backbone)}` with soup and exported in timm's layout as "
-        f"`{config['architecture']}`.", "",
+        f"{_code(checkpoint.backbone)} with soup and exported in timm's layout as "
+        f"{_code(config['architecture'])}.", "",
         "## How it was made", "", *_members(checkpoint), "",
         "## Results", "", *_results(checkpoint), "",
         f"Classes, in output order: {classes}.", "",

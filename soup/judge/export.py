@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -22,9 +20,9 @@ from safetensors.torch import save_file
 from soup.data.outputs import data_roots, ingredient_folder_of
 from soup.errors import SoupError
 from soup.judge.card import model_card
+from soup.judge.staging import recover, replace_folder
 from soup.models.backbones import is_network_error, model_from_checkpoint
-from soup.models.checkpoint import (TEMP_SUFFIX, Checkpoint, atomic_path, current_umask, fp32_state,
-                                   write_failure)
+from soup.models.checkpoint import Checkpoint, fp32_state
 from soup.recipe.checks import parse_backbone
 from soup.recipe.spec import DataConfig, Recipe, recipe_from_dict
 from soup.text import printable
@@ -40,7 +38,10 @@ CARD_FILE = "README.md"
 EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)
 HUB_HINT = "pip install 'soup[hub]' (or pip install huggingface_hub)"
 TOLERANCE = 1e-4  # on logits, relative to their largest magnitude: float reordering, not a wrong map
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# huggingface_hub's own rules (utils.validate_repo_id), for when it is not installed: OWNER/NAME, each 1 to 96
+# ASCII letters, digits, - _ . not starting or ending with - or ., no -- or .., not ending in .git.
+REPO_PART = r"(?=[A-Za-z0-9_])[A-Za-z0-9_.-]{1,96}(?<=[A-Za-z0-9_])"
+REPO_ID = re.compile(f"{REPO_PART}/{REPO_PART}", re.ASCII)
 
 # facebookresearch/dinov2 torch.hub entry points and the timm architectures holding the same network.
 HUB_ARCHITECTURES = {
@@ -61,6 +62,7 @@ class Export:
     state: dict[str, torch.Tensor]
     config: dict
     card: str
+    notes: list[str] = field(default_factory=list)  # what an earlier, interrupted export had left behind
 
 
 def timm_architecture(checkpoint: Checkpoint, recipe: Recipe) -> tuple[str, dict]:
@@ -243,34 +245,10 @@ def _writers(export: Export) -> dict:
     }
 
 
-def write_export(export: Export, folder: str | Path) -> list[Path]:
-    """A new or empty DIR appears whole (filled as a temporary folder beside it, then renamed); in a
-    non-empty one (--overwrite) each file is replaced atomically and every other file is left alone."""
-    folder = Path(folder)
-    writers = _writers(export)
-    if folder.is_dir() and any(folder.iterdir()):
-        for name, write in writers.items():
-            with atomic_path(folder / name) as tmp:
-                write(tmp)
-        return [folder / name for name in writers]
-    parent = folder.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=TEMP_SUFFIX, dir=parent))
-    except OSError as err:
-        raise SoupError(f"cannot write {folder}: {err.strerror or err}; choose a writable folder") from None
-    try:
-        for name, write in writers.items():
-            with atomic_path(staging / name) as tmp:
-                write(tmp)
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared export from its readers
-        os.replace(staging, folder)  # an empty DIR is replaced, as rename(2) allows
-    except OSError as err:
-        raise SoupError(f"cannot write {folder}: {write_failure(err) or err}; nothing was written there") from None
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return [folder / name for name in writers]
+def write_export(export: Export, folder: str | Path) -> list[str]:
+    """DIR holding the export whole, replaced in one step (soup.judge.staging): a new, empty or --overwrite
+    folder alike, every other file in it kept. What leftovers of an interrupted export were put right."""
+    return replace_folder(folder, _writers(export))
 
 
 def _hub_offline() -> bool:
@@ -278,13 +256,32 @@ def _hub_offline() -> bool:
     return flag or bool(getattr(getattr(huggingface_hub, "constants", None), "HF_HUB_OFFLINE", False))
 
 
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why the Hub would refuse `repo_id` (checked by huggingface_hub's own validator when installed), or None."""
+    if repo_id.count("/") != 1:
+        return "name the Hub repo as OWNER/NAME"
+    validate = getattr(getattr(huggingface_hub, "utils", None), "validate_repo_id", None)
+    if validate is not None:
+        try:
+            validate(repo_id)
+        except ValueError as err:  # huggingface_hub's HFValidationError
+            return _first_line(err)
+        return None
+    if not REPO_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id or repo_id.endswith(".git"):
+        return ("the Hub takes 1 to 96 ASCII letters, digits, -, _ and . on each side, not starting or ending "
+                "with - or ., without -- or .., not ending in .git")
+    return None
+
+
 def check_push(repo_id: str) -> None:
-    """Before any work: --push can work at all (installed, not offline, a repo id the Hub accepts)."""
+    """Before any work: --push can work at all (a repo id the Hub accepts, installed, not offline)."""
+    problem = repo_id_problem(repo_id)
+    if problem is not None:
+        raise SoupError(f"--push {printable(repo_id)}: the Hub would refuse this repo id ({problem}); name the Hub "
+                        "repo as OWNER/NAME (letters, digits, -, _, .)")
     if huggingface_hub is None:
         raise SoupError(f"--push needs huggingface_hub, which is not installed: {HUB_HINT}; or export without "
                         "--push and upload the folder yourself")
-    if not REPO_ID.fullmatch(repo_id):
-        raise SoupError(f"--push {printable(repo_id)}: name the Hub repo as OWNER/NAME (letters, digits, -, _, .)")
     if _hub_offline():
         raise SoupError(f"--push {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or export "
                         "without --push and upload the folder later (huggingface-cli upload OWNER/NAME DIR)")
@@ -295,6 +292,17 @@ def _first_line(err: BaseException) -> str:
     return printable(text.splitlines()[0] if text else type(err).__name__)
 
 
+def _refusal(err: BaseException) -> str | None:
+    """The Hub's answer when it refused the push (HTTP 4xx, or its client's check of the request), else None."""
+    errors = getattr(huggingface_hub, "errors", None)
+    if isinstance(err, getattr(errors, "HFValidationError", ())):
+        return f"it refused the request: {_first_line(err)}"
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, getattr(errors, "HfHubHTTPError", ())) and isinstance(status, int) and status < 500:
+        return f"HTTP {status}: {_first_line(err)}"
+    return None
+
+
 def push_folder(folder: str | Path, repo_id: str) -> str:
     """Upload DIR's export files to the Hub model repo `repo_id` in one commit (all or none of them)."""
     api = huggingface_hub.HfApi()
@@ -303,10 +311,11 @@ def push_folder(folder: str | Path, repo_id: str) -> str:
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                           allow_patterns=list(EXPORT_FILES), commit_message="soup export")
     except Exception as err:
-        http_error = getattr(getattr(huggingface_hub, "errors", None), "HfHubHTTPError", ())
-        if http_error and isinstance(err, http_error):
-            raise SoupError(f"the Hub refused the push to {repo_id} ({_first_line(err)}); log in (huggingface-cli "
-                            f"login, or set HF_TOKEN) with write access; {folder} is complete") from None
+        refusal = _refusal(err)
+        if refusal is not None:
+            login = " log in (huggingface-cli login, or set HF_TOKEN) with write access, or check the repo id;"
+            raise SoupError(f"the Hub refused the push to {repo_id} ({refusal});{login} nothing was uploaded; "
+                            f"{folder} is complete") from None
         if isinstance(err, OSError) or is_network_error(err):  # any OSError: the upload's I/O failed
             raise SoupError(f"could not reach the Hugging Face Hub to push {repo_id} ({_first_line(err)}); nothing "
                             f"was uploaded; {folder} is complete: push it when online") from None
@@ -318,8 +327,11 @@ def export_checkpoint(checkpoint: Checkpoint, folder: str | Path, overwrite: boo
                       repo_id: str | None = None) -> Export:
     """Check DIR (and --push), build and check the export, then write it. Pushing is the caller's next step."""
     check_export_folder(folder, checkpoint, overwrite)
+    notes = recover(folder, EXPORT_FILES)
+    if notes:  # DIR may be back: checked again as it is now
+        check_export_folder(folder, checkpoint, overwrite)
     if repo_id is not None:
         check_push(repo_id)
     export = prepare_export(checkpoint, repo_id)
-    write_export(export, folder)
+    export.notes = notes + write_export(export, folder)
     return export

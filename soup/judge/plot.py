@@ -13,7 +13,7 @@ from soup.judge.evaluate import evaluate_rows
 from soup.models.checkpoint import Checkpoint, atomic_path
 from soup.score.evaluator import Evaluator, Predictions
 from soup.score.stats import reliability
-from soup.text import shown
+from soup.text import printable, shown
 
 INSTALL_HINT = "soup plot needs matplotlib, a dependency of soup that is missing here: pip install matplotlib"
 
@@ -27,6 +27,14 @@ def _figure_class():
     return Figure
 
 
+def _label(name) -> str:
+    """A name from outside as a figure shows it: on one line, in its order (soup.text.printable, as tables
+    print it), a `$` as itself rather than the start of mathtext, and a leading `_` kept in the legend
+    (matplotlib hides labels that start with one)."""
+    text = printable(name).replace("$", r"\$")
+    return f" {text}" if text.startswith("_") else text
+
+
 def draw(rows: list[dict], greedy: dict | None, path: str | Path, topk: dict | None = None) -> dict[str, list[float]]:
     """Write the PNG; returns each drawn series (label -> y values), read back from the figure. `greedy`
     and `topk` ({"name", "steps", "split"}) are a greedy soup's path and a top-k soup's curve."""
@@ -37,14 +45,14 @@ def draw(rows: list[dict], greedy: dict | None, path: str | Path, topk: dict | N
     ensemble = next((r for r in rows if r["kind"] == "ensemble"), None)
     figure = Figure(figsize=(11, 4.5), layout="constrained")
     left, right = figure.subplots(1, 2, width_ratios=[3, 2]) if greedy or topk else (figure.subplots(), None)
-    names = [r["name"] for r in ingredients] + [r["name"] for r in soups]
+    names = [_label(r["name"]) for r in ingredients] + [_label(r["name"]) for r in soups]
     left.plot(range(len(ingredients)), [r["top1"] for r in ingredients], "o-", color="tab:gray",
               label="ingredients (sorted)")
     for i, row in enumerate(soups):
         left.plot([len(ingredients) + i], [row["top1"]], marker="*", markersize=14, linestyle="none",
-                  label=row["name"] if row["name"] == row["kind"] else f"{row['name']} ({row['kind']})")
+                  label=_label(row["name"] if row["name"] == row["kind"] else f"{row['name']} ({row['kind']})"))
     if ensemble:
-        left.axhline(ensemble["top1"], linestyle="--", color="black", label=ensemble["name"])
+        left.axhline(ensemble["top1"], linestyle="--", color="black", label=_label(ensemble["name"]))
     left.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     left.set_ylabel(f"top-1 on {split}")
     left.set_title(f"ingredients, soups and ensemble on {split}")
@@ -55,7 +63,7 @@ def draw(rows: list[dict], greedy: dict | None, path: str | Path, topk: dict | N
         _topk_curve(right, topk, label_ticks=not greedy)
     if right is not None:
         right.set_ylabel(f"top-1 on {(greedy or topk)['split']} (selection set)")
-        right.set_title(" and ".join(f"{what}: {record['name']}" for what, record in
+        right.set_title(" and ".join(f"{what}: {_label(record['name'])}" for what, record in
                                      (("greedy path", greedy), ("top-k curve", topk)) if record))
         right.legend(fontsize=7, loc="best")
     with atomic_path(path) as tmp:
@@ -80,7 +88,7 @@ def _greedy_path(axes, greedy: dict) -> None:
         points = [(i, s["top1"]) for i, s in zip(x, steps) if s["kept"] == kept]
         axes.plot([p[0] for p in points], [p[1] for p in points], "o" if kept else "x", color=color,
                   linestyle="none", label=label)
-    axes.set_xticks(x, [s["candidate"] for s in steps], rotation=60, ha="right", fontsize=7)
+    axes.set_xticks(x, [_label(s["candidate"]) for s in steps], rotation=60, ha="right", fontsize=7)
 
 
 def _topk_curve(axes, topk: dict, label_ticks: bool) -> None:
@@ -92,7 +100,7 @@ def _topk_curve(axes, topk: dict, label_ticks: bool) -> None:
     axes.plot([chosen["k"]], [chosen["top1"]], marker="*", markersize=14, color="tab:blue", linestyle="none",
               label="top-k: chosen k")
     if label_ticks:
-        axes.set_xticks([p["k"] for p in curve], [f"k={p['k']}: +{p['added']}" for p in curve], rotation=60,
+        axes.set_xticks([p["k"] for p in curve], [_label(f"k={p['k']}: +{p['added']}") for p in curve], rotation=60,
                         ha="right", fontsize=7)
 
 
@@ -107,7 +115,7 @@ def draw_reliability(evaluated: list[tuple[dict, Predictions]], path: str | Path
     for row, outcome in evaluated:
         bins = reliability(outcome.confidence, outcome.correct)
         filled = [i for i, count in enumerate(bins["count"]) if count]
-        label = f"{row['name']} (ECE {bins['gap']:.1%})"
+        label = _label(f"{row['name']} (ECE {bins['gap']:.1%})")
         axes.plot([bins["confidence"][i] for i in filled], [bins["accuracy"][i] for i in filled], "o-",
                   markersize=3, label=label)
         series[row["name"]] = [bins["accuracy"][i] for i in filled]
@@ -131,7 +139,7 @@ def draw_history(histories: dict[str, list[dict]], path: str | Path) -> dict[str
     series = {}
     for name, history in histories.items():
         points = [(h["epoch"], h["val_top1"]) for h in history if h.get("val_top1") is not None]
-        axes.plot([p[0] for p in points], [p[1] for p in points], "o-", markersize=3, label=name)
+        axes.plot([p[0] for p in points], [p[1] for p in points], "o-", markersize=3, label=_label(name))
         series[name] = [p[1] for p in points]
     axes.set_xlabel("epoch")
     axes.set_ylabel("val top-1")
@@ -164,8 +172,8 @@ def draw_pairs(geometry: dict, path: str | Path) -> list[list[float | None]]:
         for j, value in enumerate(line):
             axes.text(j, i, "-" if value is None else f"{value:.2f}", ha="center", va="center", fontsize=7,
                       color="white" if value is not None and value < 0.9 else "black")
-    axes.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    axes.set_yticks(range(len(names)), names, fontsize=7)
+    axes.set_xticks(range(len(names)), [_label(n) for n in names], rotation=60, ha="right", fontsize=7)
+    axes.set_yticks(range(len(names)), [_label(n) for n in names], fontsize=7)
     axes.set_title("cos(Δa, Δb): fine-tuning deltas from the shared start")
     figure.colorbar(image, ax=axes, shrink=0.8)
     with atomic_path(path) as tmp:

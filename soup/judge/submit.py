@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -89,26 +91,80 @@ def provenance_path(submission: str | Path) -> Path:
 
 
 def check_submission_output(submission: str | Path, checkpoints: list[Checkpoint], overwrite: bool,
-                            data_root: str | Path | None = None) -> None:
-    """Before predicting: the CSV and its sidecar go where soup.data.outputs allows, never into a data root."""
-    roots = data_roots(checkpoints, data_root)
-    for path in (Path(submission), provenance_path(submission)):
-        check_output(path, [c.path for c in checkpoints], overwrite, "submission", roots=roots)
+                            data_root: str | Path | None = None) -> str | None:
+    """Before predicting: the CSV and its sidecar go where soup.data.outputs allows, never into a data root.
+    What an interrupted earlier run left there (see `pair_problem`), refused without --overwrite, else
+    returned to be said."""
+    roots, inputs = data_roots(checkpoints, data_root), [c.path for c in checkpoints]
+    paths = (Path(submission), provenance_path(submission))
+    for path in paths:  # first where soup may never write, then what is there, then what --overwrite allows
+        check_output(path, inputs, True, "submission", roots=roots)
+    problem = pair_problem(submission)
+    if problem is not None and not overwrite:
+        raise SoupError(f"{problem}; add --overwrite to write both again, or write the submission elsewhere with -o")
+    for path in paths:
+        check_output(path, inputs, overwrite, "submission", roots=roots)
+    return problem
 
 
-def write_provenance(submission: str | Path, provenance: dict) -> Path:
-    """A sidecar `<submission>.json`: the CSV itself stays exactly the Id,Category rows Kaggle expects."""
-    path = provenance_path(submission)
-    write_text_atomic(path, json.dumps(provenance, indent=2) + "\n")
-    return path
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pair_problem(submission: str | Path) -> str | None:
+    """Whether the CSV and its provenance disagree. The provenance is written first and names the sha256 of
+    the CSV about to replace the old one, so a run killed between the two renames leaves a provenance whose
+    CSV is missing or another one: the pair never silently describes another submission."""
+    csv_path, sidecar = Path(submission), provenance_path(submission)
+    if not sidecar.is_file():
+        return None
+    try:
+        recorded = json.loads(sidecar.read_text(encoding="utf-8")).get("csv_sha256")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return f"{sidecar} is not a provenance soup wrote (unreadable JSON)"
+    if not isinstance(recorded, str):
+        return None  # written before soup recorded the CSV's hash: nothing to compare
+    if not csv_path.is_file():
+        return (f"{sidecar} describes a submission whose CSV {csv_path} was never written (an earlier soup submit "
+                "was interrupted between its two files)")
+    if _sha256(csv_path) != recorded:
+        return (f"{csv_path} is not the submission {sidecar} describes (sha256 differs: an earlier soup submit was "
+                "interrupted between its two files, or the CSV was edited)")
+    return None
+
+
+def submission_bytes(ids: list[str], categories: list[int]) -> bytes:
+    """The CSV: UTF-8, whatever the locale; an id from a file name that is not valid UTF-8 keeps that name's
+    bytes (the surrogates os.fsdecode made of them turn back into the same bytes)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["Id", "Category"])
+    writer.writerows(zip(ids, categories))
+    return text.getvalue().encode("utf-8", errors="surrogateescape")
 
 
 def write_submission(path: str | Path, ids: list[str], categories: list[int]) -> Path:
-    """UTF-8, whatever the locale; an id from a file name that is not valid UTF-8 keeps that name's bytes
-    (the surrogates os.fsdecode made of them turn back into the same bytes)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            writer = csv.writer(f)
-            writer.writerow(["Id", "Category"])
-            writer.writerows(zip(ids, categories))
+    """The CSV alone (the demo's; `soup submit` writes it with its provenance: `write_submission_pair`)."""
+    _write_csv(path, submission_bytes(ids, categories))
     return Path(path)
+
+
+def write_submission_pair(path: str | Path, ids: list[str], categories: list[int], provenance: dict) -> Path:
+    """The provenance `<submission>.json`, naming the sha256 of the CSV, then the CSV: each replaced
+    atomically, and after a kill between them `pair_problem` finds the mismatch. The CSV itself stays
+    exactly the Id,Category rows Kaggle expects. Returns the provenance's path."""
+    data = submission_bytes(ids, categories)
+    sidecar = provenance_path(path)
+    write_text_atomic(sidecar, json.dumps({**provenance, "csv_sha256": hashlib.sha256(data).hexdigest()},
+                                          indent=2) + "\n")
+    _write_csv(path, data)
+    return sidecar
+
+
+def _write_csv(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

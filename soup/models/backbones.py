@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import pickle
+import sys
 import zipfile
 from contextvars import ContextVar
 from pathlib import Path
@@ -37,9 +38,21 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images))
 
 
+# huggingface_hub 2.x's and 1.x's HTTP clients: a failure to connect, resolve, proxy or time out is a
+# TransportError there: no OSError, and httpx2's module name would match no list of network modules.
+HTTP_CLIENTS = ("httpx2", "httpx")
+
+
+def _transport_errors() -> tuple[type, ...]:
+    # Only a loaded client can have raised its own error: no import here, so the hub extra stays optional.
+    found = (getattr(sys.modules.get(name), "TransportError", None) for name in HTTP_CLIENTS)
+    return tuple(t for t in found if isinstance(t, type))
+
+
 def is_network_error(err: BaseException) -> bool:
-    return isinstance(err, (ConnectionError, TimeoutError)) or any(
-        type(e).__module__.split(".")[0] in NETWORK_MODULES for e in (err, err.__cause__, err.__context__) if e
+    chain = [e for e in (err, err.__cause__, err.__context__) if e]
+    return any(isinstance(e, (ConnectionError, TimeoutError, *_transport_errors())) for e in chain) or any(
+        type(e).__module__.split(".")[0] in NETWORK_MODULES for e in chain
     )
 
 

@@ -128,6 +128,19 @@ def locked(folder: Path):
         yield
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as the start of a formula
+
+
+def spreadsheet_cell(value):
+    """A cell of a CSV that people open in a spreadsheet: text that would start a formula (a setting or a
+    file name like `=1+2`, `@SUM(A1)`) gets a leading ' so it shows as written and never runs; numbers stay."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+def spreadsheet_rows(rows: list[dict]) -> list[dict]:
+    return [{key: spreadsheet_cell(value) for key, value in row.items()} for row in rows]
+
+
 def summary_row(meta: dict) -> dict:
     history = meta.get("val_history") or []
     seconds = sum(r.get("seconds", 0.0) for r in history)
@@ -152,6 +165,6 @@ def write_summary(folder: Path) -> Path:
         text = io.StringIO()
         writer = csv.DictWriter(text, ["id", *settings, *FIGURES], restval="", lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(spreadsheet_rows(rows))
         write_text_atomic(folder / SUMMARY_FILE, text.getvalue())
     return folder / SUMMARY_FILE
