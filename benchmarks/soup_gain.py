@@ -178,7 +178,7 @@ def report(studies: list[dict], split: str) -> None:
           + ")")
     print(f"val-picked ingredient: test top-1 {base.correct.double().mean().item():.2%} "
           f"({', '.join(s['picked_name'] for s in studies)})")
-    print(f"{'method':<22} {'test top-1':>10} {'Δ points':>9} {'95% CI (paired, pooled)':>24}  per study"
+    print(f"{'method':<32} {'test top-1':>10} {'Δ points':>9} {'95% CI (paired, pooled)':>24}  per study"
           f"{'':>14} {'time s':>7} {'members':>7} {'scored':>6}")
     names = [n for n in studies[0] if n not in ("picked", "picked_name")]
     for name in names:
@@ -190,7 +190,7 @@ def report(studies: list[dict], split: str) -> None:
         seconds = sum(s[name]["seconds"] for s in studies) / len(studies)
         members = [s[name].get("members") for s in studies]
         scored = [s[name].get("scored") for s in studies]
-        print(f"{name:<22} {outcome.correct.double().mean().item():>10.2%} {d['diff'] * 100:>+9.2f} "
+        print(f"{name:<32} {outcome.correct.double().mean().item():>10.2%} {d['diff'] * 100:>+9.2f} "
               f"{'[' + format(d['low'] * 100, '+.2f') + ', ' + format(d['high'] * 100, '+.2f') + ']':>24}  "
               f"{' '.join(format(p * 100, '+.2f') for p in per):<22} {seconds:>7.2f} "
               f"{'/'.join(str(m) for m in members if m is not None):>7} "
@@ -202,7 +202,7 @@ def report(studies: list[dict], split: str) -> None:
         if name == "greedy" or not all(name in s and s[name]["outcome"] is not None for s in studies):
             continue
         d = difference(pooled([s[name]["outcome"] for s in studies]), greedy)
-        print(f"  {name:<22} {d['diff'] * 100:>+6.2f} points [{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}] "
+        print(f"  {name:<32} {d['diff'] * 100:>+6.2f} points [{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}] "
               f"(p={d['p']:.3f})")
 
 
