@@ -193,3 +193,18 @@ def test_freeze_bn_is_validated(tmp_path, small_sketch_root):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path)
         one_error_line(CliRunner().invoke(cli, ["train", "r.yaml"]), "model.freeze_bn")
+
+
+def test_inspect_and_the_model_card_say_how_the_statistics_were_made(bn_study):
+    work, _, _ = bn_study
+    assert cook(work, "--uniform", "-o", "shown.safetensors", "--overwrite").exit_code == 0
+    layers = len(read_checkpoint(work / "shown.safetensors").meta["bn_reset"]["layers"])
+    said = f"BatchNorm statistics: {layers} of {layers} layers re-estimated on"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        inspected = CliRunner().invoke(cli, ["inspect", "shown.safetensors"])
+        exported = CliRunner().invoke(cli, ["export", "shown.safetensors", "exported"])
+    assert inspected.exit_code == 0, inspected.output
+    assert said in " ".join(inspected.output.split())
+    assert exported.exit_code == 0, exported.output
+    assert said in (work / "exported" / "README.md").read_text(encoding="utf-8")

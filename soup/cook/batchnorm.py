@@ -78,6 +78,13 @@ class StatsReset:
         folder, idx = unwrap(self.dataset)
         return [str(Path(folder.samples[idx[row]][0]).relative_to(folder.root)) for row in self.rows]
 
+    def knows(self, state: dict[str, torch.Tensor]) -> None:
+        """Counts `state`'s statistics as a member's own too (the start a method mixes in)."""
+        for name in self.layers:
+            stats = {s: state[f"{name}.{s}"].float() for s in STATS}
+            if not any(all(torch.equal(stats[s], other[s]) for s in STATS) for other in self.known[name]):
+                self.known[name].append(stats)
+
     def to_reset(self, state: dict[str, torch.Tensor]) -> list[str]:
         """The layers whose statistics in `state` are no member's own (bit for bit)."""
         return [name for name in self.layers

@@ -51,7 +51,8 @@ def cook_best(ingredients: list[Checkpoint], out: str | Path, select_on: str | N
     for method in candidate_methods():
         console.print(f"[bold]{method} soup[/] of {len(ingredients)} ingredients, selected on {select_on}")
         try:
-            soup = fitted(METHODS[method].fn(ingredients, select, console, Kitchen(ingredients[0])), select, console)
+            kitchen = Kitchen(ingredients[0], reset=select.reset)
+            soup = fitted(METHODS[method].fn(ingredients, select, console, kitchen), select, console)
         except SoupError as err:
             skipped[method] = one_line(err)
             console.print(f"  best: {method} skipped: {shown(skipped[method])}")

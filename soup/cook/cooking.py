@@ -123,8 +123,8 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     select = selector(ingredients, select_on, data_root, device, bn_images, console) if select_on else None
     console.print(f"[bold]{method} soup[/] of {len(ingredients)} ingredient{'s' if len(ingredients) != 1 else ''}" +
                   (f", selected on {select_on}" if select else ", without data"))
-    soup = fitted(spec.fn(ingredients, select, console, Kitchen(ingredients[0], dict(options or {}))), select,
-                  console)
+    kitchen = Kitchen(ingredients[0], dict(options or {}), reset=select.reset if select else None)
+    soup = fitted(spec.fn(ingredients, select, console, kitchen), select, console)
     # Whether held-out scores chose or fitted the weights (greedy, learned, an alpha sweep), making a
     # later score on this split optimistic; uniform and stock are only checked on it.
     chose = spec.needs_selection or len(soup.steps) > 1

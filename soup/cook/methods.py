@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
+from soup.cook.batchnorm import StatsReset
 from soup.cook.greedy import Greedy, guided_order, rank, try_candidate
 from soup.cook.learned import check_options, fit_hyperplane, fit_softmax
 from soup.cook.selector import Selector
@@ -67,10 +68,15 @@ class Kitchen:
     reference: Checkpoint
     options: dict = field(default_factory=dict)
     _start: dict | None = field(default=None, repr=False)
+    # The selection's BatchNorm reset: told the start's statistics, so that a mix that is the start exactly
+    # (an interpolation at alpha 0) keeps them, as a mix that is one ingredient does.
+    reset: StatsReset | None = field(default=None, repr=False)
 
     def start(self) -> dict[str, torch.Tensor]:
         if self._start is None:
             self._start = starting_weights(self.reference)
+            if self.reset is not None:
+                self.reset.knows(self._start)
         return self._start
 
 

@@ -101,7 +101,9 @@ def check_submission_output(submission: str | Path, checkpoints: list[Checkpoint
         check_output(path, inputs, True, "submission", roots=roots)
     problem = pair_problem(submission)
     if problem is not None and not overwrite:
-        raise SoupError(f"{problem}; add --overwrite to write both again, or write the submission elsewhere with -o")
+        there = f"{submission} exists: " if Path(submission).exists() else ""
+        raise SoupError(f"{there}{problem}; add --overwrite to write both again, or write the submission elsewhere "
+                        "with -o")
     for path in paths:
         check_output(path, inputs, overwrite, "submission", roots=roots)
     return problem
