@@ -236,7 +236,8 @@ def _describe(item: Planned, console: Console) -> None:
     if fitted.prefix:
         how.append(f"prefix {fitted.prefix!r} stripped")
     if fitted.left_out:
-        how.append(f"{len(fitted.left_out)} tensors outside it left out (e.g. {fitted.left_out[0]})")
+        count = len(fitted.left_out)
+        how.append(f"{count} tensor{'s' if count != 1 else ''} outside it left out (e.g. {fitted.left_out[0]})")
     if item.reordered:
         how.append("head rows put in the data root's class order")
     console.print(f"  imported {shown(source.given)} ({shown(', '.join(h for h in how if h))}) as {shown(item.path)}")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +73,9 @@ class Source:
 def load_pickle(path: Path) -> object:
     """torch.load(weights_only=True) with PLAIN_TYPES allowed; anything else is one refusal line."""
     try:
-        with torch.serialization.safe_globals(PLAIN_TYPES):
+        # A legacy pickle's protocol draws a warning from torch besides the refusal: the refusal says it all.
+        with torch.serialization.safe_globals(PLAIN_TYPES), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(err))
