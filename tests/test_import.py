@@ -240,7 +240,7 @@ class _Wrapped(torch.nn.Module):
 
 
 def test_lightning_checkpoint_prefix_found_and_stripped(small_sketch_root, tmp_path):
-    lightning = pytest.importorskip("lightning")  # in the test extra: CI has it
+    import lightning  # in the test extra: a real .ckpt, written by Lightning itself
 
     class Module(lightning.LightningModule):
         def __init__(self, arch: str = ARCH, num_classes: int = 4, lr: float = 0.01):
@@ -357,6 +357,7 @@ def test_unknown_start_is_said_recorded_and_refused_where_needed(runs, small_ske
         args = [*method, "--no-eval", "-o", "soups/x.safetensors"] + (["checkpoints/imported"] if method == ["--stock"] else [])
         one_error_line(_invoke(tmp_path, "cook", *args), "imported without its start", "--start")
     assert not (tmp_path / "soups" / "x.safetensors").exists()
+    assert "imported without its start" in _flat(_ok(tmp_path, "inspect", "checkpoints/imported"))
 
 
 @pytest.fixture
