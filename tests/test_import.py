@@ -323,7 +323,7 @@ def _other_arch_folder(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["two architectures", "wrong --model", "five classes", "no architecture",
-                                  "start of another model", "ema without ema"])
+                                  "start of another model", "ema without ema", "one source twice"])
 def test_misfits_are_one_line_and_write_nothing(runs, small_sketch_root, tmp_path, case):
     shutil.copytree(runs / "run0", tmp_path / "run0")
     torch.save(_base().state_dict(), tmp_path / "plain.pth")
@@ -338,6 +338,7 @@ def test_misfits_are_one_line_and_write_nothing(runs, small_sketch_root, tmp_pat
         "start of another model": (["run0", "--start", effnet / "model.safetensors"],
                                    ["--start", "do not fit"]),
         "ema without ema": (["plain.pth", "--model", ARCH, "--ema"], ["no EMA weights"]),
+        "one source twice": (["run0", "run0/model_best.pth.tar"], ["are the same checkpoint"]),
     }[case]
     one_error_line(_invoke(tmp_path, "import", *args, "--data", small_sketch_root), *fragments)
     assert not (tmp_path / "checkpoints").exists()

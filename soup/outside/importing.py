@@ -117,8 +117,12 @@ def _in_root_order(fitted: Fitted, source: Source, classes: list[str]) -> bool:
 
 def _plan(sources: list[Source], target: dict, classifier: str | None, backbone: str, classes: list[str],
           out: Path, name: str, strip: str | None, root: Path) -> list[Planned]:
-    planned, ids = [], []
+    planned: list[Planned] = []
     for index, source in enumerate(sources):
+        twice = next((item.source for item in planned if item.source.file.resolve() == source.file.resolve()), None)
+        if twice is not None:
+            raise SoupError(f"{source.given} and {twice.given} are the same checkpoint ({source.file}); a soup counts "
+                            "each ingredient once, so name it once")
         fitted = fit(source.state, target, classifier, str(source.given), backbone, strip)
         reordered = _in_root_order(fitted, source, classes)
         ingredient_id = f"{index:02d}-{_slug(source.given.name)}"
@@ -127,7 +131,6 @@ def _plan(sources: list[Source], target: dict, classifier: str | None, backbone:
             raise SoupError(f"{path.parent} exists already; import under another --name or -o, or remove it")
         check_output(path, [s.given for s in sources], False, "imported ingredient", checkpoint=True, roots=[root])
         planned.append(Planned(source, fitted, ingredient_id, path, reordered))
-        ids.append(ingredient_id)
     return planned
 
 
