@@ -167,6 +167,7 @@ def test_greedy_soup_of_timm_runs_matches_a_hand_computation(runs, sketch_root):
     _ok(runs, "submit", paths[0], "-o", "submission.csv")
     _ok(runs, "export", "soups/greedy.safetensors", "exported")
     _ok(runs, "report", folder, "-o", "report.html")
+    _ok(runs, "plot", folder, "soups/greedy.safetensors", "-o", "soups.png")
 
 
 def test_ema_takes_state_dict_ema(runs, small_sketch_root):
@@ -291,6 +292,24 @@ def test_plain_state_dicts_in_each_layout(small_sketch_root, tmp_path, layout):
     images, _ = _val(small_sketch_root)
     with torch.no_grad():
         assert torch.equal(model_from_checkpoint(checkpoint)(images), _timm_logits(network.state_dict(), images))
+
+
+def test_a_timm_checkpoint_file_keeps_its_global_pool(small_sketch_root, tmp_path):
+    """One CheckpointSaver file named alone, without args.yaml: its `args` says the model and its --gp,
+    which changes the logits and not the tensors."""
+    model = timm.create_model(ARCH, pretrained=False, num_classes=len(CLASSES), global_pool="max")
+    args = argparse.Namespace(model=ARCH, num_classes=len(CLASSES), input_size=None, img_size=SIZE, mean=MEAN,
+                              std=STD, gp="max", model_kwargs={})
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), args=args,
+                            checkpoint_dir=str(tmp_path))
+    saver.save_checkpoint(0)
+    _ok(tmp_path, "import", "checkpoint-0.pth.tar", "--data", small_sketch_root)
+    checkpoint = read_checkpoint(tmp_path / "checkpoints" / "imported" / "00-checkpoint-0" / "model.safetensors")
+    assert checkpoint.recipe["model"]["kwargs"] == {"global_pool": "max"}
+    assert checkpoint.meta["imported"]["format"] == "timm train.py checkpoint"
+    images, _ = _val(small_sketch_root)
+    with torch.no_grad():
+        assert torch.allclose(model_from_checkpoint(checkpoint)(images), model.eval()(images), atol=1e-6)
 
 
 class _Marker:

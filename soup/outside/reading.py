@@ -137,6 +137,8 @@ def _record_from(source: Source, values: dict, where: str) -> None:
         source.classes = list(classes)
     if isinstance(values.get("model_kwargs"), dict):
         source.model_args = {**values["model_kwargs"], **source.model_args}
+    if isinstance(values.get("gp"), str) and values["gp"]:  # timm train.py's --gp: same tensors, other logits
+        source.model_args.setdefault("global_pool", values["gp"])
     size = values.get("input_size") or values.get("img_size")
     if isinstance(size, (list, tuple)) and size:
         size = size[-1]
