@@ -428,3 +428,24 @@ def test_an_existing_import_is_never_replaced(runs, small_sketch_root, tmp_path)
     one_error_line(_invoke(tmp_path, "import", "run0", "--data", small_sketch_root), "exists already")
     assert path.read_bytes() == before
     assert class_list(small_sketch_root) == CLASSES
+
+
+def test_hub_cache_folders_become_the_cards_base_model(runs, small_sketch_root, tmp_path):
+    """A folder of the Hugging Face cache (models--OWNER--NAME/snapshots/REV, as a Hub download leaves it)
+    records its Hub id; a soup exported from such members lists them as base_model."""
+    folders = []
+    for owner, seed in (("alice", 0), ("bob", 1)):
+        folder = tmp_path / "hub" / f"models--{owner}--sketch-resnet" / "snapshots" / ("1" * 40)
+        model = timm.create_model(ARCH, pretrained=False, num_classes=len(CLASSES))
+        model.load_state_dict(_raw(runs / f"run{seed}" / "model_best.pth.tar")["state_dict"])
+        timm.models.save_for_hf(model, str(folder), safe_serialization=True, model_config={"label_names": CLASSES},
+                                data_config={"input_size": (3, SIZE, SIZE), "mean": MEAN, "std": STD})
+        folders.append(folder)
+    _ok(tmp_path, "import", *folders, "--data", small_sketch_root, "--start", runs / "start.pth")
+    paths = sorted((tmp_path / "checkpoints" / "imported").glob("*/model.safetensors"))
+    assert [read_checkpoint(p).meta["imported"]["hub_id"] for p in paths] == ["alice/sketch-resnet", "bob/sketch-resnet"]
+    _ok(tmp_path, "cook", "--uniform", "checkpoints/imported", "-o", "soups/uniform.safetensors")
+    _ok(tmp_path, "export", "soups/uniform.safetensors", "exported")
+    front = yaml.safe_load((tmp_path / "exported" / "README.md").read_text().split("---\n")[1])
+    assert front["base_model"] == ["alice/sketch-resnet", "bob/sketch-resnet"]
+    assert front["model-index"][0]["results"][0]["dataset"]["name"] == small_sketch_root.resolve().name

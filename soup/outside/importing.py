@@ -194,7 +194,7 @@ def _meta(item: Planned, recipe: dict, backbone: str, classes: list[str], start_
                      "layout": item.fitted.layout, "prefix": item.fitted.prefix,
                      "left_out": item.fitted.left_out, "architecture_from": source.arch_from or "--model",
                      "classes_reordered": item.reordered, "metric": source.metric, "epoch": source.epoch,
-                     "crop": source.crop},
+                     "crop": source.crop, "hub_id": source.hub_id},
     }
 
 

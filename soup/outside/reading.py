@@ -60,6 +60,7 @@ class Source:
     crop: str | None = None  # how the source evaluated, when not soup's whole-image resize
     metric: float | None = None
     epoch: int | None = None
+    hub_id: str | None = None  # owner/name, for a folder of the Hugging Face cache (models--owner--name/snapshots/)
 
     @property
     def sha256(self) -> str:
@@ -217,6 +218,8 @@ def _hub_folder(folder: Path) -> Source:
     else:
         raise SoupError(f"{folder}: config.json without model.safetensors or pytorch_model.bin beside it")
     source = Source(folder, weights, "Hub folder", state, "whole file")
+    cached = re.search(r"models--([^/]+)--([^/]+)/snapshots/[^/]+$", folder.resolve().as_posix())
+    source.hub_id = f"{cached.group(1)}/{cached.group(2)}" if cached else None
     if isinstance(config.get("architecture"), str):
         source.arch, source.arch_from = config["architecture"], "config.json"
     labels = config.get("label_names")
