@@ -373,9 +373,9 @@ def test_unknown_start_is_said_recorded_and_refused_where_needed(runs, small_ske
     assert meta["start"] == {"kind": "unknown", "start_check": "off"} and meta["start_fingerprint"] == "unknown"
     cooked = _ok(tmp_path, "cook", "--uniform", "checkpoints/imported", "-o", "soups/uniform.safetensors")
     assert "shared-start check is off for 2 ingredients" in _flat(cooked)
-    for method in (["--stock"], ["--interpolate", paths[0]]):
-        args = [*method, "--no-eval", "-o", "soups/x.safetensors"] + (["checkpoints/imported"] if method == ["--stock"] else [])
-        one_error_line(_invoke(tmp_path, "cook", *args), "imported without its start", "--start")
+    for method in (["--stock", "checkpoints/imported"], ["--interpolate", paths[0]]):
+        result = _invoke(tmp_path, "cook", *method, "--no-eval", "-o", "soups/x.safetensors")
+        one_error_line(result, "imported without its start", "--start")
     assert not (tmp_path / "soups" / "x.safetensors").exists()
     assert "imported without its start" in _flat(_ok(tmp_path, "inspect", "checkpoints/imported"))
 
@@ -443,7 +443,8 @@ def test_hub_cache_folders_become_the_cards_base_model(runs, small_sketch_root, 
         folders.append(folder)
     _ok(tmp_path, "import", *folders, "--data", small_sketch_root, "--start", runs / "start.pth")
     paths = sorted((tmp_path / "checkpoints" / "imported").glob("*/model.safetensors"))
-    assert [read_checkpoint(p).meta["imported"]["hub_id"] for p in paths] == ["alice/sketch-resnet", "bob/sketch-resnet"]
+    hub_ids = [read_checkpoint(p).meta["imported"]["hub_id"] for p in paths]
+    assert hub_ids == ["alice/sketch-resnet", "bob/sketch-resnet"]
     _ok(tmp_path, "cook", "--uniform", "checkpoints/imported", "-o", "soups/uniform.safetensors")
     _ok(tmp_path, "export", "soups/uniform.safetensors", "exported")
     front = yaml.safe_load((tmp_path / "exported" / "README.md").read_text().split("---\n")[1])

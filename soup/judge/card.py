@@ -151,10 +151,11 @@ def _model_index(checkpoint: Checkpoint, figures: dict | None) -> list[str]:
         chosen = f"; weights chosen on {figures['selection']}" if figures.get("selection") else ""
         metric = {"type": "accuracy", "name": f"top-1 {_interval(figures)} on {figures['n']} images{chosen}",
                   "value": figures["top1"]}
-        extra["model-index"] = [{"name": printable(checkpoint.meta.get("name") or checkpoint.path.stem), "results": [{
-            "task": {"type": "image-classification", "name": "Image Classification"},
-            "dataset": {"name": printable(figures["dataset"]), "type": "imagefolder", "split": figures["split"]},
-            "metrics": [metric]}]}]
+        result = {"task": {"type": "image-classification", "name": "Image Classification"},
+                  "dataset": {"name": printable(figures["dataset"]), "type": "imagefolder", "split": figures["split"]},
+                  "metrics": [metric]}
+        extra["model-index"] = [{"name": printable(checkpoint.meta.get("name") or checkpoint.path.stem),
+                                 "results": [result]}]
     return yaml.safe_dump(extra, sort_keys=False, allow_unicode=False).splitlines() if extra else []
 
 

@@ -19,9 +19,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from soup.data.folders import SPLIT_FOLDERS
 from soup.data.outputs import data_roots
 from soup.errors import SoupError
-from soup.data.folders import SPLIT_FOLDERS
 from soup.judge.card import model_card
 from soup.judge.evaluate import evaluate_rows, selection_split
 from soup.judge.report import add_statistics

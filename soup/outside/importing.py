@@ -170,7 +170,8 @@ def _start(start: str | None, recipe: dict, classes: list[str], target: dict, cl
         try:
             built = build_model(parsed.model, classes, parsed.data.image_size)
         except SoupError as err:
-            raise SoupError(f"--start {start}: {err}; or give the start's weights file with --start FILE") from None
+            hint = "; or give the start's weights file with --start FILE" if start == PRETRAINED else ""
+            raise SoupError(f"--start {start}: {err}{hint}") from None
         if tensors is not None:
             backbone = built.backbone.state_dict()
             changed = next((k for k in tensors if not torch.equal(backbone[k].float(), tensors[k].float())), None)

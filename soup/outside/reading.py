@@ -15,6 +15,7 @@ import json
 import pickle
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def load_pickle(path: Path) -> object:
         # A legacy pickle's protocol draws a warning from torch besides the refusal: the refusal says it all.
         with torch.serialization.safe_globals(PLAIN_TYPES), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if zipfile.is_zipfile(path):  # mapped, not read: an optimizer's state beside the weights costs no memory
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(err))
