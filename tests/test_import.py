@@ -244,7 +244,7 @@ def test_lightning_checkpoint_prefix_found_and_stripped(small_sketch_root, tmp_p
     import lightning  # in the test extra: a real .ckpt, written by Lightning itself
 
     class Module(lightning.LightningModule):
-        def __init__(self, arch: str = ARCH, num_classes: int = 4, lr: float = 0.01):
+        def __init__(self, arch: str = ARCH, num_classes: int = 4, lr: float = 0.01, classes: list | None = None):
             super().__init__()
             self.save_hyperparameters()
             self.model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
@@ -272,6 +272,17 @@ def test_lightning_checkpoint_prefix_found_and_stripped(small_sketch_root, tmp_p
     assert all(torch.equal(state[("head." + k[3:]) if k.startswith("fc.") else "backbone." + k], v)
                for k, v in expected.items())
     _ok(tmp_path, "import", "run.ckpt", "--data", small_sketch_root, "--strip-prefix", "model", "--name", "given")
+    # Class names in hyper_parameters, in another order than the root's: the head's rows follow the names.
+    trainer = lightning.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False)
+    module = Module(classes=CLASSES[::-1])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+    trainer.save_checkpoint(tmp_path / "named.ckpt")
+    expected = module.model.state_dict()
+    out = _flat(_ok(tmp_path, "import", "named.ckpt", "--data", small_sketch_root, "--name", "named"))
+    assert "head rows put in the data root's class order" in out
+    head = read_checkpoint(tmp_path / "checkpoints" / "named" / "00-named" / "model.safetensors").state_dict()
+    assert torch.equal(head["head.weight"], expected["fc.weight"].flip(0))
     one_error_line(_invoke(tmp_path, "import", "run.ckpt", "--data", small_sketch_root, "--strip-prefix", "net.",
                            "--name", "wrong"), "no tensor name begins with it")
 
