@@ -21,9 +21,9 @@ from timm.utils import CheckpointSaver, ModelEmaV3
 
 from soup.cli import cli
 from soup.data.folders import class_list, load_split
-from soup.models.backbones import model_from_checkpoint
+from soup.models.backbones import build_model, model_from_checkpoint, trusting_hubs
 from soup.models.checkpoint import read_checkpoint
-from soup.recipe.spec import DataConfig
+from soup.recipe.spec import DataConfig, ModelConfig
 
 from conftest import CLASSES, one_error_line, run_study, tiny_recipe
 
@@ -321,6 +321,32 @@ def test_a_timm_checkpoint_file_keeps_its_global_pool(small_sketch_root, tmp_pat
     images, _ = _val(small_sketch_root)
     with torch.no_grad():
         assert torch.allclose(model_from_checkpoint(checkpoint)(images), model.eval()(images), atol=1e-6)
+
+
+def test_a_torch_hub_backbone_in_soups_layout(small_sketch_root, hub_dir, tmp_path):
+    """--model hub:DIR:ENTRY (code the user names runs; a checkpoint never chooses it): soup's layout only."""
+    spec = f"hub:{hub_dir}:tiny_dinov2"
+    network = build_model(ModelConfig(spec, pretrained=False, kwargs={"img_size": 28}), CLASSES, 28)
+    torch.save({"state_dict": network.state_dict()}, tmp_path / "dino.pt")
+    result = _invoke(tmp_path, "import", "dino.pt", "--data", small_sketch_root, "--model", spec)
+    # The hub entry takes img_size: without it recorded, the default (518) gives another position embedding.
+    one_error_line(result, "dino.pt: tensor backbone.vit.pos_embed is")
+    hub_folder = tmp_path / "hf"
+    hub_folder.mkdir()
+    torch.save(network.state_dict(), hub_folder / "pytorch_model.bin")
+    (hub_folder / "config.json").write_text(json.dumps({"model_args": {"img_size": 28},
+                                                        "pretrained_cfg": {"input_size": [3, 28, 28]}}))
+    _ok(tmp_path, "import", hub_folder, "--data", small_sketch_root, "--model", spec)
+    checkpoint = read_checkpoint(tmp_path / "checkpoints" / "imported" / "00-hf" / "model.safetensors")
+    assert checkpoint.backbone == spec and checkpoint.meta["imported"]["layout"] == "soup"
+    state = checkpoint.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in network.state_dict().items())
+    assert checkpoint.recipe["data"]["image_size"] == 28
+    with trusting_hubs([str(hub_dir)]):  # later commands rebuild it only where the user trusts the hub
+        rebuilt = model_from_checkpoint(checkpoint)
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), network.eval()(images))
 
 
 class _Marker:
