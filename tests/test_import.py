@@ -186,7 +186,7 @@ def test_ema_takes_state_dict_ema(runs, small_sketch_root):
 
 
 @pytest.mark.parametrize("safe", [True, False])
-def test_hub_folder_from_save_for_hf(runs, small_sketch_root, tmp_path, safe):
+def test_hub_folder_from_save_for_hf(small_sketch_root, tmp_path, safe):
     """timm's save_for_hf (model.safetensors or pytorch_model.bin), its label names in another order: the
     head's rows are put in the data root's order, so the logits per class are timm's."""
     model = _base()
