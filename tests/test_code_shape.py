@@ -23,7 +23,7 @@ LAZY_IMPORTS_ALLOWED = {"soup.__main__"}
 # errors and outside names are printed) are below them all;
 # the entry points (soup.cli and its command modules, soup.demo, soup.__main__, the package itself) sit above
 # them all.
-STAGES = ["recipe", "models", "data", "fast", "train", "score", "cook", "judge"]
+STAGES = ["recipe", "models", "data", "fast", "train", "outside", "score", "cook", "judge"]
 BELOW_STAGES = {"soup.errors", "soup.text"}
 ABOVE_STAGES = {"soup", "soup.cli", "soup.demo", "soup.__main__"}
 

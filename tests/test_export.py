@@ -2,6 +2,7 @@
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 import timm
@@ -210,3 +211,30 @@ def test_push_without_network_is_one_line(work, tmp_path, monkeypatch):
     assert "could not reach the Hugging Face Hub to push someone/tiny-soup" in result.output
     assert "nothing was uploaded" in result.output and "Traceback" not in result.output
     assert calls == [("create", "someone/tiny-soup")] and (out / "model.safetensors").is_file()
+
+
+def _front_matter(card: str) -> dict:
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_model_index_carries_soup_evals_figures(work, tmp_path):
+    """Hugging Face's model-index: image-classification on the data root's val split, top-1 and its interval
+    as `soup eval --json` gives them, the selection split named."""
+    path = work / "checkpoints" / "soups" / "greedy.safetensors"
+    out = tmp_path / "exported"
+    assert CliRunner().invoke(cli, ["export", str(path), str(out)]).exit_code == 0
+    card = (out / "README.md").read_text()
+    result = CliRunner().invoke(cli, ["eval", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.output)
+    [entry] = _front_matter(card)["model-index"]
+    [scored] = entry["results"]
+    assert scored["task"]["type"] == "image-classification"
+    root = read_checkpoint(path).recipe["data"]["root"]
+    assert scored["dataset"] == {"name": Path(root).resolve().name, "type": "imagefolder", "split": "val"}
+    [metric] = scored["metrics"]
+    assert metric["type"] == "accuracy" and metric["value"] == row["top1"]
+    interval = f"{row['top1']:.2%} (95% CI {row['top1_low']:.2%} to {row['top1_high']:.2%})"
+    assert metric["name"] == f"top-1 {interval} on {row['n']} images; weights chosen on val"
+    assert f"top-1 {interval} on {row['n']} images (the selection split" in card
+    assert "base_model" not in _front_matter(card)  # trained here: no member came from the Hub

@@ -9,7 +9,7 @@ this package, so a Ctrl-C during those seconds is still one line."""
 from __future__ import annotations
 
 # Importing each command module registers its commands on the group.
-from soup.cli import cook, judge, make, ship, train  # noqa: F401
+from soup.cli import cook, imports, judge, make, ship, train  # noqa: F401
 from soup.cli.base import cli
 
 

@@ -23,6 +23,7 @@ from soup.cook.methods import METHODS, Kitchen, Soup, parse_alphas
 from soup.cook.record import check_logs, record_soup
 from soup.cook.selector import Selector
 from soup.data.outputs import check_output, data_roots
+from soup.outside.importing import UNKNOWN_START
 from soup.score.compare import versus_best
 from soup.text import shown
 
@@ -43,7 +44,7 @@ def first_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, bool] | None:
             (sa, da), (sb, db) = layout_a[key], layout_b[key]
             what = "shape" if sa != sb else "dtype"
             return f"tensor {key} differs in {what} ({sa} {da} vs {sb} {db})", False
-    if a.fingerprint != b.fingerprint:
+    if a.fingerprint != b.fingerprint and UNKNOWN_START not in (a.fingerprint, b.fingerprint):
         return (f"different starting weights (fingerprint {a.fingerprint} vs {b.fingerprint}); soups need a "
                 "shared pretrained start"), True
     return None
@@ -58,6 +59,10 @@ def check_finite(ingredients: list[Checkpoint]) -> None:
 
 def check_compatible(ingredients: list[Checkpoint], force: bool, console: Console) -> None:
     reference = ingredients[0]
+    unknown = [c for c in ingredients if c.fingerprint == UNKNOWN_START]
+    if unknown:
+        console.print(f"[yellow]note[/]: the shared-start check is off for {len(unknown)} ingredients imported "
+                      f"without their start (e.g. {shown(unknown[0].name)}; soup import --start sets it)")
     for other in ingredients[1:]:
         difference = first_difference(reference, other)
         if difference is None:

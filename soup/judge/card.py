@@ -127,8 +127,63 @@ def _loading(config: dict, repo_id: str | None) -> list[str]:
     return lines
 
 
-def model_card(checkpoint: Checkpoint, config: dict, repo_id: str | None = None) -> str:
-    """README.md for the exported folder (Hugging Face reads its front matter)."""
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _hub_ids(checkpoint: Checkpoint) -> list[str]:
+    """The Hub ids the model's members came from (`soup import` of a Hugging Face cache folder records one),
+    read from their headers; for an ingredient, its own."""
+    metas = [checkpoint.meta]
+    members = checkpoint.meta.get("members")
+    if checkpoint.kind != "ingredient" and isinstance(members, list):
+        metas = []
+        for member in members:
+            path = member.get("path") if isinstance(member, dict) else None
+            try:
+                metas.append(read_checkpoint(path).meta if isinstance(path, str) and Path(path).is_file() else {})
+            except SoupError:
+                metas.append({})
+    ids = [(meta.get("imported") or {}).get("hub_id") for meta in metas if isinstance(meta.get("imported"), dict)]
+    return list(dict.fromkeys(i for i in ids if isinstance(i, str) and HUB_ID.fullmatch(i)))
+
+
+def _interval(figures: dict) -> str:
+    if figures.get("low") is None:
+        return f"{figures['top1']:.2%}"
+    return f"{figures['top1']:.2%} (95% CI {figures['low']:.2%} to {figures['high']:.2%})"
+
+
+def _model_index(checkpoint: Checkpoint, figures: dict | None) -> list[str]:
+    """Front matter Hugging Face reads: base_model (the members' Hub ids) and model-index (the figures of
+    `soup eval --json` on the data root's split, the selection split named)."""
+    extra: dict = {}
+    hub_ids = _hub_ids(checkpoint)
+    if hub_ids:
+        extra["base_model"] = hub_ids
+    if figures is not None:
+        chosen = f"; weights chosen on {figures['selection']}" if figures.get("selection") else ""
+        metric = {"type": "accuracy", "name": f"top-1 {_interval(figures)} on {figures['n']} images{chosen}",
+                  "value": figures["top1"]}
+        result = {"task": {"type": "image-classification", "name": "Image Classification"},
+                  "dataset": {"name": printable(figures["dataset"]), "type": "imagefolder", "split": figures["split"]},
+                  "metrics": [metric]}
+        extra["model-index"] = [{"name": printable(checkpoint.meta.get("name") or checkpoint.path.stem),
+                                 "results": [result]}]
+    return yaml.safe_dump(extra, sort_keys=False, allow_unicode=False).splitlines() if extra else []
+
+
+def _figures_line(figures: dict | None) -> list[str]:
+    if figures is None:
+        return ["- soup eval: the data root was not at hand at export, so no figures are in model-index."]
+    chosen = (f" (the selection split: {_cell(figures['selection'])} chose the weights, so it is optimistic)"
+              if figures.get("selection") == figures["split"] else "")
+    return [f"- soup eval on {_cell(figures['dataset'])} {_cell(figures['split'])}: top-1 {_interval(figures)} "
+            f"on {figures['n']} images{chosen}."]
+
+
+def model_card(checkpoint: Checkpoint, config: dict, repo_id: str | None = None, figures: dict | None = None) -> str:
+    """README.md for the exported folder (Hugging Face reads its front matter). `figures`: `soup eval`'s
+    top-1 and interval on a split (soup.judge.export.card_figures), None when the data was not at hand."""
     recipe_yaml = yaml.safe_dump(checkpoint.recipe, sort_keys=False, allow_unicode=False)
     fence = _fence(recipe_yaml)
     pretrained = config["pretrained_cfg"]
@@ -137,13 +192,13 @@ def model_card(checkpoint: Checkpoint, config: dict, repo_id: str | None = None)
     title = _cell(checkpoint.meta.get("name") or checkpoint.path.stem)
     lines = [
         "---", "library_name: timm", "pipeline_tag: image-classification",
-        "tags: [image-classification, timm, model-soup]", "---", "",
+        "tags: [image-classification, timm, model-soup]", *_model_index(checkpoint, figures), "---", "",
         f"# {title}", "",
         f"An image classifier for {len(checkpoint.classes)} classes, fine-tuned from "
         f"{_code(checkpoint.backbone)} with soup and exported in timm's layout as "
         f"{_code(config['architecture'])}.", "",
         "## How it was made", "", *_members(checkpoint), "",
-        "## Results", "", *_results(checkpoint), "",
+        "## Results", "", *_results(checkpoint), *_figures_line(figures), "",
         f"Classes, in output order: {classes}.", "",
         "## Intended use", "",
         f"Classifying images into the classes above, resized whole (no crop) to {size}x{size} pixels, bilinear, "

@@ -17,14 +17,19 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from soup.data.folders import SPLIT_FOLDERS
 from soup.data.outputs import data_roots, ingredient_folder_of
 from soup.errors import SoupError
 from soup.judge.card import model_card
+from soup.judge.evaluate import evaluate_rows, selection_split
+from soup.judge.report import add_statistics
 from soup.judge.staging import recover, replace_folder
 from soup.models.backbones import is_network_error, model_from_checkpoint
 from soup.models.checkpoint import Checkpoint, fp32_state
 from soup.recipe.checks import parse_backbone
 from soup.recipe.spec import DataConfig, Recipe, recipe_from_dict
+from soup.score import stats
+from soup.score.evaluator import Evaluator
 from soup.text import printable
 
 try:  # the `hub` extra: only --push needs it
@@ -195,6 +200,17 @@ def timm_config(checkpoint: Checkpoint, data: DataConfig, arch: str, model_args:
     return config
 
 
+def card_figures(checkpoint: Checkpoint, recipe: Recipe, split: str = "val") -> dict | None:
+    """The card's figures: `soup eval CKPT --json`'s top-1 and interval on the recipe's data root, or None
+    when that root's split is not at hand (exported elsewhere than it was trained)."""
+    root = Path(recipe.data.root)
+    if not (root / SPLIT_FOLDERS[split]).is_dir():
+        return None
+    [row] = add_statistics(evaluate_rows([checkpoint], Evaluator(split)), stats.RESAMPLES, None)
+    return {"dataset": root.resolve().name, "split": split, "top1": row["top1"], "low": row["top1_low"],
+            "high": row["top1_high"], "n": row["n"], "selection": selection_split(checkpoint)}
+
+
 def prepare_export(checkpoint: Checkpoint, repo_id: str | None = None) -> Export:
     """Map, rebuild in timm, compare logits, and render config and card; nothing written yet."""
     recipe = recipe_from_dict(checkpoint.recipe)
@@ -208,7 +224,8 @@ def prepare_export(checkpoint: Checkpoint, repo_id: str | None = None) -> Export
     exported = timm_model(arch, model_args, len(checkpoint.classes), state)
     check_same_logits(soup_model, exported, recipe.data.image_size, arch)
     config = timm_config(checkpoint, recipe.data, arch, model_args, exported)
-    return Export(arch, model_args, state, config, model_card(checkpoint, config, repo_id))
+    card = model_card(checkpoint, config, repo_id, card_figures(checkpoint, recipe))
+    return Export(arch, model_args, state, config, card)
 
 
 def check_export_folder(folder: str | Path, checkpoint: Checkpoint, overwrite: bool) -> None:

@@ -1,0 +1,260 @@
+"""`soup import`: checkpoints made by other tools written as soup ingredients, so that every later command
+(cook, eval, inspect, plot, report, submit, export) takes them as it takes its own.
+
+Everything is checked before the first byte is written: one architecture for all sources (from --model or
+what they record), every tensor's name and shape against that model, the head's classes against the data
+root's (rows put in the root's order where the source names its classes in another), and the start. The
+start (--start FILE or pretrained) is rebuilt as `soup train` would build it (backbone from the file or
+timm's pretrained weights, head from init_seed), so its fingerprint is what cooking's shared-start check,
+Model Stock, --interpolate B and `soup inspect` compare with; a start FILE is stored beside the
+ingredients as a plain weights file (model.weights), so the import does not depend on where it was. Without
+a start, the ingredients record UNKNOWN_START and the methods that need the start refuse.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from rich.console import Console
+from safetensors.torch import save_file
+
+from soup.data.folders import class_list
+from soup.data.outputs import check_output
+from soup.errors import SoupError
+from soup.models.backbones import build_model, fingerprint
+from soup.models.checkpoint import INGREDIENT_FILE, atomic_path, is_soup_checkpoint, save_checkpoint
+from soup.outside.layouts import Fitted, fit, timm_classifier
+from soup.outside.reading import Source, read_source
+from soup.recipe.spec import DataConfig, parse_backbone, recipe_from_dict
+from soup.text import printable, shown
+
+UNKNOWN_START = "unknown"  # start_fingerprint of an ingredient imported without --start
+PRETRAINED = "pretrained"
+
+
+@dataclass
+class Planned:
+    """One source, checked and fitted, with where it goes."""
+
+    source: Source
+    fitted: Fitted
+    id: str
+    path: Path
+    reordered: bool = False
+
+
+def _spec(model: str) -> str:
+    return model if ":" in model else f"timm:{model}"
+
+
+def _architecture(sources: list[Source], model: str | None) -> tuple[str, dict]:
+    """(backbone spec, kwargs) for every source: --model, else the one architecture they all record."""
+    if model is None:
+        unnamed = next((s for s in sources if s.arch is None), None)
+        if unnamed is not None:
+            raise SoupError(f"{unnamed.given}: records no architecture; name it with --model (a timm name such as "
+                            "resnet50, or timm:NAME)")
+        named = {_spec(s.arch): s for s in sources}
+        if len(named) > 1:
+            (a, first), (b, second) = list(named.items())[:2]
+            raise SoupError(f"{first.given} is {a} ({first.arch_from}) but {second.given} is {b} ({second.arch_from}): "
+                            "one import, one architecture; import each architecture separately")
+    kwargs = {printable(s.given): s.model_args for s in sources}
+    if len({repr(sorted(k.items())) for k in kwargs.values()}) > 1:
+        (a, first), (b, second) = list(kwargs.items())[:2]
+        raise SoupError(f"{a} was built with model kwargs {first} but {b} with {second}: one import, one "
+                        "architecture; import them separately")
+    return _spec(model or sources[0].arch), dict(sources[0].model_args)
+
+
+def _data_config(root: Path, sources: list[Source], backbone: str) -> DataConfig:
+    """The data section: image size and mean/std as the sources record them, else the timm model's defaults."""
+    kind, _, entry = parse_backbone(backbone)
+    default = timm.models.get_pretrained_cfg(entry) if kind == "timm" and timm.is_model(entry) else None
+    data = DataConfig(str(root.resolve()))
+    seen = {}
+    for name in ("image_size", "mean", "std"):
+        values = {repr(getattr(s, name)): s for s in sources if getattr(s, name) is not None}
+        if len(values) > 1:
+            (a, first), (b, second) = list(values.items())[:2]
+            raise SoupError(f"{first.given} was fine-tuned with {name} {a} but {second.given} with {b}; import "
+                            "sources of one preprocessing together")
+        seen[name] = getattr(next(iter(values.values())), name) if values else None
+    if seen["image_size"] is None and default is not None:
+        seen["image_size"] = default.input_size[-1]
+    data.image_size = seen["image_size"] or data.image_size
+    for name in ("mean", "std"):
+        recorded = seen[name] or (list(getattr(default, name)) if default is not None else None)
+        setattr(data, name, [float(v) for v in recorded] if recorded else getattr(data, name))
+    return data
+
+
+def _slug(text: str) -> str:
+    text = re.sub(r"(\.pth\.tar|\.[A-Za-z]+)$", "", text)
+    return "".join(c if c.isalnum() or c in ".-_" else "_" for c in text)[:60] or "source"
+
+
+def _in_root_order(fitted: Fitted, source: Source, classes: list[str]) -> bool:
+    """Check the classes the source names against the root's; put the head's rows in the root's order when
+    they are the same classes in another. Whether rows were reordered."""
+    if source.classes is None or source.classes == classes:
+        return False
+    if sorted(source.classes) != sorted(classes):
+        other = sorted(set(source.classes) ^ set(classes))
+        raise SoupError(f"{source.given}: its classes are not the data root's ({len(source.classes)} vs "
+                        f"{len(classes)}, e.g. {printable(other[0]) if other else 'a name twice'}); import it "
+                        "with the data root it was fine-tuned on (--data)")
+    order = torch.tensor([source.classes.index(c) for c in classes])
+    for key in ("head.weight", "head.bias"):
+        fitted.state[key] = fitted.state[key][order]
+    return True
+
+
+def _plan(sources: list[Source], target: dict, classifier: str | None, backbone: str, classes: list[str],
+          out: Path, name: str, strip: str | None, root: Path) -> list[Planned]:
+    planned: list[Planned] = []
+    for index, source in enumerate(sources):
+        twice = next((item.source for item in planned if item.source.file.resolve() == source.file.resolve()), None)
+        if twice is not None:
+            raise SoupError(f"{source.given} and {twice.given} are the same checkpoint ({source.file}); a soup counts "
+                            "each ingredient once, so name it once")
+        fitted = fit(source.state, target, classifier, str(source.given), backbone, strip)
+        reordered = _in_root_order(fitted, source, classes)
+        ingredient_id = f"{index:02d}-{_slug(source.given.name)}"
+        path = out / name / ingredient_id / INGREDIENT_FILE
+        if path.exists() or path.parent.exists() and any(path.parent.iterdir()):
+            raise SoupError(f"{path.parent} exists already; import under another --name or -o, or remove it")
+        check_output(path, [s.given for s in sources], False, "imported ingredient", checkpoint=True, roots=[root])
+        planned.append(Planned(source, fitted, ingredient_id, path, reordered))
+    return planned
+
+
+def _start_weights(start: str, target: dict, classifier: str | None, backbone: str, strip: str | None):
+    """(weights file for model.weights, its tensors to store or None when it is used in place, record)."""
+    path = Path(start)
+    if path.is_file() and path.suffix == ".safetensors" and is_soup_checkpoint(path):
+        return str(path.resolve()), None, {"kind": "file", "path": str(path.resolve()), "soup": True}
+    source = read_source(path)
+    fitted = fit(source.state, target, classifier, f"--start {start}", backbone, strip, backbone_only=True)
+    tensors = {k[len("backbone."):]: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in fitted.state.items()}
+    record = {"kind": "file", "path": str(path.resolve()), "sha256": source.sha256, "format": source.format}
+    return None, tensors, record
+
+
+def _start(start: str | None, recipe: dict, classes: list[str], target: dict, classifier: str | None,
+           out: Path, name: str, strip: str | None) -> tuple[str, dict, dict | None]:
+    """(start fingerprint, start record, tensors to store at record["stored"] or None); sets the recipe's
+    model.pretrained / model.weights so that soup rebuilds the same start later."""
+    model = recipe["model"]
+    if start is None:
+        model["pretrained"] = False
+        return UNKNOWN_START, {"kind": "unknown", "start_check": "off"}, None
+    tensors = None
+    if start == PRETRAINED:
+        model["pretrained"] = True
+        record = {"kind": PRETRAINED, "backbone": model["backbone"]}
+    else:
+        in_place, tensors, record = _start_weights(start, target, classifier, model["backbone"], strip)
+        model["weights"] = in_place
+    with tempfile.TemporaryDirectory() as scratch:
+        if tensors is not None:  # rebuilt from a file as later commands will: the stored one
+            model["weights"] = str(Path(scratch) / "start.safetensors")
+            save_file(tensors, model["weights"])
+        parsed = recipe_from_dict(recipe)
+        try:
+            built = build_model(parsed.model, classes, parsed.data.image_size)
+        except SoupError as err:
+            hint = "; or give the start's weights file with --start FILE" if start == PRETRAINED else ""
+            raise SoupError(f"--start {start}: {err}{hint}") from None
+        if tensors is not None:
+            backbone = built.backbone.state_dict()
+            changed = next((k for k in tensors if not torch.equal(backbone[k].float(), tensors[k].float())), None)
+            if changed is not None:
+                raise SoupError(f"--start {start}: timm's loader changed tensor {printable(changed)} on the way in; "
+                                "give the start as the model's own state dict")
+            record["stored"] = str((out / name / f"start-{record['sha256'][:16]}.safetensors").resolve())
+            model["weights"] = record["stored"]
+        return fingerprint(built), record, tensors
+
+
+def _meta(item: Planned, recipe: dict, backbone: str, classes: list[str], start_fp: str, start: dict,
+          ids: list[str], name: str) -> dict:
+    source = item.source
+    return {
+        "kind": "ingredient", "name": name, "id": item.id, "settings": {}, "recipe": recipe,
+        "backbone": backbone, "classes": classes, "start_fingerprint": start_fp, "seed": None,
+        "val_history": [], "probe": None, "sweep_ids": ids, "start": start,
+        "imported": {"source": str(source.given.resolve()), "file": str(source.file.resolve()),
+                     "sha256": source.sha256, "format": source.format, "weights": source.weights,
+                     "layout": item.fitted.layout, "prefix": item.fitted.prefix,
+                     "left_out": item.fitted.left_out, "architecture_from": source.arch_from or "--model",
+                     "classes_reordered": item.reordered, "metric": source.metric, "epoch": source.epoch,
+                     "crop": source.crop, "hub_id": source.hub_id},
+    }
+
+
+def import_checkpoints(paths: list[Path], data_root: Path, model: str | None = None, start: str | None = None,
+                       ema: bool = False, strip: str | None = None, out: Path = Path("checkpoints"),
+                       name: str = "imported", console: Console | None = None) -> list[Path]:
+    """Read, check and fit every source, rebuild the start, then write the ingredients (and the start)."""
+    console = console or Console()
+    if not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
+        raise SoupError(f"--name {printable(name)}: a folder name of letters, digits, '.', '-' and '_'")
+    classes = class_list(data_root)
+    sources = [read_source(Path(p), ema) for p in paths]
+    backbone, kwargs = _architecture(sources, model)
+    data = _data_config(Path(data_root), sources, backbone)
+    recipe = recipe_from_dict({"name": name, "data": vars(data),
+                               "model": {"backbone": backbone, "pretrained": False, "kwargs": kwargs}}).to_dict()
+    try:
+        skeleton = build_model(recipe_from_dict(recipe).model, classes, data.image_size, pretrained=False)
+        classifier = timm_classifier(backbone, kwargs, len(classes))
+    except SoupError as err:
+        where = model and "--model" or sources[0].arch_from
+        raise SoupError(f"{where}: {err}") from None
+    target = {k: v.shape for k, v in skeleton.state_dict().items()}
+    planned = _plan(sources, target, classifier, backbone, classes, Path(out), name, strip, Path(data_root))
+    start_fp, start_record, start_tensors = _start(start, recipe, classes, target, classifier, Path(out), name, strip)
+    ids = [item.id for item in planned]
+    if start_tensors is not None:
+        with atomic_path(start_record["stored"]) as tmp:
+            save_file(start_tensors, str(tmp))
+    written = []
+    for item in planned:
+        meta = _meta(item, recipe, backbone, classes, start_fp, start_record, ids, name)
+        written.append(save_checkpoint(item.path, item.fitted.state, meta))
+        _describe(item, console)
+    _describe_start(start_record, start_fp, len(written), console)
+    return written
+
+
+def _describe(item: Planned, console: Console) -> None:
+    source, fitted = item.source, item.fitted
+    how = [source.format, f"{source.weights}" if source.weights != "whole file" else "", f"{fitted.layout}'s names"]
+    if fitted.prefix:
+        how.append(f"prefix {fitted.prefix!r} stripped")
+    if fitted.left_out:
+        count = len(fitted.left_out)
+        how.append(f"{count} tensor{'s' if count != 1 else ''} outside it left out (e.g. {fitted.left_out[0]})")
+    if item.reordered:
+        how.append("head rows put in the data root's class order")
+    console.print(f"  imported {shown(source.given)} ({shown(', '.join(h for h in how if h))}) as {shown(item.path)}")
+    if source.crop:
+        console.print(f"  [yellow]note[/]: {shown(source.given)} was evaluated with a centre crop ({source.crop}); "
+                      "soup resizes whole images to the model's size, so its figures may differ a little")
+
+
+def _describe_start(record: dict, start_fp: str, count: int, console: Console) -> None:
+    if record["kind"] == "unknown":
+        console.print(f"[yellow]the start is unknown[/] (no --start): cooking's shared-start check is off for these "
+                      f"{count} ingredients, and Model Stock, --interpolate B and soup inspect's start distances "
+                      "refuse them; import with --start FILE or --start pretrained to have them")
+    else:
+        where = record.get("stored") or record.get("path") or f"{record['backbone']}'s pretrained weights"
+        console.print(f"  start: {shown(where)} (fingerprint {start_fp})")
