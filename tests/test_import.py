@@ -18,6 +18,8 @@ import torch
 import yaml
 from click.testing import CliRunner
 from timm.utils import CheckpointSaver, ModelEmaV3
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import DataLoader
 
 from soup.cli import cli
 from soup.data.folders import class_list, load_split
@@ -25,7 +27,7 @@ from soup.models.backbones import build_model, model_from_checkpoint, trusting_h
 from soup.models.checkpoint import read_checkpoint
 from soup.recipe.spec import DataConfig, ModelConfig
 
-from conftest import CLASSES, one_error_line, run_study, tiny_recipe
+from conftest import CLASSES, RecordedImages, one_error_line, run_study, tiny_recipe
 
 ARCH = "test_resnet"
 SIZE = 32
@@ -116,6 +118,17 @@ def _val(root) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([split[i][0] for i in range(len(split))]), torch.tensor([split[i][1] for i in range(len(split))])
 
 
+def _with_bn_reset(state: dict, soup) -> dict:
+    """`state` (timm's keys) with update_bn's statistics on the train images the soup records (cooking
+    re-estimates them for every mix, soup.cook.batchnorm)."""
+    model = timm.create_model(ARCH, pretrained=False, num_classes=len(CLASSES))
+    model.load_state_dict(state)
+    update_bn(DataLoader(RecordedImages(soup), batch_size=soup.meta["bn_reset"]["batch_size"]), model)
+    fresh = model.state_dict()
+    return {k: fresh[k] if k.endswith(("running_mean", "running_var", "num_batches_tracked")) else v
+            for k, v in state.items()}
+
+
 def _top1(state: dict, root) -> float:
     images, targets = _val(root)
     return (_timm_logits(state, images).argmax(1) == targets).double().mean().item()
@@ -142,7 +155,8 @@ def test_greedy_soup_of_timm_runs_matches_a_hand_computation(runs, sketch_root):
     _ok(runs, "cook", "--greedy", folder, "-o", "soups/greedy.safetensors")
     soup = read_checkpoint(runs / "soups" / "greedy.safetensors")
     # By hand: rank the sources by val top-1 in timm itself (ties keep the order given), start from the best,
-    # add each next one when the plain average with it scores at least as well.
+    # add each next one when the plain average with it (its BatchNorm statistics measured by update_bn)
+    # scores at least as well.
     scored = sorted(((_top1(s, sketch_root), i) for i, s in enumerate(sources)), key=lambda x: -x[0])
     kept, best = [scored[0][1]], scored[0][0]
     steps = [best]
@@ -150,7 +164,7 @@ def test_greedy_soup_of_timm_runs_matches_a_hand_computation(runs, sketch_root):
         trial = {k: sum(sources[j][k].float() for j in kept + [i]) / (len(kept) + 1) for k in sources[0]
                  if sources[0][k].is_floating_point()}
         trial |= {k: v for k, v in sources[kept[0]].items() if not v.is_floating_point()}
-        top1 = _top1(trial, sketch_root)
+        top1 = _top1(_with_bn_reset(trial, soup), sketch_root)
         steps.append(top1)
         if top1 >= best:
             kept, best = kept + [i], top1

@@ -152,8 +152,8 @@ def check_metadata(path: Path, meta: dict, head_rows: int | None) -> None:
     the file and the first field whose value soup cannot use. `head_rows`: the rows of the file's head.weight
     tensor (None: it has none), which must be one per recorded class."""
     try:
-        for key, check in TOP.items():
-            if key in meta and not check(meta[key]):
+        for key, check in TOP.items():  # null: not recorded (an imported ingredient has no training seed)
+            if meta.get(key) is not None and not check(meta[key]):
                 raise _Refusal(key, WANTED[check])
         for key, (checks, required) in RECORDS.items():
             if meta.get(key) is not None:
