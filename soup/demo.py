@@ -38,7 +38,7 @@ from soup.models.checkpoint import find_checkpoints, read_checkpoint, write_text
 from soup.recipe.spec import recipe_from_dict
 from soup.score.compare import describe_difference
 from soup.score.evaluator import Evaluator
-from soup.train.loop import train_recipe
+from soup.train.sweep import train_recipe
 
 CLASSES = list(SHAPES)[:8]
 

@@ -1,4 +1,4 @@
-"""Training: one ingredient per resolved recipe, read top to bottom.
+"""Training: one ingredient per resolved recipe, read top to bottom (a whole sweep: soup.train.sweep).
 
 `train_ingredient` sets a run up (data, model, optimizer, data path), resumes it if asked, trains epoch
 by epoch and finishes (checkpoint, metrics.json, state removed); the lock and DDP are context managers
@@ -37,7 +37,7 @@ from soup.models.backbones import build_model, fingerprint, freeze_prefix
 from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint
 from soup.models.inference import resolve_device
 from soup.models.precision import choose_autocast, explicit_attention, unfused_attention_modules
-from soup.recipe.spec import Ingredient, Recipe, TrainConfig, expand_sweep
+from soup.recipe.spec import Ingredient, Recipe, TrainConfig
 from soup.train import logs, schedule
 from soup.train.probe import KIND as PROBE, load_probe, probe_file, probe_ingredient
 from soup.train.state import (STATE_FILE, ingredient_lock, is_finished, remove_stale_temps,
@@ -374,27 +374,3 @@ def finish(run: Run) -> Path:
         run.state_path.unlink(missing_ok=True)  # the checkpoint holds everything now; the state is large
     distributed.barrier()  # the other ranks return once the checkpoint they return exists
     return final
-
-
-def select_ingredients(recipe: Recipe, index: int | None) -> list[Ingredient]:
-    ingredients = expand_sweep(recipe)
-    if index is None:
-        return ingredients
-    if not 0 <= index < len(ingredients):
-        raise SoupError(f"--ingredient {index}: the recipe's sweep has {len(ingredients)} ingredients "
-                        f"(0 to {len(ingredients) - 1})")
-    return [ingredients[index]]
-
-
-def train_recipe(recipe: Recipe, out: str | Path = "checkpoints", index: int | None = None,
-                 console: Console | None = None, resume: bool = False,
-                 use_cache: bool = True) -> list[tuple[Ingredient, Path]]:
-    """Train every ingredient of a recipe's sweep (or just the `index`-th); returns their checkpoints."""
-    console = console or Console()
-    ingredients = select_ingredients(recipe, index)
-    class_list(recipe.data.root)  # fail on a bad data folder before any model is built
-    logs.notice(recipe.train.log, console)
-    # Under torchrun one process group serves the whole sweep (nccl on CUDA, gloo on CPU); else a no-op.
-    with distributed.session(resolve_device(ingredients[0].recipe.train.device)):
-        return [(ingredient, train_ingredient(ingredient, out, console, resume, use_cache))
-                for ingredient in ingredients]
