@@ -6,6 +6,7 @@ same decisions and weights."""
 import csv
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -22,6 +23,7 @@ from conftest import one_error_line, plain_top1, run_study, state_close, tiny_re
 
 # An lr band from fine (1e-4) to far too high for AdamW on this model (0.3): the high draws fall below the
 # probed start in their first epoch, the low ones end above it.
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SPACE = {"train.lr": {"loguniform": [1.0e-4, 0.3]}}
 PROBE = {"backbone": "timm:test_resnet", "pretrained": False, "probe": {"epochs": 2, "lr": 0.01}}
 
@@ -207,3 +209,22 @@ def test_bad_pruning_keys_are_one_line_before_any_data(tmp_path, search, message
                          search={"trials": 3, "space": SPACE, **search})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     one_error_line(CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), "--list"]), message)
+
+
+def test_prune_gain_benchmark_at_a_tiny_size(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import prune_gain
+    tiny = ["--studies", "1", "--classes", "4", "--train-per-class", "6", "--val-per-class", "4", "--test-per-class",
+            "4", "--epochs", "3", "--at", "1", "--trials", "2", "--max-trials", "4", "--pretrain-epochs", "1",
+            "--pretrain-per-class", "6", "--image-size", "32", "--page", "32", "--work", str(tmp_path)]
+    [study] = prune_gain.main(tiny)
+    printed = capsys.readouterr().out
+    unpruned, pruned = study["unpruned"], study["pruned"]
+    assert unpruned["draws"] == unpruned["finished"] == 2 and unpruned["epochs"] == 6
+    assert pruned["finished"] <= 2 and pruned["draws"] <= 4
+    # Finished draws train 3 epochs, pruned ones stop at the rung after 1.
+    assert pruned["epochs"] == 3 * pruned["finished"] + (pruned["draws"] - pruned["finished"])
+    assert re.search(rf"^unpruned +{unpruned['above']} of 2 +3\.00 +1\.00x", printed, re.M), printed
+    rate = pruned["epochs"] / pruned["finished"]
+    assert re.search(rf"^pruned +{pruned['above']} of {pruned['finished']} +{rate:.2f} +{rate / 3:.2f}x", printed,
+                     re.M), printed
