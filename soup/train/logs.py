@@ -84,6 +84,10 @@ class Logs:
             if key in record:
                 self.writer.add_scalar(tag, record[key], at)
         self.writer.add_scalar("train/lr", lr, at)
+        rung = record.get("rung")  # a search.prune decision at this epoch: what it was compared with, and how
+        if isinstance(rung, dict) and rung.get("threshold") is not None:
+            self.writer.add_scalar("prune/threshold", rung["threshold"], at)
+            self.writer.add_scalar("prune/pruned", float(rung["pruned"]), at)
         self.writer.flush()  # a TensorBoard watching the run sees each epoch as it ends
 
     def hparams(self, settings: dict, record: dict) -> None:

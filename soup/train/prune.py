@@ -14,13 +14,14 @@ checkpoint and metrics.json (`pruned`) carry it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import statistics
 from pathlib import Path
 
 from soup.models import distributed
 from soup.models.checkpoint import write_text_atomic
-from soup.recipe.spec import Ingredient
+from soup.recipe.spec import Ingredient, resumable
 
 RUNGS_DIR = "rungs"
 MIN_PEERS = 3  # the median of fewer draws is too noisy to stop one on
@@ -50,12 +51,20 @@ def peer_scores(recipe_dir: Path, epoch: int, ingredient_id: str, start: str) ->
     return scores
 
 
+def recipe_key(ingredient: Ingredient) -> str:
+    """Which version of the draw a rung file is for: a folder deleted and retrained from another recipe under
+    the same id must not take the old decision."""
+    text = json.dumps(resumable(ingredient.recipe.to_dict()), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def decide(ingredient: Ingredient, run_dir: Path, record: dict, probe: dict | None, start: str) -> dict:
     """The decision at rung `record["epoch"]`: the one recorded in its rung file, or taken now and recorded."""
     prune, epoch, val = ingredient.prune, record["epoch"], record["val_top1"]
-    path = rung_file(run_dir.parent, epoch, ingredient.id)
+    path, key = rung_file(run_dir.parent, epoch, ingredient.id), recipe_key(ingredient)
     recorded = _read(path)
-    if recorded is not None and recorded.get("start_fingerprint") == start and isinstance(recorded.get("decision"), dict):
+    if (recorded is not None and recorded.get("start_fingerprint") == start and recorded.get("recipe") == key
+            and isinstance(recorded.get("decision"), dict)):
         return recorded["decision"]
     if prune.rule == "start":
         threshold, peers = probe["val_acc"], None
@@ -65,7 +74,7 @@ def decide(ingredient: Ingredient, run_dir: Path, record: dict, probe: dict | No
     decision = {"epoch": epoch, "val_top1": val, "threshold": threshold, "rule": prune.rule,
                 "pruned": threshold is not None and val < threshold, "peers": peers}
     write_text_atomic(path, json.dumps({"id": ingredient.id, "val_top1": val, "start_fingerprint": start,
-                                        "decision": decision}, indent=2) + "\n")
+                                        "recipe": key, "decision": decision}, indent=2) + "\n")
     return decision
 
 

@@ -43,7 +43,9 @@ def train_recipe(recipe: Recipe, out: str | Path = "checkpoints", index: int | N
     # Under torchrun one process group serves the whole sweep (nccl on CUDA, gloo on CPU); else a no-op.
     with distributed.session(resolve_device(ingredients[0].recipe.train.device)):
         if index is not None:
-            needed = distributed.from_main(not pruning or needed_draw(recipe, ingredients[0], out, wanted, console))
+            main = distributed.world().main  # rank 0 looks at the shared folder and tells the others
+            needed = distributed.from_main((not pruning or needed_draw(recipe, ingredients[0], out, wanted, console))
+                                           if main else None)
             return [(ingredients[0], train_ingredient(ingredients[0], out, console, resume, use_cache))] if needed else []
         results = []
         for ingredient in ingredients:
