@@ -6,6 +6,7 @@ same decisions and weights."""
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import soup.train.prune
 from soup.cli import cli
 from soup.models.checkpoint import read_checkpoint
 from soup.recipe.spec import expand_sweep, recipe_from_dict
+from soup.train import logs
 from soup.train.prune import rung_file
 
 from conftest import one_error_line, plain_top1, run_study, state_close, tiny_recipe
@@ -228,3 +230,15 @@ def test_prune_gain_benchmark_at_a_tiny_size(tmp_path, capsys, monkeypatch):
     rate = pruned["epochs"] / pruned["finished"]
     assert re.search(rf"^pruned +{pruned['above']} of {pruned['finished']} +{rate:.2f} +{rate / 3:.2f}x", printed,
                      re.M), printed
+
+
+def test_summary_says_running_for_a_draw_with_a_state_and_no_checkpoint(pruned_study, tmp_path):
+    work, _ = pruned_study
+    folder = tmp_path / "tiny"
+    shutil.copytree(work / "checkpoints" / "tiny", folder)
+    (folder / "99-lr0.001").mkdir()
+    (folder / "99-lr0.001" / "state.pt").write_bytes(b"")
+    with open(logs.write_summary(folder)) as f:
+        rows = {row["id"]: row for row in csv.DictReader(f)}
+    assert rows["99-lr0.001"]["status"] == "running" and rows["99-lr0.001"]["val_acc"] == ""
+    assert sum(row["status"] == "finished" for row in rows.values()) == 3
