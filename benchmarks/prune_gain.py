@@ -63,15 +63,17 @@ def sweep_recipe(args, index: int, root: Path, start: Path, mode: str) -> dict:
     search = {"trials": args.trials, "seed": index, "space": {"train.lr": {"loguniform": list(args.lr)}, **SPACE}}
     if mode == "pruned":
         search |= {"max_trials": args.max_trials, "prune": {"rule": args.rule, "at": args.at}}
-    return {"name": mode, "data": {"root": str(root), "image_size": args.image_size},
+    # The pruned sweep's folder names its rule and rungs: a kept --work folder holds one per setting.
+    name = mode if mode == "unpruned" else f"pruned-{args.rule}-at{'-'.join(map(str, args.at))}"
+    return {"name": name, "data": {"root": str(root), "image_size": args.image_size},
             "model": model_section(args, weights=str(start), freeze=args.freeze,
                                    probe={"epochs": 4, "lr": 1e-2, "optimizer": "adamw"}),
             "train": train_section(args.epochs, 1e-3), "search": search}
 
 
-def measure(args, mode: str, out: Path, root: Path, test_root: Path, console: Console) -> dict:
+def measure(name: str, out: Path, root: Path, test_root: Path, console: Console) -> dict:
     """One sweep's figures: finished draws, those at or above the start, epochs, and test outcomes."""
-    everything = find_checkpoints([out / mode], kinds={"ingredient"})
+    everything = find_checkpoints([out / name], kinds={"ingredient"})
     finished = [c for c in everything if not c.meta.get("pruned")]
     start = finished[0].meta["probe"]["val_acc"]
     val, test = Evaluator("val", root), Evaluator("val", test_root)
@@ -80,7 +82,7 @@ def measure(args, mode: str, out: Path, root: Path, test_root: Path, console: Co
     best = max(range(len(finished)), key=lambda i: (val_scores[i], -i))
     classes = finished[best].classes
     logits, _ = ensemble_logits([(c, lg) for c, (lg, _) in zip(finished, test_logits)])
-    soup_path = out / "soups" / f"{mode}-greedy.safetensors"
+    soup_path = out / "soups" / f"{name}-greedy.safetensors"
     cook("greedy", finished, soup_path, "val", root, console=console, overwrite=True)
     soup = read_checkpoint(soup_path)
     return {"draws": len(everything), "finished": len(finished), "start": start,
@@ -100,8 +102,9 @@ def study(args, index: int, work: Path, console: Console) -> dict:
     [(_, start)] = train_recipe(recipe_from_dict(pretrain), out, console=console, resume=True)
     results = {}
     for mode in MODES:
-        train_recipe(recipe_from_dict(sweep_recipe(args, index, root, start, mode)), out, console=console, resume=True)
-        results[mode] = measure(args, mode, out, root, test_root, console)
+        recipe = recipe_from_dict(sweep_recipe(args, index, root, start, mode))
+        train_recipe(recipe, out, console=console, resume=True)
+        results[mode] = measure(recipe.name, out, root, test_root, console)
         r = results[mode]
         print(f"  study {index} {mode}: {r['finished']} finished of {r['draws']} draws, {r['above']} at or above "
               f"the start ({r['start']:.2%} on val), {r['epochs']} epochs", flush=True)
@@ -133,6 +136,7 @@ def report(studies: list[dict], epochs: int) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", type=int, default=2)
+    parser.add_argument("--first", type=int, default=0, help="index (and seed) of the first study")
     parser.add_argument("--classes", type=int, default=16)
     parser.add_argument("--train-per-class", type=int, default=20)
     parser.add_argument("--val-per-class", type=int, default=10)
@@ -168,9 +172,9 @@ def main(argv=None) -> list[dict]:
     started = time.perf_counter()
     studies = []
     try:
-        for index in range(args.studies):
+        for index in range(args.first, args.first + args.studies):
             studies.append(study(args, index, work / f"study{index}", console))
-            print(f"study {index + 1}/{args.studies} done at {time.perf_counter() - started:.0f} s", flush=True)
+            print(f"study {index} done at {time.perf_counter() - started:.0f} s", flush=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
