@@ -1,7 +1,7 @@
 """What pruning a search buys a soup (issue 25): the same search space trained unpruned and pruned
 (`search.prune`, refilled to the same number of finished draws), in one run.
 
-    python benchmarks/prune_gain.py                  # 2 studies, CPU, about 10 minutes on 2 cores
+    python benchmarks/prune_gain.py                  # 2 studies, rung 5, CPU, about 10 minutes alone on 2 cores
     python benchmarks/prune_gain.py --studies 1      # one study, a quick look
 
 Each study, seeded by its index, is soup_gain.py's (distorted sketch pages, a start pretrained on clean
@@ -144,7 +144,8 @@ def parse_args(argv=None):
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--max-trials", type=int, default=24)
     parser.add_argument("--rule", choices=["start", "median"], default="start")
-    parser.add_argument("--at", type=int, nargs="+", default=[2, 4], help="rung epochs")
+    # Epoch 5 of 8: rungs at 2 and 4 stopped draws that ended well above the start (RESULTS.md, issue 25).
+    parser.add_argument("--at", type=int, nargs="+", default=[5], help="rung epochs")
     parser.add_argument("--freeze", type=float, default=0.25)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--pretrain-epochs", type=int, default=8)
