@@ -56,7 +56,7 @@ from soup.models.precision import cpu_flags_line  # noqa: E402
 from soup.recipe.spec import recipe_from_dict  # noqa: E402
 from soup.score.compare import difference  # noqa: E402
 from soup.score.evaluator import Evaluator, predictions  # noqa: E402
-from soup.train.loop import train_recipe  # noqa: E402
+from soup.train.sweep import train_recipe  # noqa: E402
 
 # Method variants beside each registered method's defaults: name -> (method, options).
 VARIANTS: dict[str, tuple[str, dict]] = {"hyperplane": ("learned", {"hyperplane": True}),

@@ -11,7 +11,7 @@
 Seed-style: torchvision ImageFolder + PIL transforms (with --augment, the recipe's augmentation as
 soup.data.folders.build_transform makes it, e.g. RandAugment) through a DataLoader every epoch, full forward of the
 partly frozen model, fp16 autocast + GradScaler where the device has it (CUDA), a val pass every epoch.
-Soup: `soup.train.loop.train_recipe` as `soup train` runs it (caches built from scratch inside the timing, a
+Soup: `soup.train.sweep.train_recipe` as `soup train` runs it (caches built from scratch inside the timing, a
 val pass every epoch, checkpoints written). img/s counts training images (epochs x train images x
 ingredients) over the whole wall time of each path. The last lines are `speedup: X.XX` and `bound: X.XX`,
 the compute bound of the frozen split measured: (full forward + suffix backward) / (suffix forward +
@@ -48,7 +48,7 @@ from soup.fast.prefix import SuffixModel, find_prefix  # noqa: E402
 from soup.models.backbones import build_model, freeze_prefix  # noqa: E402
 from soup.models.precision import cpu_flags_line  # noqa: E402
 from soup.recipe.spec import AUGMENTS, recipe_from_dict  # noqa: E402
-from soup.train.loop import train_recipe  # noqa: E402
+from soup.train.sweep import train_recipe  # noqa: E402
 
 ARCHS = {
     # DinoV2's ViT (timm's port of it), shrunk in width only: 12 blocks, so freeze 0.75 caches 9 of them.

@@ -39,7 +39,7 @@ from soup.recipe.spec import recipe_from_dict
 from soup.score.compare import describe_difference
 from soup.score.evaluator import Evaluator
 from soup.text import one_notice_each
-from soup.train.loop import train_recipe
+from soup.train.sweep import train_recipe
 
 CLASSES = list(SHAPES)[:8]
 

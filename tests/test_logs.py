@@ -17,7 +17,7 @@ from soup.errors import Interrupted, SoupError
 from soup.models.checkpoint import read_checkpoint
 from soup.recipe.spec import recipe_from_dict
 from soup.train import logs, loop
-from soup.train.loop import train_recipe
+from soup.train.sweep import train_recipe
 
 from conftest import tiny_recipe
 

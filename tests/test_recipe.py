@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from soup.cli import cli
 from soup.errors import SoupError
 from soup.recipe.spec import expand_sweep, load_recipe, recipe_from_dict
-from soup.train.loop import select_ingredients
+from soup.train.sweep import select_ingredients
 
 from conftest import tiny_recipe
 

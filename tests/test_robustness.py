@@ -21,7 +21,8 @@ from soup.data.folders import load_rgb
 from soup.errors import SoupError
 from soup.models.checkpoint import read_checkpoint, save_checkpoint, write_text_atomic
 from soup.recipe.spec import expand_sweep, recipe_from_dict
-from soup.train.loop import train_ingredient, train_recipe
+from soup.train.loop import train_ingredient
+from soup.train.sweep import train_recipe
 from soup.train.state import STATE_FILE, ingredient_lock
 
 from conftest import state_close, tiny_recipe, tiny_vit_model

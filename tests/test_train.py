@@ -6,7 +6,8 @@ import torch
 from soup.errors import SoupError
 from soup.models.checkpoint import read_checkpoint
 from soup.recipe.spec import expand_sweep
-from soup.train.loop import lr_factor, train_ingredient, train_recipe
+from soup.train.loop import lr_factor, train_ingredient
+from soup.train.sweep import train_recipe
 
 from conftest import CLASSES, state_close, tiny_vit_model
 

@@ -19,7 +19,8 @@ from soup.models.backbones import build_model, fingerprint
 from soup.models.checkpoint import find_checkpoints, read_checkpoint, rewrite_metadata
 from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.train import schedule
-from soup.train.loop import set_up, train_ingredient, train_recipe
+from soup.train.loop import set_up, train_ingredient
+from soup.train.sweep import train_recipe
 from soup.train.state import STATE_FILE, resume_state, save_state
 
 from conftest import tiny_recipe, tiny_vit_model

@@ -70,9 +70,9 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
-    ingredients = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None,
-                                   warn=_warn)
-    _report_sweeps(ingredients, list(paths) or [Path("checkpoints")])
+    found = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None, warn=_warn)
+    _report_sweeps(found, list(paths) or [Path("checkpoints")])
+    ingredients = sweeps.leave_out_pruned(found, list(paths), base.console)
     bn_images = None if no_bn_reset else check_images(bn_images)
     options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None), ("hyperplane", hyperplane or None),
                                  ("bound", bound), ("patience", patience)) if v is not None}

@@ -12,7 +12,7 @@ from soup.models.checkpoint import find_checkpoints
 from soup.models.distributed import is_main
 from soup.recipe.spec import load_recipe
 from soup.text import printable
-from soup.train.loop import select_ingredients, train_recipe
+from soup.train.sweep import select_ingredients, train_recipe
 from soup.cli import base
 from soup.cli.base import _warn, cli, read_more
 

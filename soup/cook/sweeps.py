@@ -96,3 +96,24 @@ def report(statuses: list[SweepStatus], console: Console) -> None:
             parts.append(f"missing: {', '.join(item.missing)}")
         cooking = f"cooking the {len(item.finished)} finished" if item.finished else "nothing of it to cook"
         console.print(f"[yellow]warning[/]: sweep {shown(item.name)}: {shown('; '.join(parts))}; {cooking}")
+
+
+def leave_out_pruned(checkpoints: list[Checkpoint], paths: list, console: Console) -> list[Checkpoint]:
+    """`checkpoints` less the draws a pruned search stopped at a rung (metadata `pruned`), with one line
+    naming them; a checkpoint file named in `paths` is a deliberate choice: kept, with a warning."""
+    named = {Path(p) for p in paths if Path(p).is_file()}
+    kept, left = [], []
+    for checkpoint in checkpoints:
+        pruned = checkpoint.meta.get("pruned") if checkpoint.kind == "ingredient" else None
+        if isinstance(pruned, dict) and checkpoint.path not in named:
+            left.append(checkpoint)
+            continue
+        if isinstance(pruned, dict):
+            console.print(f"[yellow]warning[/]: {shown(checkpoint.name)} was pruned at epoch {pruned.get('epoch')} "
+                          "(search.prune); cooking it because its file is named")
+        kept.append(checkpoint)
+    if left:
+        console.print(f"left out {len(left)} pruned draw{'s' if len(left) > 1 else ''} "
+                      f"({shown(', '.join(c.name for c in left))}): search.prune stopped them at a rung; name a "
+                      "checkpoint file to cook it anyway")
+    return kept

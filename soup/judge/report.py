@@ -218,5 +218,8 @@ def ingredient_table(name: str, results: list[tuple[Ingredient, Path]]) -> Table
     for column in ("ingredient", "val acc", "checkpoint"):
         table.add_column(column, no_wrap=column != "checkpoint")
     for item, path in results:
-        table.add_row(shown(item.id), f"{read_checkpoint(path).meta['val_acc']:.2%}", shown(path))
+        meta = read_checkpoint(path).meta
+        pruned = meta.get("pruned")
+        at = f" (pruned at epoch {pruned['epoch']})" if isinstance(pruned, dict) else ""
+        table.add_row(shown(item.id), f"{meta['val_acc']:.2%}{at}", shown(path))
     return table

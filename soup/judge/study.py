@@ -79,7 +79,8 @@ def below_start(checkpoints: list[Checkpoint]) -> list[dict]:
             reasons.append(f"off-basin: {distance:.3g} from the start, {distance / statistics.median(spread):.1f}x "
                            "the sweep's median")
         records.append({"name": checkpoint.name, "path": str(checkpoint.path), "val_acc": checkpoint.meta["val_acc"],
-                        "start_acc": checkpoint.meta["probe"]["val_acc"], "reasons": reasons})
+                        "start_acc": checkpoint.meta["probe"]["val_acc"], "reasons": reasons,
+                        "pruned": checkpoint.meta.get("pruned") if isinstance(checkpoint.meta.get("pruned"), dict) else None})
     return records
 
 
@@ -108,6 +109,8 @@ def describe_below_start(records: list[dict], total: int) -> list[str]:
              "search (the lr range, augmentation, epochs) rather than soup them:"]
     for record in records:
         why = "; ".join(record["reasons"]) or "no reason stands out against the sweep"
+        if record.get("pruned"):
+            why += f"; pruned at epoch {record['pruned'].get('epoch')}, not cooked by default"
         lines.append(f"  {shown(record['name'])}: {record['val_acc']:.2%} on val, start {record['start_acc']:.2%} "
                      f"({why})")
     return lines

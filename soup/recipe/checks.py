@@ -151,6 +151,7 @@ def check_values(recipe) -> None:
         (t.lr_drop_epoch is None or t.lr_drop_epoch >= 1, "train.lr_drop_epoch", "must be at least 1"),
         *_training_checks(t),
         *_probe_checks(m.probe),
+        *_search_checks(recipe.search, t, m.probe),
         (NAME.fullmatch(recipe.name), "name", f"must be a folder name of at most 100 letters, digits, '.', '_' or '-', "
          f"starting with a letter or digit, not {recipe.name!r}"),
     ]
@@ -186,6 +187,24 @@ def _probe_checks(probe) -> list[tuple[bool, str, str]]:
         (probe.epochs >= 1, "model.probe.epochs", "must be at least 1"),
         (0 < probe.lr <= MAX_RATE, "model.probe.lr", f"must be positive, at most {MAX_RATE:g}"),
         (probe.batch_size is None or probe.batch_size >= 1, "model.probe.batch_size", "must be at least 1"),
+    ]
+
+
+def _search_checks(search, t, probe) -> list[tuple[bool, str, str]]:
+    if search is None:
+        return []
+    prune, rungs = search.prune, search.prune.rungs if search.prune else []
+    return [
+        (search.max_trials is None or search.max_trials >= search.trials, "search.max_trials",
+         f"must be at least search.trials ({search.trials})"),
+        (search.max_trials is None or prune is not None, "search.max_trials",
+         "draws more only to replace pruned draws; add search.prune (rule, at) or remove it"),
+        (prune is None or bool(rungs), "search.prune.at", "needs at least one epoch"),
+        (all(1 <= e < t.epochs for e in rungs), "search.prune.at",
+         f"must name epochs from 1 to {t.epochs - 1} (before train.epochs, {t.epochs}), not {prune and prune.at!r}"),
+        (prune is None or prune.rule != "start" or probe is not None, "search.prune.rule",
+         "start compares each draw with its probed start, and this recipe has no model.probe; add model.probe "
+         "or use rule: median"),
     ]
 
 

@@ -154,13 +154,15 @@ def describe(settings: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in settings.items())
 
 
-def check(space: Any, trials: int, seed: int, grid: dict, validate: Callable[[dict], None]) -> None:
-    """Refuse, in one line, anything wrong with a search section (see the module comment)."""
+def check(space: Any, trials: int, seed: int, grid: dict, validate: Callable[[dict], None],
+          key: str = "search.trials") -> None:
+    """Refuse, in one line, anything wrong with a search section (see the module comment). `key`: the
+    key that sets how many `trials` are drawn (search.max_trials, when a pruned search has it)."""
     if trials < 1:
-        raise SoupError("search.trials must be at least 1")
+        raise SoupError(f"{key} must be at least 1")
     combinations = math.prod(len(values) for values in grid.values())
     if trials * combinations > MAX_INGREDIENTS:
-        raise SoupError(f"search.trials: {trials} trials x {combinations} sweep combinations = "
+        raise SoupError(f"{key}: {trials} trials x {combinations} sweep combinations = "
                         f"{trials * combinations} ingredients; at most {MAX_INGREDIENTS} per recipe")
     parsed = parse_space(space, grid)
     for key, dist in parsed.items():

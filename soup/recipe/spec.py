@@ -17,7 +17,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from soup.errors import SoupError
 from soup.recipe import search
@@ -117,12 +117,33 @@ def resumable(recipe: dict | None) -> dict | None:
 
 
 @dataclass
+class PruneConfig:
+    """Stop a draw at a rung epoch (`at`, after its val pass) when its val top-1 trails its probed start's
+    (`start`) or the median of the draws that reached that rung before it (`median`); soup.train.prune."""
+
+    rule: Literal["start", "median"]
+    at: Union[int, list[int]]
+
+    @property
+    def rungs(self) -> list[int]:
+        return sorted(set(self.at if isinstance(self.at, list) else [self.at]))
+
+
+@dataclass
 class SearchConfig:
-    """A random search: `trials` draws of the `space` (dotted key -> distribution, see soup.recipe.search)."""
+    """A random search: `trials` draws of the `space` (dotted key -> distribution, see soup.recipe.search).
+    With `prune`, `trials` is the number of finished draws wanted: pruned draws are replaced by the next
+    ones, up to `max_trials` drawn in all."""
 
     trials: int
     space: dict
     seed: int = 0
+    max_trials: Optional[int] = None
+    prune: Optional[PruneConfig] = None
+
+    @property
+    def draws(self) -> int:
+        return self.max_trials or self.trials
 
 
 @dataclass
@@ -177,7 +198,8 @@ def recipe_from_dict(raw: dict, overrides: list[tuple[str, Any]] = ()) -> Recipe
                 raise SoupError(f"sweep.{key}={value!r}: {err}") from None
     if recipe.search is not None:
         s = recipe.search
-        search.check(s.space, s.trials, s.seed, recipe.sweep, lambda settings: _check_settings(tree, settings))
+        search.check(s.space, s.draws, s.seed, recipe.sweep, lambda settings: _check_settings(tree, settings),
+                     "search.max_trials" if s.max_trials else "search.trials")
     for index, (combo, drawn) in enumerate(_combinations(recipe)):
         ingredient_id(index, {**combo, **drawn})  # a folder name too long: refused now, not when training
     return recipe
@@ -201,6 +223,7 @@ class Ingredient:
     settings: dict  # every value set for this ingredient: its grid values, then its drawn ones
     sweep_ids: list[str] = field(default_factory=list)  # every ingredient of its sweep, itself included
     drawn: dict = field(default_factory=dict)  # the values the random search drew for it (sorted keys)
+    prune: Optional[PruneConfig] = None  # the search's pruning: the resolved recipe holds no search
 
 
 NAME_MAX = 255  # bytes in a file name (most file systems): an id is a folder under <out>/<name>/
@@ -251,8 +274,13 @@ def _combinations(recipe: Recipe) -> list[tuple[dict, dict]]:
     keys = list(recipe.sweep)
     grid = [dict(zip(keys, combo)) for combo in itertools.product(*(recipe.sweep[k] for k in keys))]
     s = recipe.search
-    trials = search.draw_trials(s.space, s.trials, s.seed) if s is not None else [{}]
+    trials = search.draw_trials(s.space, s.draws, s.seed) if s is not None else [{}]
     return [(combo, drawn) for drawn, combo in itertools.product(trials, grid)]
+
+
+def finished_wanted(recipe: Recipe) -> int:
+    """How many finished ingredients the recipe asks for: every grid combination times search.trials."""
+    return math.prod(len(values) for values in recipe.sweep.values()) * (recipe.search.trials if recipe.search else 1)
 
 
 def expand_sweep(recipe: Recipe) -> list[Ingredient]:
@@ -266,8 +294,10 @@ def expand_sweep(recipe: Recipe) -> list[Ingredient]:
             resolved = recipe_from_dict(base, list(settings.items()))
         except SoupError as err:  # values valid one by one, not together (e.g. train.min_lr > train.lr)
             raise SoupError(f"ingredient {index} ({search.describe(settings)}): {err}") from None
-        ingredients.append(Ingredient(index, ingredient_id(index, settings), resolved, settings, drawn=drawn))
-    ids = [item.id for item in ingredients]
+        ingredients.append(Ingredient(index, ingredient_id(index, settings), resolved, settings, drawn=drawn,
+                                      prune=recipe.search and recipe.search.prune))
+    # The sweep a user asked for: with pruning, draws past the first `trials` replace pruned ones.
+    ids = [item.id for item in ingredients[:finished_wanted(recipe)]]
     for item in ingredients:
         item.sweep_ids = ids
     return ingredients

@@ -8,7 +8,7 @@ val figures, so that TensorBoard's HPARAMS view lines the trials of a search up.
 the optimizer step it belongs to: a resumed run tells TensorBoard to drop what a killed one logged after
 its saved state (`purge_step`) and appends from there, so nothing shows twice.
 
-Without any extra, `<out>/<name>/summary.csv` holds one row per finished ingredient. It is rebuilt from the
+Without any extra, `<out>/<name>/summary.csv` holds one row per ingredient, with its status. It is rebuilt from the
 checkpoints' metadata under a lock, never appended to, so parallel `--ingredient K` processes converge on
 the same file whoever writes last.
 """
@@ -25,7 +25,7 @@ from rich.console import Console
 
 from soup.errors import SoupError
 from soup.models import distributed
-from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, write_text_atomic
+from soup.models.checkpoint import INGREDIENT_FILE, STATE_FILE, read_checkpoint, write_text_atomic
 from soup.text import first_time
 from soup.train.state import open_lock_file
 
@@ -37,7 +37,7 @@ except ImportError:  # the optional extra: without it the event files are off, t
 INSTALL = "pip install 'soup[tensorboard]'"
 SUMMARY_FILE = "summary.csv"
 LOGS_LOCK = ".logs.lock"  # not the ingredient lock's name: a recipe folder is no ingredient folder
-FIGURES = ("val_acc", "raw_val_acc", "epochs", "seconds", "images_per_s")
+FIGURES = ("status", "val_acc", "raw_val_acc", "epochs", "seconds", "images_per_s")
 # An epoch record's figures -> their tags (raw_*: the trained weights' own, when the checkpoint holds an EMA).
 EPOCH_TAGS = {"train_loss": "train/loss", "val_top1": "val/top1", "val_top5": "val/top5", "val_loss": "val/nll",
               "raw_val_top1": "val/raw_top1", "raw_val_top5": "val/raw_top5", "raw_val_loss": "val/raw_nll",
@@ -86,6 +86,10 @@ class Logs:
             if key in record:
                 self.writer.add_scalar(tag, record[key], at)
         self.writer.add_scalar("train/lr", lr, at)
+        rung = record.get("rung")  # a search.prune decision at this epoch: what it was compared with, and how
+        if isinstance(rung, dict) and rung.get("threshold") is not None:
+            self.writer.add_scalar("prune/threshold", rung["threshold"], at)
+            self.writer.add_scalar("prune/pruned", float(rung["pruned"]), at)
         self.writer.flush()  # a TensorBoard watching the run sees each epoch as it ends
 
     def hparams(self, settings: dict, record: dict) -> None:
@@ -145,14 +149,16 @@ def summary_row(meta: dict) -> dict:
     history = meta.get("val_history") or []
     seconds = sum(r.get("seconds", 0.0) for r in history)
     images = sum(r.get("seconds", 0.0) * r.get("images_per_s", 0.0) for r in history)
-    return {"id": meta["id"], **meta.get("settings", {}), "val_acc": meta["val_acc"],
+    # pruned: stopped at a rung of search.prune (its epochs say which); running: no checkpoint yet.
+    return {"id": meta["id"], **meta.get("settings", {}), "status": "pruned" if meta.get("pruned") else "finished",
+            "val_acc": meta["val_acc"],
             "raw_val_acc": meta.get("raw_val_acc", meta["val_acc"]), "epochs": len(history),
             "seconds": seconds if seconds else "", "images_per_s": images / seconds if seconds else ""}
 
 
 def write_summary(folder: Path) -> Path:
-    """`folder`/summary.csv: one row per finished ingredient in it, sorted by id; the columns are id, every
-    setting any of them has (sorted) and FIGURES."""
+    """`folder`/summary.csv: one row per ingredient in it (finished, pruned, or running: a saved state and no
+    checkpoint), sorted by id; the columns are id, every setting any of them has (sorted) and FIGURES."""
     with locked(folder):
         rows = []
         for path in sorted(folder.glob(f"*/{INGREDIENT_FILE}")):
@@ -160,6 +166,8 @@ def write_summary(folder: Path) -> Path:
                 meta = read_checkpoint(path).meta
                 if meta.get("kind", "ingredient") == "ingredient":
                     rows.append(summary_row(meta))
+        rows += [{"id": state.parent.name, "status": "running"} for state in sorted(folder.glob(f"*/{STATE_FILE}"))
+                 if not (state.parent / INGREDIENT_FILE).exists()]
         rows.sort(key=lambda row: str(row["id"]))
         settings = sorted({key for row in rows for key in row} - {"id", *FIGURES})
         text = io.StringIO()

@@ -1,4 +1,4 @@
-"""Training: one ingredient per resolved recipe, read top to bottom.
+"""Training: one ingredient per resolved recipe, read top to bottom (a whole sweep: soup.train.sweep).
 
 `train_ingredient` sets a run up (data, model, optimizer, data path), resumes it if asked, trains epoch
 by epoch and finishes (checkpoint, metrics.json, state removed); the lock and DDP are context managers
@@ -37,8 +37,8 @@ from soup.models.backbones import build_model, fingerprint, freeze_prefix, train
 from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint
 from soup.models.inference import resolve_device
 from soup.models.precision import choose_autocast, explicit_attention, unfused_attention_modules
-from soup.recipe.spec import Ingredient, Recipe, TrainConfig, expand_sweep
-from soup.train import logs, schedule
+from soup.recipe.spec import Ingredient, Recipe, TrainConfig
+from soup.train import logs, prune, schedule
 from soup.train.probe import KIND as PROBE, load_probe, probe_file, probe_ingredient
 from soup.train.state import (STATE_FILE, ingredient_lock, is_finished, remove_stale_temps,
                               resume_hint_on_interrupt, resume_state, save_state, seed_everything, write_metrics)
@@ -138,7 +138,10 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
               _progress(console) as progress, logs.opened(run)):
             epochs = progress.add_task("epochs", total=t.epochs, completed=run.first_epoch, status="")
             for epoch in range(run.first_epoch, t.epochs):
+                if prune.stopped(run.history):
+                    break  # a rung stopped it (and the state after that epoch was saved before a kill)
                 record = train_epoch(run, epoch, progress)
+                record |= prune.at_rung(run, record)
                 run.history.append(record)
                 run.events.epoch(record, run.optimizer.param_groups[-1]["lr"])
                 progress.update(epochs, advance=1, status=f"val {record['val_top1']:.2%}")
@@ -358,6 +361,7 @@ def finish(run: Run) -> Path:
         # The raw trained weights' accuracy: val_acc's own without an EMA.
         "raw_val_acc": history[-1].get("raw_val_top1", history[-1]["val_top1"]),
         "probe": run.probe,  # the probed start: its id and val accuracy, or None
+        "pruned": prune.stopped(history),  # the rung decision that stopped it (search.prune), or None
         # The whole sweep, so that `soup cook` can name the ingredients not (yet) trained.
         "sweep_ids": ingredient.sweep_ids or [ingredient.id],
         # How it ran, for metrics.json: in the checkpoint too, so that a resume can rebuild that file.
@@ -374,27 +378,3 @@ def finish(run: Run) -> Path:
         run.state_path.unlink(missing_ok=True)  # the checkpoint holds everything now; the state is large
     distributed.barrier()  # the other ranks return once the checkpoint they return exists
     return final
-
-
-def select_ingredients(recipe: Recipe, index: int | None) -> list[Ingredient]:
-    ingredients = expand_sweep(recipe)
-    if index is None:
-        return ingredients
-    if not 0 <= index < len(ingredients):
-        raise SoupError(f"--ingredient {index}: the recipe's sweep has {len(ingredients)} ingredients "
-                        f"(0 to {len(ingredients) - 1})")
-    return [ingredients[index]]
-
-
-def train_recipe(recipe: Recipe, out: str | Path = "checkpoints", index: int | None = None,
-                 console: Console | None = None, resume: bool = False,
-                 use_cache: bool = True) -> list[tuple[Ingredient, Path]]:
-    """Train every ingredient of a recipe's sweep (or just the `index`-th); returns their checkpoints."""
-    console = console or Console()
-    ingredients = select_ingredients(recipe, index)
-    class_list(recipe.data.root)  # fail on a bad data folder before any model is built
-    logs.notice(recipe.train.log, console)
-    # Under torchrun one process group serves the whole sweep (nccl on CUDA, gloo on CPU); else a no-op.
-    with distributed.session(resolve_device(ingredients[0].recipe.train.device)):
-        return [(ingredient, train_ingredient(ingredient, out, console, resume, use_cache))
-                for ingredient in ingredients]

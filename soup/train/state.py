@@ -28,7 +28,7 @@ from soup.recipe.spec import Ingredient, recipe_from_dict, resumable
 METRICS_FILE = "metrics.json"
 # What metrics.json shows of a checkpoint's metadata, followed by the facts of the run (meta["run"]).
 METRICS_KEYS = ("name", "id", "settings", "seed", "backbone", "start_fingerprint", "val_acc", "raw_val_acc",
-                "probe", "val_history")
+                "probe", "pruned", "val_history")
 # 2: the lr scheduler steps once per optimizer step (1 stepped once per epoch: not resumable as 2).
 STATE_FORMAT = 2
 

@@ -1,0 +1,103 @@
+"""Pruning a search (`search.prune`): at each rung epoch, after that epoch's val pass, a draw stops when its
+val top-1 is below its probed start's (`start`) or below the median of its peers' at that rung (`median`,
+once at least MIN_PEERS other draws reached it), and the sweep driver (soup.train.sweep) draws the next one.
+
+Every decision is a file, `<out>/<name>/rungs/epoch-<E>/<id>.json`, written atomically once (val top-1,
+threshold, rule, pruned or not) before the epoch's state is saved. The `median` rule reads its peers' files
+there, so parallel `soup train --ingredient K` processes and Slurm array tasks on one shared folder see each
+other's rungs without any lock; a draw that reaches a rung it has a file for (a rerun, or a resume after a
+kill between the file and the state) takes the recorded decision, never a new one, so the peers that came
+later cannot change it. The decision also travels in the epoch's record (`rung`), so the state, the
+checkpoint and metrics.json (`pruned`) carry it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import statistics
+from pathlib import Path
+
+from soup.models import distributed
+from soup.models.checkpoint import write_text_atomic
+from soup.recipe.spec import Ingredient, resumable
+
+RUNGS_DIR = "rungs"
+MIN_PEERS = 3  # the median of fewer draws is too noisy to stop one on
+
+
+def rung_file(recipe_dir: Path, epoch: int, ingredient_id: str) -> Path:
+    return recipe_dir / RUNGS_DIR / f"epoch-{epoch}" / f"{ingredient_id}.json"
+
+
+def _read(path: Path) -> dict | None:
+    """A rung file's content, or None when it is missing or not one (a stranger's file is no peer)."""
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("val_top1"), (int, float)):
+            return data
+    return None
+
+
+def peer_scores(recipe_dir: Path, epoch: int, ingredient_id: str, start: str) -> list[float]:
+    """The val top-1 of the other draws of this sweep (the same start) that reached rung `epoch`."""
+    folder = recipe_dir / RUNGS_DIR / f"epoch-{epoch}"
+    scores = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        data = _read(path)
+        if data is not None and path.stem != ingredient_id and data.get("start_fingerprint") == start:
+            scores.append(float(data["val_top1"]))
+    return scores
+
+
+def recipe_key(ingredient: Ingredient) -> str:
+    """Which version of the draw a rung file is for: a folder deleted and retrained from another recipe under
+    the same id must not take the old decision."""
+    text = json.dumps(resumable(ingredient.recipe.to_dict()), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def decide(ingredient: Ingredient, run_dir: Path, record: dict, probe: dict | None, start: str) -> dict:
+    """The decision at rung `record["epoch"]`: the one recorded in its rung file, or taken now and recorded."""
+    prune, epoch, val = ingredient.prune, record["epoch"], record["val_top1"]
+    path, key = rung_file(run_dir.parent, epoch, ingredient.id), recipe_key(ingredient)
+    recorded = _read(path)
+    if (recorded is not None and recorded.get("start_fingerprint") == start and recorded.get("recipe") == key
+            and isinstance(recorded.get("decision"), dict)):
+        return recorded["decision"]
+    if prune.rule == "start":
+        threshold, peers = probe["val_acc"], None
+    else:
+        scores = peer_scores(run_dir.parent, epoch, ingredient.id, start)
+        threshold, peers = (statistics.median(scores) if len(scores) >= MIN_PEERS else None), len(scores)
+    decision = {"epoch": epoch, "val_top1": val, "threshold": threshold, "rule": prune.rule,
+                "pruned": threshold is not None and val < threshold, "peers": peers}
+    write_text_atomic(path, json.dumps({"id": ingredient.id, "val_top1": val, "start_fingerprint": start,
+                                        "recipe": key, "decision": decision}, indent=2) + "\n")
+    return decision
+
+
+def at_rung(run, record: dict) -> dict:
+    """What the epoch's record of `run` (soup.train.loop.Run) gains at a rung ({"rung": decision}); nothing
+    off the rungs or without pruning. Rank 0 decides (it alone writes files) and tells the other ranks."""
+    ingredient = run.ingredient
+    if ingredient.prune is None or record["epoch"] not in ingredient.prune.rungs:
+        return {}
+    main = distributed.world().main
+    decision = distributed.from_main(decide(ingredient, run.run_dir, record, run.probe, run.meta["start_fingerprint"])
+                                     if main else None)
+    if decision["pruned"]:
+        run.console.print(f"  [yellow]{describe(decision)}[/]; the next draw takes its place")
+    return {"rung": decision}
+
+
+def stopped(history: list[dict]) -> dict | None:
+    """The decision that pruned a run with this history (None: not pruned)."""
+    return next((r["rung"] for r in history if isinstance(r.get("rung"), dict) and r["rung"].get("pruned")), None)
+
+
+def describe(decision: dict) -> str:
+    return (f"pruned at epoch {decision['epoch']}: val {decision['val_top1']:.2%} below the "
+            f"{'probed start' if decision['rule'] == 'start' else 'median of its peers'} "
+            f"({decision['threshold']:.2%})")
