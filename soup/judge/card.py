@@ -160,7 +160,7 @@ def _model_index(checkpoint: Checkpoint, figures: dict | None) -> list[str]:
     hub_ids = _hub_ids(checkpoint)
     if hub_ids:
         extra["base_model"] = hub_ids
-    if figures is not None:
+    if figures is not None and "unavailable" not in figures:
         chosen = f"; weights chosen on {figures['selection']}" if figures.get("selection") else ""
         metric = {"type": "accuracy", "name": f"top-1 {_interval(figures)} on {figures['n']} images{chosen}",
                   "value": figures["top1"]}
@@ -175,6 +175,9 @@ def _model_index(checkpoint: Checkpoint, figures: dict | None) -> list[str]:
 def _figures_line(figures: dict | None) -> list[str]:
     if figures is None:
         return ["- soup eval: the data root was not at hand at export, so no figures are in model-index."]
+    if "unavailable" in figures:
+        return [f"- soup eval: the data root could not score this model at export ({_cell(figures['unavailable'])}), "
+                "so no figures are in model-index."]
     chosen = (f" (the selection split: {_cell(figures['selection'])} chose the weights, so it is optimistic)"
               if figures.get("selection") == figures["split"] else "")
     return [f"- soup eval on {_cell(figures['dataset'])} {_cell(figures['split'])}: top-1 {_interval(figures)} "

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from soup.data.folders import SPLIT_FOLDERS
 from soup.data.outputs import data_roots, ingredient_folder_of
-from soup.errors import SoupError
+from soup.errors import SoupError, one_line
 from soup.judge.card import model_card
 from soup.judge.evaluate import evaluate_rows, selection_split
 from soup.judge.report import add_statistics
@@ -206,7 +206,10 @@ def card_figures(checkpoint: Checkpoint, recipe: Recipe, split: str = "val") -> 
     root = Path(recipe.data.root)
     if not (root / SPLIT_FOLDERS[split]).is_dir():
         return None
-    [row] = add_statistics(evaluate_rows([checkpoint], Evaluator(split)), stats.RESAMPLES, None)
+    try:
+        [row] = add_statistics(evaluate_rows([checkpoint], Evaluator(split)), stats.RESAMPLES, None)
+    except SoupError as err:  # the data there cannot score it (other class folders): a model ships without figures
+        return {"unavailable": one_line(err)}
     return {"dataset": root.resolve().name, "split": split, "top1": row["top1"], "low": row["top1_low"],
             "high": row["top1_high"], "n": row["n"], "selection": selection_split(checkpoint)}
 

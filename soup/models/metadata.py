@@ -100,10 +100,19 @@ def _listed(value: Any, where: str, each: Callable[[Any, str], None]) -> None:
         each(item, f"{where}[{index}]")
 
 
+# A search.prune decision an epoch's record holds (soup.train.prune): what was compared, and the verdict.
+RUNG = ({"epoch": _integer, "val_top1": _number, "rule": _text, "pruned": _flag}, ("pruned",))
+
+
 def _history_entry(entry: Any, where: str) -> None:
     _record(entry, where, {}, ("val_top1",))
     for key, value in entry.items():
-        if not (_number(value) or value is None):
+        if key == "rung":
+            _record(value, f"{where}.rung", *RUNG)
+            for optional in ("threshold", "peers"):
+                if value.get(optional) is not None and not _number(value[optional]):
+                    raise _Refusal(f"{where}.rung.{optional}", "a number")
+        elif not (_number(value) or value is None):
             raise _Refusal(f"{where}.{key}", "a number")
 
 
