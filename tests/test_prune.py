@@ -120,6 +120,19 @@ def test_cook_leaves_pruned_draws_out_unless_their_file_is_named(pruned_study, m
     assert re.search(rf"warning.*tiny/{re.escape(pruned[0])} was pruned at epoch 1", " ".join(result.output.split()))
 
 
+def test_the_report_marks_the_pruned_draws(pruned_study, monkeypatch):
+    work, _ = pruned_study
+    found = metas(work)
+    monkeypatch.chdir(work)
+    result = CliRunner().invoke(cli, ["report", "checkpoints/tiny", "-o", "pruned_report.html", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    page = (work / "pruned_report.html").read_text(encoding="utf-8")
+    for draw, meta in found.items():
+        said = f"tiny/{draw} (pruned at epoch {meta['pruned']['epoch']})" if meta["pruned"] else None
+        assert (said in page) if said else (f"tiny/{draw} (pruned" not in page), draw
+    assert any(m["pruned"] for m in found.values())
+
+
 def test_list_shows_max_trials_draws_and_an_ingredient_past_the_need_trains_nothing(pruned_study, sketch_root,
                                                                                      monkeypatch):
     work, _ = pruned_study

@@ -27,6 +27,7 @@ from soup.recipe.search import describe
 from soup.score import stats
 from soup.score.evaluator import Evaluator
 from soup.text import printable, shown
+from soup.train.prune import stopped
 
 PER_CLASS = 5
 NO_PLOT = "plot left out: matplotlib is not installed (pip install matplotlib draws it)"
@@ -168,7 +169,9 @@ def _ingredients_section(study: dict) -> str:
         history = checkpoint.meta.get("val_history") or []
         seconds = sum(h.get("seconds") or 0.0 for h in history)
         settings = describe(checkpoint.meta.get("settings") or {})
-        body.append(f'<tr data-path="{esc(row["path"])}">' + _cell(checkpoint.name) + _cell(settings, klass="text")
+        pruned = stopped(history)  # a search.prune draw stopped at a rung: shown, and not cooked by default
+        name = checkpoint.name + (f" (pruned at epoch {pruned['epoch']})" if pruned else "")
+        body.append(f'<tr data-path="{esc(row["path"])}">' + _cell(name) + _cell(settings, klass="text")
                     + _cell(f"{row['top1']:.2%}", row["top1"]) + _cell(top1_interval(row), row.get("top1_low") or "")
                     + _cell(str(len(history)), len(history)) + _cell(f"{seconds:.1f} s", seconds) + "</tr>")
     top1 = f"top-1 on {split}"
