@@ -195,7 +195,7 @@ def test_freeze_bn_is_validated(tmp_path, small_sketch_root):
         one_error_line(CliRunner().invoke(cli, ["train", "r.yaml"]), "model.freeze_bn")
 
 
-def test_inspect_and_the_model_card_say_how_the_statistics_were_made(bn_study):
+def test_inspect_the_report_and_the_model_card_say_how_the_statistics_were_made(bn_study):
     work, _, _ = bn_study
     assert cook(work, "--uniform", "-o", "shown.safetensors", "--overwrite").exit_code == 0
     layers = len(read_checkpoint(work / "shown.safetensors").meta["bn_reset"]["layers"])
@@ -204,7 +204,10 @@ def test_inspect_and_the_model_card_say_how_the_statistics_were_made(bn_study):
         patch.chdir(work)
         inspected = CliRunner().invoke(cli, ["inspect", "shown.safetensors"])
         exported = CliRunner().invoke(cli, ["export", "shown.safetensors", "exported"])
+        reported = CliRunner().invoke(cli, ["report", "shown.safetensors", "-o", "shown.html"])
     assert inspected.exit_code == 0, inspected.output
     assert said in " ".join(inspected.output.split())
     assert exported.exit_code == 0, exported.output
     assert said in (work / "exported" / "README.md").read_text(encoding="utf-8")
+    assert reported.exit_code == 0, reported.output
+    assert said in (work / "shown.html").read_text(encoding="utf-8")
