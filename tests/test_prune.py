@@ -5,8 +5,12 @@ same decisions and weights."""
 
 import csv
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,6 +208,50 @@ def test_kill_at_a_rung_then_resume_gives_the_same_decisions_and_weights(sketch_
         assert state_close(again.state_dict(), first.state_dict()), ingredient_id
     if rule == "median":  # the rule had peers: the pruned draw was compared with at least 3
         assert expected[target]["pruned"]["peers"] >= 3
+
+
+KILL_AT_RUNG = """
+import os, signal, sys
+from pathlib import Path
+import soup.train.prune as prune
+from soup.cli import main
+write, target = prune.write_text_atomic, Path(sys.argv[1]).resolve()
+def write_then_die(path, *rest, **kwargs):
+    write(path, *rest, **kwargs)
+    if Path(path).resolve() == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+prune.write_text_atomic = write_then_die
+sys.argv = ["soup", "train", "r.yaml"]
+main()
+"""
+
+
+def test_a_real_kill_9_right_after_a_rung_decision_resumes_to_the_same_sweep(sketch_root, tmp_path, monkeypatch):
+    """The injected exceptions above, for real: SIGKILL, so no handler, lock release or clean-up code runs."""
+    recipe = pruned_recipe(sketch_root, trials=3, max_trials=8, rule="start", at=1)
+    (tmp_path / "whole").mkdir()
+    run_study(tmp_path / "whole", recipe)
+    expected = metas(tmp_path / "whole")
+    target = max(i for i, m in expected.items() if m["pruned"])
+    work = tmp_path / "killed"
+    work.mkdir()
+    (work / "r.yaml").write_text(yaml.safe_dump(recipe))
+    decision_file = rung_file(work / "checkpoints" / "tiny", expected[target]["pruned"]["epoch"], target)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_RUNG, str(decision_file)], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert decision_file.is_file() and not (work / "checkpoints" / "tiny" / target / "model.safetensors").exists()
+    monkeypatch.chdir(work)
+    resumed = CliRunner().invoke(cli, ["train", "r.yaml", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    got = metas(work)
+    assert list(got) == list(expected)
+    for ingredient_id, meta in expected.items():
+        assert got[ingredient_id]["pruned"] == meta["pruned"], ingredient_id
+        again = read_checkpoint(work / "checkpoints" / "tiny" / ingredient_id / "model.safetensors")
+        first = read_checkpoint(tmp_path / "whole" / "checkpoints" / "tiny" / ingredient_id / "model.safetensors")
+        assert state_close(again.state_dict(), first.state_dict()), ingredient_id
 
 
 @pytest.mark.parametrize("search,message", [
