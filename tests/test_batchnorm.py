@@ -5,6 +5,7 @@ BatchNorm gives the same soup bytes with and without the reset; model.freeze_bn 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from soup.cli import cli
+from soup.cook import batchnorm
 from soup.models.backbones import build_model
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
 from soup.recipe.spec import recipe_from_dict
@@ -211,3 +213,28 @@ def test_inspect_the_report_and_the_model_card_say_how_the_statistics_were_made(
     assert said in (work / "exported" / "README.md").read_text(encoding="utf-8")
     assert reported.exit_code == 0, reported.output
     assert said in (work / "shown.html").read_text(encoding="utf-8")
+
+
+def test_without_a_train_store_only_the_chosen_images_are_decoded(tmp_path, small_sketch_root, monkeypatch,
+                                                                   fresh_caches):
+    """Trained with --no-cache, no store of train_images exists: the reset decodes its images alone (never
+    the whole folder's store), with the same bytes, so update_bn by hand still agrees exactly."""
+    root = tmp_path / "data"
+    shutil.copytree(small_sketch_root, root)
+    monkeypatch.setenv("SOUP_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = tiny_recipe(root, train={"epochs": 2}, sweep={"train.seed": [0, 1]})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(cli, ["train", "r.yaml", "--no-cache"]).exit_code == 0
+    decoded, real = [], batchnorm.decoded_rows
+    monkeypatch.setattr(batchnorm, "decoded_rows", lambda folder, size, rows, *a: decoded.append(len(rows))
+                        or real(folder, size, rows, *a))
+    result = CliRunner().invoke(cli, ["cook", "--uniform", "-o", "u.safetensors", "--bn-images", "10"])
+    assert decoded == [10]
+    assert result.exit_code == 0, result.output
+    assert not list((tmp_path / "cache").glob("decoded-train_images-*")), "the reset built the train store"
+    soup = read_checkpoint(tmp_path / "u.safetensors")
+    saved = soup.state_dict()
+    expected = with_bn_reset(soup, saved)
+    assert soup.meta["bn_reset"]["images"] == 10 and soup.meta["bn_reset"]["layers"]
+    assert all(torch.equal(saved[k], expected[k]) for k in saved if k.endswith(STATS))

@@ -23,7 +23,8 @@ from torch.utils.data import Dataset, Subset
 
 from soup.data.folders import load_split
 from soup.errors import SoupError
-from soup.fast.decoded import Normalizer, decoded_images, decoded_on, gather, plain_transform, unwrap
+from soup.fast.decoded import (Normalizer, decoded_images, decoded_on, decoded_rows, gather, plain_transform,
+                               unwrap)
 from soup.fast.store import CacheUnavailable
 from soup.models.checkpoint import Checkpoint
 from soup.models.inference import eval_dtype, make_loader
@@ -163,14 +164,21 @@ class StatsReset:
         if transform is None:
             return None
         size, mean, std = transform
+        rows = [idx[row] for row in self.rows]
         try:
-            store = decoded_on(decoded_images(folder, size, self.num_workers), self.device)
+            # The train folder's store when training built it; else only the chosen images, decoded once:
+            # a reset of 1000 images never builds the store of a 20,000-image folder.
+            store = decoded_images(folder, size, self.num_workers, build=False)
         except CacheUnavailable:
-            return None
-        rows = torch.as_tensor([idx[row] for row in self.rows], dtype=torch.long)
+            store = None
+        if store is not None:
+            images, rows = decoded_on(store, self.device).images, torch.as_tensor(rows, dtype=torch.long)
+        else:
+            images = decoded_rows(folder, size, rows, self.num_workers)
+            rows = torch.arange(len(rows))
         normalize = Normalizer(mean, std, self.device)
         step = self.batch_size
-        return lambda: (normalize(gather(store.images, rows[i:i + step])) for i in range(0, len(rows), step))
+        return lambda: (normalize(gather(images, rows[i:i + step])) for i in range(0, len(rows), step))
 
     def _plain(self):
         loader = make_loader(Subset(self.dataset, self.rows), self.batch_size, self.num_workers, self.device)

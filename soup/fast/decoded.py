@@ -106,8 +106,10 @@ def decoded_key(folder: Dataset, size: int) -> str:
                   "files": files})
 
 
-def decoded_images(folder: Dataset, size: int, num_workers: int = 0, key: str | None = None) -> DecodedImages:
-    """The folder's decoded store: read back when valid, otherwise (missing, stale, corrupt) rebuilt."""
+def decoded_images(folder: Dataset, size: int, num_workers: int = 0, key: str | None = None,
+                   build: bool = True) -> DecodedImages | None:
+    """The folder's decoded store: read back when valid, otherwise (missing, stale, corrupt) rebuilt, or
+    with `build` False, None (a caller that needs a few of its images decodes those: decoded_rows)."""
     key = key or decoded_key(folder, size)
     if (key, "cpu") in _DECODED:
         _DECODED.move_to_end((key, "cpu"))
@@ -117,22 +119,36 @@ def decoded_images(folder: Dataset, size: int, num_workers: int = 0, key: str | 
     path = directory / f"decoded-{Path(folder.root).name}-{size}-{key[:16]}.bin"
     array, built = open_store(path, key), False
     if array is None or array.shape[1:] != (3, size, size):
+        if not build:
+            return None
         paths = [p for p, _ in folder.samples]
 
         def fill(out: np.ndarray) -> None:
-            workers = min(num_workers, os.cpu_count() or 1)
-            loader = DataLoader(_Decode(paths, _resize_of(folder, size)), batch_size=64, num_workers=workers)
             start = 0
-            with torch.random.fork_rng(devices=[]):  # a DataLoader draws a seed: cold or warm, same run
-                for batch in loader:
-                    out[start:start + len(batch)] = batch.numpy()
-                    start += len(batch)
+            for batch in _decoded_batches(folder, size, paths, num_workers):
+                out[start:start + len(batch)] = batch.numpy()
+                start += len(batch)
 
         # A store of this folder and size for another file list: the images changed, it is never read again.
         stale = f"decoded-{Path(folder.root).name}-{size}-*.bin"
         array, built = create_store(path, key, (len(paths), 3, size, size), np.uint8, fill, stale), True
     store = DecodedImages(torch.from_numpy(array), torch.tensor([t for _, t in folder.samples]), key, path, built)
     return remember(_DECODED, (key, "cpu"), store)
+
+
+def _decoded_batches(folder: Dataset, size: int, paths: list[str], num_workers: int):
+    workers = min(num_workers, os.cpu_count() or 1)
+    loader = DataLoader(_Decode(paths, _resize_of(folder, size)), batch_size=64, num_workers=workers)
+    with torch.random.fork_rng(devices=[]):  # a DataLoader draws a seed: cold or warm, same run
+        yield from loader
+
+
+def decoded_rows(folder: Dataset, size: int, rows: list[int], num_workers: int = 0) -> torch.Tensor:
+    """uint8 (len(rows), 3, S, S): the folder's items `rows` decoded now, in memory, the bytes its store
+    would hold for them; for a few images of a folder whose store was never built."""
+    paths = [folder.samples[i][0] for i in rows]
+    batches = list(_decoded_batches(folder, size, paths, num_workers))
+    return torch.cat(batches) if batches else torch.empty(0, 3, size, size, dtype=torch.uint8)
 
 
 def decoded_on(store: DecodedImages, device: torch.device) -> DecodedImages:
