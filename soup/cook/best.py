@@ -44,8 +44,8 @@ def cook_best(ingredients: list[Checkpoint], out: str | Path, select_on: str | N
     console = console or Console()
     if select_on is None:
         raise SoupError("--best picks the winner on held-out data; drop --no-eval")
-    check_ingredients(ingredients, out, False, data_root, force, console, overwrite)
     check_images(bn_images)
+    check_ingredients(ingredients, out, False, data_root, force, console, overwrite)
     select = selector(ingredients, select_on, data_root, device, bn_images, console)
     scored, skipped, best = {}, {}, None
     for method in candidate_methods():

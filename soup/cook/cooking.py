@@ -118,13 +118,13 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
                             (f"; it goes with {' or '.join(owners)}" if owners else ""))
     if "alpha" in (options or {}):
         parse_alphas(options["alpha"])  # a bad --alpha is one line before any ingredient is read
+    check_images(bn_images)
     check_ingredients(ingredients, out, spec.takes_soups, data_root, force, console, overwrite)
     if spec.needs_selection and select_on is None:
         without = " or ".join(f"--{m}" for m, s in METHODS.items() if not s.needs_selection)
         raise SoupError(f"the {method} soup needs held-out data; --no-eval works with {without} only")
     if calibrate and select_on is None:
         raise SoupError("--calibrate fits a temperature on held-out data; drop --no-eval")
-    check_images(bn_images)
     select = selector(ingredients, select_on, data_root, device, bn_images, console) if select_on else None
     console.print(f"[bold]{method} soup[/] of {len(ingredients)} ingredient{'s' if len(ingredients) != 1 else ''}" +
                   (f", selected on {select_on}" if select else ", without data"))
