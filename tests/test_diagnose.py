@@ -11,14 +11,14 @@ from rich.console import Console
 from soup.cli import cli
 from soup.cook.cooking import cook
 from soup.cook.diagnose import loss_line, pair_geometry
-from soup.cook.weights import starting_weights
+from soup.cook.weights import starting_weights, weighted_average
 from soup.judge.evaluate import eval_rows
-from soup.models.checkpoint import read_checkpoint
+from soup.models.checkpoint import Checkpoint, read_checkpoint
 from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.score.evaluator import Evaluator
 from soup.train.loop import train_ingredient
 
-from conftest import CLASSES, tiny_recipe, tiny_vit_model
+from conftest import CLASSES, plain_scores, tiny_recipe, tiny_vit_model, with_bn_reset
 
 quiet = Console(quiet=True)
 
@@ -69,6 +69,11 @@ def test_line_between_two_ingredients(kitchen):
     mid = result["line"][1]["top1"]
     expected = max(0.0, (result["line"][0]["top1"] + result["line"][-1]["top1"]) / 2 - mid)
     assert result["barrier"] == pytest.approx(expected)
+    # The midpoint is the plain average with its BatchNorm statistics measured by update_bn on the recorded
+    # images (ResNets: a line through averaged statistics would overstate the barrier).
+    recorded = Checkpoint(a.path, {**a.meta, "bn_reset": result["bn_reset"]})
+    weights = weighted_average([(a, 0.5), (b, 0.5)])
+    assert mid == plain_scores(a, with_bn_reset(recorded, weights))["top1"]
 
 
 def test_inspect_cli(kitchen):

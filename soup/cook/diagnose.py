@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from soup.cook.batchnorm import describe_reset
+from soup.cook.batchnorm import DEFAULT_IMAGES, describe_reset
 from soup.cook.selector import Selector
 from soup.cook.weights import rebuilt_starts, weighted_average
 from soup.errors import SoupError
@@ -129,7 +129,9 @@ def loss_line(a: Checkpoint, b: Checkpoint, points: int = 5, split: str = "val",
     if _layout_key(a) != _layout_key(b) or a.classes != b.classes:
         raise SoupError(f"--line: {a.path} and {b.path} have different architectures or classes; no line "
                         "between them")
-    select = Selector(a, split, data_root)
+    # A BatchNorm net's mixes get statistics of their own, as a soup's would: averaged statistics alone
+    # would show a barrier the soup does not have (REPAIR).
+    select = Selector(a, split, data_root, members=[a, b], bn_images=DEFAULT_IMAGES, console=console)
     line = []
     for i in range(points):
         t = i / (points - 1)
@@ -137,7 +139,10 @@ def loss_line(a: Checkpoint, b: Checkpoint, points: int = 5, split: str = "val",
         line.append({"t": t, "top1": result["top1"], "loss": result["loss"]})
     first, last = line[0]["top1"], line[-1]["top1"]
     barrier = max((1 - p["t"]) * first + p["t"] * last - p["top1"] for p in line)
-    return {"a": a.name, "b": b.name, "split": split, "line": line, "barrier": max(barrier, 0.0)}
+    report = {"a": a.name, "b": b.name, "split": split, "line": line, "barrier": max(barrier, 0.0)}
+    if select.reset is not None:  # the images the mixes' statistics were measured on
+        report["bn_reset"] = {k: v for k, v in select.reset.record({}).items() if k != "layers"}
+    return report
 
 
 def print_inspection(report: dict, console: Console) -> None:
