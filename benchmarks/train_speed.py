@@ -178,22 +178,29 @@ def compute_bound(recipe, classes: int) -> tuple[float | None, str]:
                                 f"{suffix_both / 2:.3g}) FLOPs per image, blocks {split.k}.. trained")
 
 
-def main() -> None:
+def shape_arguments(description: str, archs, train_per_class_cpu: int, amp: str) -> argparse.ArgumentParser:
+    """A parser holding the flags every ViT-B-shaped benchmark shares: on a GPU the course's shape (ViT-B/14
+    at 224 px, 500 classes, freeze 0.75), on a CPU a small one that runs in minutes."""
     gpu = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if gpu else "cpu")
-    parser.add_argument("--arch", choices=ARCHS, default="vitb" if gpu else "small")
+    parser.add_argument("--arch", choices=archs, default="vitb" if gpu else "small")
     parser.add_argument("--image-size", type=int, default=224 if gpu else 112)
     parser.add_argument("--classes", type=int, default=500 if gpu else 8)
-    parser.add_argument("--train-per-class", type=int, default=20 if gpu else 60)
+    parser.add_argument("--train-per-class", type=int, default=20 if gpu else train_per_class_cpu)
     parser.add_argument("--val-per-class", type=int, default=4 if gpu else 10)
     parser.add_argument("--page", type=int, default=256 if gpu else 160, help="smallest source image side (px)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--freeze", type=float, default=0.75)
-    parser.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"])
+    parser.add_argument("--amp", default=amp, choices=["fp16", "bf16", "off"])
     # On a 2-core machine, worker processes only fight the main process for the cores.
     parser.add_argument("--workers", type=int, default=0 if (os.cpu_count() or 1) <= 2 else min(16, os.cpu_count()))
+    return parser
+
+
+def main() -> None:
+    parser = shape_arguments(__doc__.split("\n\n")[0], ARCHS, 60, "fp16")
     parser.add_argument("--compile", action="store_true", help="train.compile: true for soup's path")
     parser.add_argument("--augment", choices=AUGMENTS, default="none",
                         help="data.augment for both paths (seed-style: PIL transforms in the DataLoader)")

@@ -257,21 +257,8 @@ def seed_total(figures: dict, n: int, k: int) -> tuple[float, str]:
 
 
 def parse_args(argv=None):
-    gpu = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if gpu else "cpu")
-    parser.add_argument("--arch", choices=ARCHS, default="vitb" if gpu else "small")
-    parser.add_argument("--image-size", type=int, default=224 if gpu else 112)
-    parser.add_argument("--classes", type=int, default=500 if gpu else 8)
-    parser.add_argument("--train-per-class", type=int, default=20 if gpu else 30)
-    parser.add_argument("--val-per-class", type=int, default=4 if gpu else 10)
-    parser.add_argument("--test-images", type=int, default=2000 if gpu else 40)
-    parser.add_argument("--page", type=int, default=256 if gpu else 160, help="smallest source image side (px)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--freeze", type=float, default=0.75)
-    parser.add_argument("--amp", default="bf16", choices=["fp16", "bf16", "off"])
-    parser.add_argument("--workers", type=int, default=0 if (os.cpu_count() or 1) <= 2 else min(16, os.cpu_count()))
+    parser = train_speed.shape_arguments(__doc__.split("\n\n")[0], ARCHS, 30, "bf16")
+    parser.add_argument("--test-images", type=int, default=2000 if torch.cuda.is_available() else 40)
     parser.add_argument("--ingredients", type=int, default=8, help="the sweep's size (seeds), at least 2")
     parser.add_argument("--seed-ingredients", type=int, default=None,
                         help="seed-style ingredients really trained (default: all); the rest is estimated")

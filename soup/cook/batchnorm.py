@@ -82,15 +82,12 @@ class StatsReset:
     def knows(self, state: dict[str, torch.Tensor]) -> None:
         """Counts `state`'s statistics as a member's own too (the start a method mixes in)."""
         for name in self.layers:
-            stats = {s: state[f"{name}.{s}"].float() for s in STATS}
-            if not any(all(torch.equal(stats[s], other[s]) for s in STATS) for other in self.known[name]):
-                self.known[name].append(stats)
+            _remember(self.known[name], {s: state[f"{name}.{s}"].float() for s in STATS})
 
     def to_reset(self, state: dict[str, torch.Tensor]) -> list[str]:
         """The layers whose statistics in `state` are no member's own (bit for bit)."""
         return [name for name in self.layers
-                if not any(all(torch.equal(state[f"{name}.{s}"].float(), stats[s]) for s in STATS)
-                           for stats in self.known[name])]
+                if not _among({s: state[f"{name}.{s}"].float() for s in STATS}, self.known[name])]
 
     def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for done, _ in self._done:
@@ -191,10 +188,18 @@ def _member_stats(ingredients: list[Checkpoint], layers: dict[str, _BatchNorm]) 
     for checkpoint in ingredients:
         with safe_open(str(checkpoint.path), framework="pt") as f:
             for name in layers:
-                stats = {s: f.get_tensor(f"{name}.{s}").float() for s in STATS}
-                if not any(all(torch.equal(stats[s], other[s]) for s in STATS) for other in known[name]):
-                    known[name].append(stats)
+                _remember(known[name], {s: f.get_tensor(f"{name}.{s}").float() for s in STATS})
     return known
+
+
+def _among(stats: dict[str, torch.Tensor], known: list[dict]) -> bool:
+    """Whether a layer's `stats` are, bit for bit, one of the `known` ones."""
+    return any(all(torch.equal(stats[s], other[s]) for s in STATS) for other in known)
+
+
+def _remember(known: list[dict], stats: dict[str, torch.Tensor]) -> None:
+    if not _among(stats, known):
+        known.append(stats)
 
 
 def train_split(template: Checkpoint, root: str | Path | None) -> Dataset:
