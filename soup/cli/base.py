@@ -57,7 +57,7 @@ def cli():
     """Fine-tune pretrained backbones several times and cook model soups from the results."""
 
 
-def _trust_hub_option(fn):
+def trust_hub_option(fn):
     """--trust-hub: the only way a checkpoint's recorded torch.hub backbone may run its code (besides a copy
     torch.hub already cached), since a checkpoint may come from anyone."""
 
@@ -71,13 +71,13 @@ def _trust_hub_option(fn):
     return command
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
     console.print(f"[yellow]warning[/]: {shown(message)}")
 
 
-def _checkpoints(paths, kinds: set[str] | None = None):
+def named_or_default(paths, kinds: set[str] | None = None):
     """The checkpoints named, or by default those under checkpoints/ (of `kinds` only, if given)."""
-    checkpoints = find_checkpoints(list(paths) or ["checkpoints"], kinds=None if paths else kinds, warn=_warn)
+    checkpoints = find_checkpoints(list(paths) or ["checkpoints"], kinds=None if paths else kinds, warn=warn)
     if not checkpoints:
         raise SoupError("no checkpoints found; train with `soup train RECIPE` or name checkpoint files")
     return checkpoints

@@ -17,7 +17,7 @@ from soup.judge.plot import plot_checkpoints
 from soup.judge.verdict import BestVerdict
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
 from soup.cli import base
-from soup.cli.base import _trust_hub_option, _warn, cli, read_more
+from soup.cli.base import cli, read_more, trust_hub_option, warn
 
 
 def _method_options(fn):
@@ -33,7 +33,7 @@ def _method_options(fn):
 
 
 @cli.command(epilog=read_more("docs/cooking.md"))
-@_trust_hub_option
+@trust_hub_option
 @_method_options
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -70,7 +70,7 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
-    found = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None, warn=_warn)
+    found = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None, warn=warn)
     _report_sweeps(found, list(paths) or [Path("checkpoints")])
     ingredients = sweeps.leave_out_pruned(found, list(paths), base.console)
     bn_images = None if no_bn_reset else check_images(bn_images)
@@ -93,7 +93,7 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
         path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, base.console,
                          options=options, calibrate=calibrate, overwrite=overwrite, bn_images=bn_images)
     if png:
-        soups = [c for c in find_checkpoints([path.parent], warn=_warn) if c.kind != "ingredient"]
+        soups = [c for c in find_checkpoints([path.parent], warn=warn) if c.kind != "ingredient"]
         plot_checkpoints([c for c in ingredients if c.kind == "ingredient"] + soups, png, select_on, data_root,
                          base.console)
 

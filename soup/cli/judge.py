@@ -20,11 +20,11 @@ from soup.score import stats
 from soup.score.calibrate import calibrate_paths
 from soup.score.evaluator import Evaluator
 from soup.cli import base
-from soup.cli.base import TTA_OPTION, _checkpoints, _trust_hub_option, cli, read_more
+from soup.cli.base import TTA_OPTION, cli, named_or_default, read_more, trust_hub_option
 
 
 @cli.command(name="eval", epilog=read_more("docs/evaluating.md"))
-@_trust_hub_option
+@trust_hub_option
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
               help="Data root (default: each checkpoint's recipe's data.root).")
@@ -47,7 +47,7 @@ def eval_command(paths, data_root, split, ensemble, as_json, no_cache, resamples
     """Evaluate checkpoints side by side (default: everything under checkpoints/)."""
     tta = parse_tta(tta)
     stats.check_resamples(resamples)
-    checkpoints = _checkpoints(paths)
+    checkpoints = named_or_default(paths)
     evaluated = evaluate_rows(checkpoints, Evaluator(split, data_root, use_cache=not no_cache), ensemble, tta)
     rows = add_statistics(evaluated, resamples, compare or default_reference([r for r, _ in evaluated]))
     best = add_per_class(evaluated, per_class) if per_class else None
@@ -74,7 +74,7 @@ def calibrate(paths, split, data_root):
 
 
 @cli.command(name="inspect", epilog=read_more("docs/cooking.md"))
-@_trust_hub_option
+@trust_hub_option
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--line", nargs=2, type=click.Path(path_type=Path), default=None, metavar="A B",
               help="Also measure held-out accuracy along the straight line from A to B (a dip: a loss barrier).")
@@ -87,7 +87,7 @@ def calibrate(paths, split, data_root):
 def inspect_command(paths, line, points, data_root, split, as_json):
     """Diagnose checkpoints before and after cooking: shared start, distances and cosines between their
     fine-tuning deltas, what each soup tried (default: every ingredient under checkpoints/)."""
-    checkpoints = _checkpoints(paths, kinds={"ingredient"})
+    checkpoints = named_or_default(paths, kinds={"ingredient"})
     report = pair_geometry(checkpoints)
     if line:
         report["line"] = loss_line(read_checkpoint(line[0]), read_checkpoint(line[1]), points, split, data_root)
@@ -101,7 +101,7 @@ def inspect_command(paths, line, points, data_root, split, as_json):
 
 
 @cli.command(name="plot", epilog=read_more("docs/evaluating.md"))
-@_trust_hub_option
+@trust_hub_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="soups.png",
               show_default=True)
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
@@ -114,7 +114,7 @@ def inspect_command(paths, line, points, data_root, split, as_json):
 def plot_command(output, paths, data_root, split, reliability_path):
     """Picture of held-out accuracy: ingredients (sorted), the greedy path, every soup, and the ensemble
     (default: everything under checkpoints/). Draws with matplotlib, which soup installs."""
-    checkpoints = _checkpoints(paths)
+    checkpoints = named_or_default(paths)
     if reliability_path == "reliability.png":
         reliability_path = Path(output).parent / reliability_path
     if reliability_path is not None and Path(reliability_path).resolve() == Path(output).resolve():
@@ -125,7 +125,7 @@ def plot_command(output, paths, data_root, split, reliability_path):
 
 
 @cli.command(name="report", epilog=read_more("docs/evaluating.md"))
-@_trust_hub_option
+@trust_hub_option
 @click.argument("paths", metavar="[DIR]", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="report.html", show_default=True)
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None, help="Data root, as for soup eval.")
@@ -133,5 +133,5 @@ def plot_command(output, paths, data_root, split, reliability_path):
 @click.option("--overwrite", is_flag=True, help="Replace an existing page (never an input or a checkpoint).")
 def report_command(paths, output, data_root, split, overwrite):
     """One self-contained HTML page for a whole study (default: everything under checkpoints/)."""
-    write_report(_checkpoints(paths), output, Evaluator(split, data_root), base.console, list(paths), overwrite)
+    write_report(named_or_default(paths), output, Evaluator(split, data_root), base.console, list(paths), overwrite)
 

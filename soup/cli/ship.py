@@ -12,11 +12,11 @@ from soup.models.checkpoint import read_checkpoint
 from soup.models.views import parse_tta
 from soup.text import shown
 from soup.cli import base
-from soup.cli.base import TTA_OPTION, _trust_hub_option, cli, read_more
+from soup.cli.base import TTA_OPTION, cli, read_more, trust_hub_option
 
 
 @cli.command(epilog=read_more("docs/shipping.md"))
-@_trust_hub_option
+@trust_hub_option
 @click.argument("checkpoint_paths", metavar="CKPT...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--data", "data_root", type=click.Path(path_type=Path), default=None,
               help="Data root holding test_images/mistery_category/ (default: the recipe's data.root).")
@@ -40,7 +40,7 @@ def submit(checkpoint_paths, data_root, output, overwrite, ensemble, tta):
 
 
 @cli.command(name="export", epilog=read_more("docs/shipping.md"))
-@_trust_hub_option
+@trust_hub_option
 @click.argument("checkpoint_path", metavar="CKPT", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace the export's files in a non-empty DIR (nothing else "

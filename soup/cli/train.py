@@ -14,7 +14,7 @@ from soup.recipe.spec import load_recipe
 from soup.text import printable
 from soup.train.sweep import select_ingredients, train_recipe
 from soup.cli import base
-from soup.cli.base import _warn, cli, read_more
+from soup.cli.base import cli, read_more, warn
 
 
 @cli.command(epilog=read_more("docs/training.md"))
@@ -43,6 +43,6 @@ def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
     if main:
         base.console.print(ingredient_table(recipe.name, results))
         # The whole sweep so far, other processes' ingredients included: the reasons compare with it.
-        sweep = find_checkpoints([Path(out) / recipe.name], kinds={"ingredient"}, warn=_warn)
+        sweep = find_checkpoints([Path(out) / recipe.name], kinds={"ingredient"}, warn=warn)
         print_below_start(below_start(sweep), sweep, base.console)
 

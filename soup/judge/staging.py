@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from soup.errors import SoupError
-from soup.models.checkpoint import TEMP_SUFFIX, _fsync, _fsync_folder, current_umask, write_failure
+from soup.models.checkpoint import TEMP_SUFFIX, current_umask, fsync_file, fsync_folder, write_failure
 
 STAGING_SUFFIX = TEMP_SUFFIX  # .DIR.<random>.tmp: the new folder being filled (mkdtemp's 8 random characters)
 AWAY_SUFFIX = ".old"  # .DIR.<random>.old: the previous folder moved away, where the file system cannot exchange
@@ -126,7 +126,7 @@ def _fill(staging: Path, writers: dict[str, Callable[[Path], object]], folder: P
         # Each file appears under its name only once whole (synced): recovery counts on it.
         partial = staging / f".{name}.partial"
         write(partial)
-        _fsync(partial)
+        fsync_file(partial)
         os.replace(partial, staging / name)
         _reached(f"wrote {name}")
     mode = stat.S_IMODE(folder.stat().st_mode) if folder.is_dir() else 0o777 & ~current_umask()
@@ -151,7 +151,7 @@ def replace_folder(folder: str | Path, writers: dict[str, Callable[[Path], objec
             shutil.rmtree(old, ignore_errors=True)  # DIR is new by now: what stays, the next export removes
         else:
             os.replace(staging, folder)  # a missing or empty DIR is replaced, as rename(2) allows
-        _fsync_folder(folder.parent)  # the swap itself survives a power loss
+        fsync_folder(folder.parent)  # the swap itself survives a power loss
     except BaseException as err:  # a failed write, a full disk, Ctrl-C: nothing half-done stays beside DIR
         with contextlib.suppress(OSError, SoupError):  # the first failure is the one to report
             _recover(folder, names)

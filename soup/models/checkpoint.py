@@ -54,7 +54,7 @@ def write_failure(err: BaseException) -> str | None:
     return None
 
 
-def _fsync(path: str | Path) -> None:
+def fsync_file(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -62,7 +62,7 @@ def _fsync(path: str | Path) -> None:
         os.close(fd)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Make a rename in `folder` durable; where the file system or permissions do not allow syncing a
     folder, the renamed file itself was synced before the rename."""
     try:
@@ -94,7 +94,7 @@ def atomic_path(path: str | Path):
         raise SoupError(f"cannot write {path}: {err.strerror or err}; choose a writable folder") from None
     try:
         yield Path(tmp)
-        _fsync(tmp)
+        fsync_file(tmp)
         # Temp files are 0600 (mkstemp, and safetensors writes its own); a shared output folder needs a
         # normal file's permissions (umask applies), so that whoever cooks can read what every job wrote.
         os.chmod(tmp, 0o666 & ~current_umask())
@@ -108,7 +108,7 @@ def atomic_path(path: str | Path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     try:
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
     except OSError as err:
         raise SoupError(f"cannot write {path}: {err.strerror or err} while syncing its folder; the new file is "
                         "in place but may not survive a power loss") from None
