@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from soup.errors import SoupError
 from soup.models.checkpoint import is_soup_checkpoint
+from soup.text import printable
 
 # The only class a checkpoint may name besides what weights_only allows already (tensors, containers,
 # numbers, strings): timm's train.py saves its parsed command line as `args`.
@@ -74,6 +75,7 @@ class Source:
 
 def load_pickle(path: Path) -> object:
     """torch.load(weights_only=True) with PLAIN_TYPES allowed; anything else is one refusal line."""
+    _check_zip(path)
     try:
         # A legacy pickle's protocol draws a warning from torch besides the refusal: the refusal says it all.
         with torch.serialization.safe_globals(PLAIN_TYPES), warnings.catch_warnings():
@@ -89,8 +91,48 @@ def load_pickle(path: Path) -> object:
                         "run. Save the weights alone (torch.save(model.state_dict(), FILE)) and import that") from None
     except Exception as err:  # zip, truncated file, not a pickle: each raises its own type
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SoupError(f"{path}: cannot read it as a checkpoint ({first}); name a .pth, .pt, .bin, .ckpt or "
-                        ".safetensors file, or a timm or Hub folder") from None
+        cause = _text_file(path) or f"cannot read it as a checkpoint ({type(err).__name__}: {first})"
+        raise SoupError(f"{path}: {cause}; name a .pth, .pt, .bin, .ckpt or .safetensors file, or a timm or Hub "
+                        "folder") from None
+
+
+def _check_zip(path: Path) -> None:
+    """A zip checkpoint (torch.save's format) whose members' bytes do not match their CRCs is damaged:
+    torch's reader checks them only for some records, so a flipped bit in a tensor would import as a weight.
+    The file is read whole for its sha256 anyway; this reads it once more."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as err:
+        raise SoupError(f"{path}: a damaged zip checkpoint ({err}); copy or download it again") from None
+    if bad is not None:
+        raise SoupError(f"{path}: damaged: the bytes of {printable(bad)} in it do not match their checksum (CRC); "
+                        "copy or download it again")
+
+
+def _text_file(path: Path) -> str | None:
+    """What a file that is text holds, said as the cause of a failed read (None: not text)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:  # a character cut at the end of the sample is still text
+        if err.start < len(head) - 3:
+            return None
+        text = head[:err.start].decode("utf-8")
+    if not text or "\x00" in text:
+        return None
+    if text.startswith("version https://git-lfs"):
+        return "a Git LFS pointer, not the weights (fetch them: git lfs pull)"
+    if text.lstrip().lower().startswith(("<!doctype html", "<html")):
+        return "an HTML page, not a checkpoint (a download that saved an error or login page?)"
+    first = printable(text.strip().splitlines()[0][:40]) if text.strip() else ""
+    return f"a text file, not a checkpoint (it begins {first!r})"
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -151,6 +193,9 @@ def _record_from(source: Source, values: dict, where: str) -> None:
     for name in ("mean", "std"):
         value = values.get(name)
         if isinstance(value, (list, tuple)) and len(value) == 3 and getattr(source, name) is None:
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise SoupError(f"{source.given}: {where} records {name} {printable(repr(list(value)))[:80]}, "
+                                "not three numbers; fix it there, or import the weights file alone with --model")
             setattr(source, name, [float(v) for v in value])
     crop_pct = values.get("crop_pct")
     if isinstance(crop_pct, (int, float)) and crop_pct != 1.0 and source.crop is None:
@@ -249,6 +294,9 @@ def read_source(given: Path, ema: bool = False) -> Source:
             return _hub_folder(given)
         return _timm_run(given, ema)
     if not given.is_file():
+        if given.exists():  # a device (/dev/zero, maybe behind a link), a pipe or a socket: reading never ends
+            raise SoupError(f"{given}: not a regular file (a device, pipe or socket); name a checkpoint file or "
+                            "folder")
         raise SoupError(f"{given}: no such checkpoint file or folder")
     if given.suffix == ".safetensors":
         if is_soup_checkpoint(given):
