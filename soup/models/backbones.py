@@ -187,8 +187,31 @@ def create_backbone(cfg: ModelConfig, image_size: int, pretrained: bool, weights
             raise SoupError(_offline_hint(cfg.backbone)) from None
         if isinstance(err, (FileNotFoundError, ImportError)) and kind == "hub":
             raise SoupError(f"model.backbone {cfg.backbone}: {err}") from None
+        if cfg.kwargs and isinstance(err, KWARG_ERRORS):
+            raise SoupError(f"model.kwargs {cfg.kwargs}: {cfg.backbone} cannot be built with them "
+                            f"({_first_line(err)})") from None
         raise
     return backbone, _num_features(backbone, image_size)
+
+
+# What a model library raises for a kwarg value it cannot take (timm asserts a pooling type, checks a
+# size), or for a file a kwarg names (checkpoint_path: missing, a pickle of more than tensors, other keys).
+KWARG_ERRORS = (ValueError, AssertionError, KeyError, RuntimeError, OSError, pickle.UnpicklingError)
+
+
+def _first_line(err: BaseException) -> str:
+    if isinstance(err, pickle.UnpicklingError):  # torch's own first line offers to unpickle anyway
+        return "a pickle of more than tensors, or a damaged file; nothing in it was run"
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def check_hub_trusted(spec: str, recorded_in: str | Path) -> None:
+    """Refuse, in one line naming `recorded_in`, a `hub:` backbone recorded there (not named by the user)
+    whose code the user has not trusted (see `_trusted_hub`); a timm backbone passes."""
+    kind, source, _ = parse_backbone(spec)
+    if kind == "hub":
+        _trusted_hub(source, spec, recorded_in)
 
 
 def _check_weight_file(path: str | Path) -> None:
