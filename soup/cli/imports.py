@@ -9,7 +9,7 @@ import click
 from soup.outside.importing import import_checkpoints
 from soup.text import shown
 from soup.cli import base
-from soup.cli.base import cli, read_more
+from soup.cli.base import cli, read_more, trust_hub_option
 
 
 @cli.command("import", epilog=read_more("docs/importing.md"))
@@ -29,6 +29,7 @@ from soup.cli.base import cli, read_more
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("checkpoints"),
               show_default=True, help="Folder the ingredients go under, as OUT/NAME/NN-SOURCE/model.safetensors.")
 @click.option("--name", default="imported", show_default=True, help="The ingredients' recipe name (a folder).")
+@trust_hub_option
 def import_command(sources, data_root, model, start, ema, strip_prefix, out, name):
     """Write checkpoints made by other tools (timm train.py, Lightning, plain PyTorch, Hub folders) as soup
     ingredients, checked against the model and the data root first."""

@@ -26,15 +26,30 @@ from safetensors.torch import save_file
 from soup.data.folders import class_list
 from soup.data.outputs import check_output
 from soup.errors import SoupError
-from soup.models.backbones import build_model, fingerprint
-from soup.models.checkpoint import INGREDIENT_FILE, atomic_path, is_soup_checkpoint, save_checkpoint
+from soup.models.backbones import build_model, check_hub_trusted, fingerprint
+from soup.models.checkpoint import INGREDIENT_FILE, is_soup_checkpoint, save_checkpoint
+from soup.outside.checks import check_model_kwargs, checked_tensors
 from soup.outside.layouts import Fitted, fit, timm_classifier
 from soup.outside.reading import Source, read_source
+from soup.outside.writing import refuse_link, start_file_there, write_all
 from soup.recipe.spec import DataConfig, parse_backbone, recipe_from_dict
 from soup.text import printable, shown
 
 UNKNOWN_START = "unknown"  # start_fingerprint of an ingredient imported without --start
 PRETRAINED = "pretrained"
+
+
+@dataclass
+class Target:
+    """The model the sources are fitted to: each tensor's shape and dtype, its classifier's name in timm's
+    layout (None: soup's layout only), and who chose the architecture when a source did (its hub code
+    must then be trusted; None: --model)."""
+
+    shapes: dict[str, torch.Size]
+    dtypes: dict[str, torch.dtype]
+    classifier: str | None
+    backbone: str
+    recorded_in: str | None
 
 
 @dataclass
@@ -115,18 +130,20 @@ def _in_root_order(fitted: Fitted, source: Source, classes: list[str]) -> bool:
     return True
 
 
-def _plan(sources: list[Source], target: dict, classifier: str | None, backbone: str, classes: list[str],
-          out: Path, name: str, strip: str | None, root: Path) -> list[Planned]:
+def _plan(sources: list[Source], target: Target, classes: list[str], out: Path, name: str, strip: str | None,
+          root: Path) -> list[Planned]:
     planned: list[Planned] = []
     for index, source in enumerate(sources):
         twice = next((item.source for item in planned if item.source.file.resolve() == source.file.resolve()), None)
         if twice is not None:
             raise SoupError(f"{source.given} and {twice.given} are the same checkpoint ({source.file}); a soup counts "
                             "each ingredient once, so name it once")
-        fitted = fit(source.state, target, classifier, str(source.given), backbone, strip)
+        fitted = fit(source.state, target.shapes, target.classifier, str(source.given), target.backbone, strip)
+        fitted.state = checked_tensors(str(source.given), fitted.state, target.dtypes)
         reordered = _in_root_order(fitted, source, classes)
         ingredient_id = f"{index:02d}-{_slug(source.given.name)}"
         path = out / name / ingredient_id / INGREDIENT_FILE
+        refuse_link(path)
         if path.exists() or path.parent.exists() and any(path.parent.iterdir()):
             raise SoupError(f"{path.parent} exists already; import under another --name or -o, or remove it")
         check_output(path, [s.given for s in sources], False, "imported ingredient", checkpoint=True, roots=[root])
@@ -134,21 +151,23 @@ def _plan(sources: list[Source], target: dict, classifier: str | None, backbone:
     return planned
 
 
-def _start_weights(start: str, target: dict, classifier: str | None, backbone: str, strip: str | None):
+def _start_weights(start: str, target: Target, strip: str | None):
     """(weights file for model.weights, its tensors to store or None when it is used in place, record)."""
     path = Path(start)
     if path.is_file() and path.suffix == ".safetensors" and is_soup_checkpoint(path):
         return str(path.resolve()), None, {"kind": "file", "path": str(path.resolve()), "soup": True}
     source = read_source(path)
-    fitted = fit(source.state, target, classifier, f"--start {start}", backbone, strip, backbone_only=True)
+    fitted = fit(source.state, target.shapes, target.classifier, f"--start {start}", target.backbone, strip,
+                 backbone_only=True)
+    state = checked_tensors(f"--start {start}", fitted.state, target.dtypes)
     tensors = {k[len("backbone."):]: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-               for k, v in fitted.state.items()}
+               for k, v in state.items()}
     record = {"kind": "file", "path": str(path.resolve()), "sha256": source.sha256, "format": source.format}
     return None, tensors, record
 
 
-def _start(start: str | None, recipe: dict, classes: list[str], target: dict, classifier: str | None,
-           out: Path, name: str, strip: str | None) -> tuple[str, dict, dict | None]:
+def _start(start: str | None, recipe: dict, classes: list[str], target: Target, out: Path, name: str,
+           strip: str | None) -> tuple[str, dict, dict | None]:
     """(start fingerprint, start record, tensors to store at record["stored"] or None); sets the recipe's
     model.pretrained / model.weights so that soup rebuilds the same start later."""
     model = recipe["model"]
@@ -160,7 +179,7 @@ def _start(start: str | None, recipe: dict, classes: list[str], target: dict, cl
         model["pretrained"] = True
         record = {"kind": PRETRAINED, "backbone": model["backbone"]}
     else:
-        in_place, tensors, record = _start_weights(start, target, classifier, model["backbone"], strip)
+        in_place, tensors, record = _start_weights(start, target, strip)
         model["weights"] = in_place
     with tempfile.TemporaryDirectory() as scratch:
         if tensors is not None:  # rebuilt from a file as later commands will: the stored one
@@ -168,7 +187,7 @@ def _start(start: str | None, recipe: dict, classes: list[str], target: dict, cl
             save_file(tensors, model["weights"])
         parsed = recipe_from_dict(recipe)
         try:
-            built = build_model(parsed.model, classes, parsed.data.image_size)
+            built = build_model(parsed.model, classes, parsed.data.image_size, recorded_in=target.recorded_in)
         except SoupError as err:
             hint = "; or give the start's weights file with --start FILE" if start == PRETRAINED else ""
             raise SoupError(f"--start {start}: {err}{hint}") from None
@@ -178,7 +197,8 @@ def _start(start: str | None, recipe: dict, classes: list[str], target: dict, cl
             if changed is not None:
                 raise SoupError(f"--start {start}: timm's loader changed tensor {printable(changed)} on the way in; "
                                 "give the start as the model's own state dict")
-            record["stored"] = str((out / name / f"start-{record['sha256'][:16]}.safetensors").resolve())
+            # The folder resolved, not the file: a link at the file's name is refused, never followed.
+            record["stored"] = str((out / name).resolve() / f"start-{record['sha256'][:16]}.safetensors")
             model["weights"] = record["stored"]
         return fingerprint(built), record, tensors
 
@@ -208,30 +228,41 @@ def import_checkpoints(paths: list[Path], data_root: Path, model: str | None = N
         raise SoupError(f"--name {printable(name)}: a folder name of letters, digits, '.', '-' and '_'")
     classes = class_list(data_root)
     sources = [read_source(Path(p), ema) for p in paths]
+    for source in sources:  # before anything is built: nothing a source names is opened
+        check_model_kwargs(printable(source.given), source.model_args)
     backbone, kwargs = _architecture(sources, model)
+    recorded_in = None if model else f"{printable(sources[0].given)} ({sources[0].arch_from})"
+    if recorded_in:  # an architecture a source chose: its hub code runs only where the user trusts it
+        check_hub_trusted(backbone, recorded_in)
     data = _data_config(Path(data_root), sources, backbone)
     recipe = recipe_from_dict({"name": name, "data": vars(data),
                                "model": {"backbone": backbone, "pretrained": False, "kwargs": kwargs}}).to_dict()
     try:
-        skeleton = build_model(recipe_from_dict(recipe).model, classes, data.image_size, pretrained=False)
+        skeleton = build_model(recipe_from_dict(recipe).model, classes, data.image_size, pretrained=False,
+                               recorded_in=recorded_in)
         classifier = timm_classifier(backbone, kwargs, len(classes))
     except SoupError as err:
         where = model and "--model" or sources[0].arch_from
         raise SoupError(f"{where}: {err}") from None
-    target = {k: v.shape for k, v in skeleton.state_dict().items()}
-    planned = _plan(sources, target, classifier, backbone, classes, Path(out), name, strip, Path(data_root))
-    start_fp, start_record, start_tensors = _start(start, recipe, classes, target, classifier, Path(out), name, strip)
+    state = skeleton.state_dict()
+    target = Target({k: v.shape for k, v in state.items()}, {k: v.dtype for k, v in state.items()}, classifier,
+                    backbone, recorded_in)
+    planned = _plan(sources, target, classes, Path(out), name, strip, Path(data_root))
+    start_fp, start_record, start_tensors = _start(start, recipe, classes, target, Path(out), name, strip)
     ids = [item.id for item in planned]
-    if start_tensors is not None:
-        with atomic_path(start_record["stored"]) as tmp:
-            save_file(start_tensors, str(tmp))
-    written = []
+    files = [(item.path, _writer(item, _meta(item, recipe, backbone, classes, start_fp, start_record, ids, name)))
+             for item in planned]
+    if start_tensors is not None and not start_file_there(Path(start_record["stored"]), start_tensors, start):
+        files.insert(0, (Path(start_record["stored"]), lambda tmp: save_file(start_tensors, str(tmp))))
+    write_all(files)
     for item in planned:
-        meta = _meta(item, recipe, backbone, classes, start_fp, start_record, ids, name)
-        written.append(save_checkpoint(item.path, item.fitted.state, meta))
         _describe(item, console)
-    _describe_start(start_record, start_fp, len(written), console)
-    return written
+    _describe_start(start_record, start_fp, len(planned), console)
+    return [item.path for item in planned]
+
+
+def _writer(item: Planned, meta: dict):
+    return lambda tmp: save_checkpoint(tmp, item.fitted.state, meta)
 
 
 def _describe(item: Planned, console: Console) -> None:
