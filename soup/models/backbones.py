@@ -200,7 +200,8 @@ KWARG_ERRORS = (ValueError, AssertionError, KeyError, RuntimeError, OSError, pic
 
 
 def _first_line(err: BaseException) -> str:
-    if isinstance(err, pickle.UnpicklingError):  # torch's own first line offers to unpickle anyway
+    # torch's own first line offers to unpickle anyway (timm re-raises it as a RuntimeError)
+    if any(isinstance(e, pickle.UnpicklingError) for e in (err, err.__cause__, err.__context__)):
         return "a pickle of more than tensors, or a damaged file; nothing in it was run"
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 200 else text[:197] + "..."

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -86,14 +87,16 @@ def _tensor_problem(key: str, tensor: torch.Tensor, wanted: torch.dtype) -> str 
     return None
 
 
-def checked_tensors(where: str, state: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> dict:
+def checked_tensors(where: str, state: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype],
+                    named: Callable[[str], str] = str) -> dict:
     """`state` (soup's names, fitted to the model whose dtypes are `dtypes`), every tensor checked (see
-    `_tensor_problem`), each with storage of its own: torch.save keeps views of one storage as views, which
-    safetensors refuses to write, so a tensor that shares its storage with another is cloned."""
+    `_tensor_problem`) and named in a refusal as `named` gives its name in the source, each with storage of
+    its own: torch.save keeps views of one storage as views, which safetensors refuses to write, so a tensor
+    that shares its storage with another is cloned."""
     for key, tensor in state.items():
         problem = _tensor_problem(key, tensor, dtypes[key])
         if problem is not None:
-            raise SoupError(f"{where}: refused: tensor {printable(key)} {problem}; nothing was written")
+            raise SoupError(f"{where}: refused: tensor {printable(named(key))} {problem}; nothing was written")
     seen: dict[int, int] = {}
     for tensor in state.values():
         pointer = tensor.untyped_storage().data_ptr()

@@ -29,7 +29,7 @@ from soup.errors import SoupError
 from soup.models.backbones import build_model, check_hub_trusted, fingerprint
 from soup.models.checkpoint import INGREDIENT_FILE, is_soup_checkpoint, save_checkpoint
 from soup.outside.checks import check_model_kwargs, checked_tensors
-from soup.outside.layouts import Fitted, fit, timm_classifier
+from soup.outside.layouts import Fitted, fit, source_key, timm_classifier
 from soup.outside.reading import Source, read_source
 from soup.outside.writing import refuse_link, start_file_there, write_all
 from soup.recipe.spec import DataConfig, parse_backbone, recipe_from_dict
@@ -139,7 +139,8 @@ def _plan(sources: list[Source], target: Target, classes: list[str], out: Path, 
             raise SoupError(f"{source.given} and {twice.given} are the same checkpoint ({source.file}); a soup counts "
                             "each ingredient once, so name it once")
         fitted = fit(source.state, target.shapes, target.classifier, str(source.given), target.backbone, strip)
-        fitted.state = checked_tensors(str(source.given), fitted.state, target.dtypes)
+        fitted.state = checked_tensors(str(source.given), fitted.state, target.dtypes,
+                                       lambda key: source_key(fitted, key, target.classifier))
         reordered = _in_root_order(fitted, source, classes)
         ingredient_id = f"{index:02d}-{_slug(source.given.name)}"
         path = out / name / ingredient_id / INGREDIENT_FILE
@@ -159,7 +160,8 @@ def _start_weights(start: str, target: Target, strip: str | None):
     source = read_source(path)
     fitted = fit(source.state, target.shapes, target.classifier, f"--start {start}", target.backbone, strip,
                  backbone_only=True)
-    state = checked_tensors(f"--start {start}", fitted.state, target.dtypes)
+    state = checked_tensors(f"--start {start}", fitted.state, target.dtypes,
+                            lambda key: source_key(fitted, key, target.classifier))
     tensors = {k[len("backbone."):]: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
                for k, v in state.items()}
     record = {"kind": "file", "path": str(path.resolve()), "sha256": source.sha256, "format": source.format}

@@ -103,3 +103,10 @@ def _check_shapes(mapped: dict, target: dict, where: str, model: str) -> None:
         if tuple(tensor.shape) != tuple(target[key]):
             raise SoupError(f"{where}: tensor {printable(key)} is {tuple(tensor.shape)}, {model} has "
                             f"{tuple(target[key])}; check --model and its kwargs (size, depth, width)")
+
+
+def source_key(fitted: Fitted, key: str, classifier: str | None) -> str:
+    """The name soup's tensor `key` has in the source `fitted` came from (what its owner knows it by)."""
+    if fitted.layout == "timm":
+        key = f"{classifier}.{key[len('head.'):]}" if key.startswith("head.") else key[len("backbone."):]
+    return fitted.prefix + key

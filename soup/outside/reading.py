@@ -84,6 +84,9 @@ def load_pickle(path: Path) -> object:
                 return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path) and _text_file(path):  # text read as pickle opcodes: say it is text
+            raise SoupError(f"{path}: {_text_file(path)}; name a .pth, .pt, .bin, .ckpt or .safetensors file, "
+                            "or a timm or Hub folder") from None
         wanted = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f"the Python object {wanted.group(1)}" if wanted else "more than tensors and plain values"
         raise SoupError(f"{path}: refused: reading it would need {what}, not one of the plain types a checkpoint "
