@@ -143,6 +143,14 @@ def test_a_recorded_hub_architecture_runs_no_code(small_sketch_root, tmp_path, f
     assert marker.exists()
 
 
+@pytest.mark.parametrize("fmt", RECORDING)
+def test_a_recorded_github_hub_is_never_fetched(small_sketch_root, tmp_path, fmt):
+    """A GitHub repo a source names is refused before any download (the no_network fixture would fail it)."""
+    source = _write(tmp_path, fmt, _state(), arch="hub:someone/evil_repo:entry")
+    one_error_line(_import(tmp_path, *source, "--data", small_sketch_root), "--trust-hub someone/evil_repo")
+    _nothing_written(tmp_path)
+
+
 # --- B: recorded kwargs never name a file or choose loading -------------------------------------------------
 
 FILE_KWARGS = {

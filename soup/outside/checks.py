@@ -67,8 +67,8 @@ def check_model_kwargs(where: str, kwargs: dict) -> None:
             shown_value = shown_value if len(shown_value) <= 60 else shown_value[:57] + "..."
             raise SoupError(f"{where}: refused: its recorded model kwarg {printable(key)} ({shown_value}) {problem}; "
                             f"a source may record architecture settings only ({PLAIN_KWARGS}), never a file, a "
-                            "download or how to load: remove it from the source, or import its tensors alone "
-                            "with --model")
+                            "download or how to load: remove it from the source, or name its weights file "
+                            "alone (a Hub folder's model.safetensors, a state dict) with --model")
 
 
 def _tensor_problem(key: str, tensor: torch.Tensor, wanted: torch.dtype) -> str | None:
