@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
+import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
 from timm.utils import CheckpointSaver
 
 from soup.cli import cli
 from soup.data.folders import load_split
+from soup.errors import SoupError
 from soup.models.backbones import model_from_checkpoint
 from soup.models.checkpoint import read_checkpoint
+from soup.outside import offline
 from soup.recipe.spec import DataConfig
 
 from conftest import CLASSES, one_error_line
@@ -212,3 +217,57 @@ def test_recorded_defaults_are_the_same_model_as_none(small_sketch_root, tmp_pat
     one_error_line(result, "plain.pth and maxpool are different timm:test_resnet models: plain.pth was built with "
                    "{'global_pool': \"timm's default\"}, maxpool with {'global_pool': 'max'}")
     assert not (tmp_path / "checkpoints" / "mixed").exists()
+
+
+@pytest.fixture
+def unplugged(tmp_path, monkeypatch):
+    """No network, as on a machine without one (connections fail at once), and an empty Hugging Face cache
+    with offline mode not set: what a user meets on a plane."""
+    import huggingface_hub.constants
+
+    def unreachable(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_start_pretrained_unplugged_fails_at_once(trained, small_sketch_root, tmp_path, unplugged):
+    torch.save(trained.state_dict(), tmp_path / "weights.pth")
+    began = time.monotonic()
+    result = _invoke(tmp_path, "import", "weights.pth", "--data", small_sketch_root, "--model", ARCH, *OPTIONS,
+                     "--start", "pretrained")
+    elapsed = time.monotonic() - began
+    one_error_line(result, "--start pretrained: timm's pretrained weights for test_resnet are not in the local cache",
+                   "huggingface.co cannot be reached", "--start FILE")
+    assert elapsed < 10, f"{elapsed:.0f} s"  # huggingface_hub's retries took about 47 s here
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_start_pretrained_from_the_cache_needs_no_network(trained, small_sketch_root, tmp_path, unplugged,
+                                                         monkeypatch):
+    """Cached weights are used as they are, network or not; and where the Hub answers, nothing is refused
+    (timm downloads, with its retries, as it would)."""
+    repo = unplugged / f"models--{timm.models.get_pretrained_cfg(ARCH).hf_hub_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(trained.state_dict(), str(repo / "snapshots" / ("0" * 40) / "model.safetensors"))
+    torch.save(trained.state_dict(), tmp_path / "weights.pth")
+    out = _ok(tmp_path, "import", "weights.pth", "--data", small_sketch_root, "--model", ARCH, *OPTIONS,
+              "--start", "pretrained")
+    assert "start:" in out
+    with pytest.raises(SoupError, match="huggingface.co cannot be reached"):
+        offline.check_pretrained("timm:test_vit")  # not cached, and no network
+
+    class Answered:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: Answered())
+    offline.check_pretrained("timm:test_vit")

@@ -28,6 +28,7 @@ from soup.errors import SoupError
 from soup.models.backbones import build_model, fingerprint
 from soup.models.checkpoint import INGREDIENT_FILE, atomic_path, is_soup_checkpoint, save_checkpoint
 from soup.outside.layouts import Fitted, fit, timm_classifier
+from soup.outside.offline import check_pretrained
 from soup.outside.reading import Source, read_source
 from soup.outside.settings import Given, Grid, built_for, built_side, common_kwargs, preprocessing, timm_meta
 from soup.recipe.spec import DataConfig, ModelConfig, recipe_from_dict
@@ -156,6 +157,7 @@ def _start(start: str | None, recipe: dict, classes: list[str], target: dict, cl
         return UNKNOWN_START, {"kind": "unknown", "start_check": "off"}, None
     tensors = None
     if start == PRETRAINED:
+        check_pretrained(model["backbone"])
         model["pretrained"] = True
         record = {"kind": PRETRAINED, "backbone": model["backbone"]}
     else:
