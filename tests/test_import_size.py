@@ -219,6 +219,24 @@ def test_recorded_defaults_are_the_same_model_as_none(small_sketch_root, tmp_pat
     assert not (tmp_path / "checkpoints" / "mixed").exists()
 
 
+def test_a_recorded_img_size_and_a_position_embedding_saying_it_are_one_model(small_sketch_root, tmp_path):
+    """save_for_hf records img_size [28, 28]; a timm train.py checkpoint of the same DinoV2 records only its
+    shape, and its position embedding says 28 px: one model, imported together."""
+    shape = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+    arch = "vit_small_patch14_dinov2"
+    torch.manual_seed(0)
+    network = timm.create_model(arch, pretrained=False, num_classes=len(CLASSES), img_size=28, **shape)
+    timm.models.save_for_hf(network, str(tmp_path / "hf"), safe_serialization=True)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_args"]["img_size"] == [28, 28]
+    args = argparse.Namespace(model=arch, num_classes=len(CLASSES), model_kwargs=shape)
+    (tmp_path / "run").mkdir()
+    CheckpointSaver(network, torch.optim.SGD(network.parameters(), lr=0.1), args=args,
+                    checkpoint_dir=str(tmp_path / "run")).save_checkpoint(0)
+    _ok(tmp_path, "import", "hf", "run/checkpoint-0.pth.tar", "--data", small_sketch_root)
+    paths = sorted((tmp_path / "checkpoints" / "imported").glob("*/model.safetensors"))
+    assert [read_checkpoint(p).recipe["data"]["image_size"] for p in paths] == [28, 28]
+
+
 @pytest.fixture
 def unplugged(tmp_path, monkeypatch):
     """No network, as on a machine without one (connections fail at once), and an empty Hugging Face cache

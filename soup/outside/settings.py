@@ -79,7 +79,8 @@ def _meta_timm(entry: str, kwargs: dict) -> nn.Module:
 
 
 def _resolved(entry: str, kwargs: dict, keys: set[str], given) -> tuple:
-    """What the model timm builds from `kwargs` (recorded by the source `given`) is, as far as its outputs go."""
+    """What the model timm builds from `kwargs` (recorded by the source `given`) is, as far as its outputs go:
+    its modules, tensor shapes, traits (img_size, in_chans, ...) and the attributes the kwargs name."""
     kwargs = {k: v for k, v in kwargs.items() if k not in DROP_KEYS and not k.endswith("_drop_rate")}
     try:
         model = _meta_timm(entry, kwargs)
@@ -89,7 +90,8 @@ def _resolved(entry: str, kwargs: dict, keys: set[str], given) -> tuple:
     traits = {k: v for k, v in get_model_traits(model).items() if k != "num_classes"}
     attributes = {k: repr(getattr(model, k)) for k in sorted(keys) if isinstance(getattr(model, k, None),
                                                                                   (str, int, float, bool, tuple))}
-    return repr(model), repr(sorted(traits.items())), attributes
+    shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    return repr(model), shapes, repr(sorted(traits.items())), attributes
 
 
 def _differing(entry: str | None, a: Source, b: Source, keys: set[str]) -> tuple[dict, dict]:
@@ -105,6 +107,17 @@ def _differing(entry: str | None, a: Source, b: Source, keys: set[str]) -> tuple
     return ({k: a.model_args.get(k, unset) for k in differ}, {k: b.model_args.get(k, unset) for k in differ})
 
 
+def _sized(entry: str, source: Source) -> dict:
+    """`source`'s kwargs with the img_size its position embedding says, where it records none."""
+    if "img_size" in source.model_args:
+        return source.model_args
+    try:
+        grid = _position_grid(_meta_timm(entry, source.model_args), source)
+    except Exception:  # kwargs timm does not take: _resolved says so, naming the source
+        return source.model_args
+    return {**source.model_args, "img_size": grid.size} if grid is not None else source.model_args
+
+
 def common_kwargs(sources: list[Source], backbone: str) -> dict:
     """The model kwargs all `sources` were built with (the first one's record of them), or one line naming
     the two that build different models."""
@@ -116,8 +129,8 @@ def common_kwargs(sources: list[Source], backbone: str) -> dict:
     entry = entry if kind == "timm" and timm.is_model(entry) else None
     keys = set().union(*(s.model_args for s in sources))
     if entry is not None:
-        wanted = _resolved(entry, first.model_args, keys, first.given)
-        others = [s for s in others if _resolved(entry, s.model_args, keys, s.given) != wanted]
+        wanted = _resolved(entry, _sized(entry, first), keys, first.given)
+        others = [s for s in others if _resolved(entry, _sized(entry, s), keys, s.given) != wanted]
     if others:
         a, b = _differing(entry, first, others[0], keys)
         raise SoupError(f"{first.given} and {others[0].given} are different {backbone} models: {first.given} was built "
