@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from soup.cli import cli
 from soup.cook import batchnorm
-from soup.models.backbones import build_model
+from soup.models.backbones import build_model, freeze_prefix
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
 from soup.recipe.spec import recipe_from_dict
 
@@ -188,6 +188,32 @@ def test_freeze_bn_keeps_the_start_statistics_and_soups_keep_them(tmp_path, smal
     assert soup.meta["bn_reset"]["layers"] == []
     saved = soup.state_dict()
     assert all(torch.equal(saved[k], start[k]) for k in stat_keys)
+
+
+def test_a_frozen_part_shares_statistics_only_with_freeze_bn(tmp_path, small_sketch_root):
+    """docs/cooking.md: model.freeze freezes weights, not statistics; the frozen part's BatchNorm layers
+    update their running statistics on each ingredient's batches, so a soup re-estimates them, and each
+    re-estimated layer's num_batches_tracked is the number of batches of the reset's pass."""
+    recipe = tiny_recipe(small_sketch_root, model={"freeze": 0.5}, sweep={"train.seed": [0, 1]})
+    run_study(tmp_path, recipe)
+    ingredients = find_checkpoints([tmp_path / "checkpoints" / "tiny"], kinds={"ingredient"})
+    built = recipe_from_dict(ingredients[0].recipe)
+    model = build_model(built.model, ingredients[0].classes, built.data.image_size)
+    freeze_prefix(model.backbone, built.model.freeze)
+    frozen = [name for name, layer in batchnorm.batchnorm_layers(model).items() if not layer.weight.requires_grad]
+    assert frozen
+    a, b = (c.state_dict() for c in ingredients)
+    assert all(torch.equal(a[f"{name}.weight"], b[f"{name}.weight"]) for name in frozen)  # frozen weights
+    assert any(not torch.equal(a[f"{name}.running_mean"], b[f"{name}.running_mean"]) for name in frozen)
+    result = cook(tmp_path, "--uniform", "-o", "u.safetensors")
+    assert result.exit_code == 0, result.output
+    soup = read_checkpoint(tmp_path / "u.safetensors")
+    record = soup.meta["bn_reset"]
+    differing = [n for n in frozen if not torch.equal(a[f"{n}.running_mean"], b[f"{n}.running_mean"])]
+    assert set(differing) <= set(record["layers"])
+    batches = -(-record["images"] // record["batch_size"])
+    saved = soup.state_dict()
+    assert all(saved[f"{name}.num_batches_tracked"].item() == batches for name in record["layers"])
 
 
 def test_freeze_bn_is_validated(tmp_path, small_sketch_root):
