@@ -301,6 +301,13 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict:
     for step, (inputs, targets) in enumerate(run.pipeline.train_batches(epoch)):
         try:
             losses.append(train_step(run, inputs, targets, generator))
+        except ValueError as err:
+            if "more than 1 value per channel" not in str(err):
+                raise
+            raise SoupError(f"{run.ingredient.id}: epoch {epoch + 1}, step {step + 1} is a batch of one image, and a "
+                            f"BatchNorm layer cannot train on one ({run.n_train} train images in batches of "
+                            f"{t.batch_size}); choose another train.batch_size, add train images, or set "
+                            "model.freeze_bn: true") from None
         except RuntimeError as err:  # e.g. AdamW's lr / bias correction overflowing float32: the run diverged
             if not DIVERGED.search(str(err)):
                 raise  # out of memory, a bug: not the numbers
