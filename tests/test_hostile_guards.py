@@ -3,17 +3,23 @@ check), NaN logits at evaluation, the NaN stop's advice, an endless train.epochs
 output."""
 
 import argparse
+import errno
 import os
 import shutil
+import threading
 
 import pytest
 import timm
 import torch
 import yaml
 from click.testing import CliRunner
+from rich.console import Console
 from timm.utils import CheckpointSaver
 
+import soup.cook.cooking
 from soup.cli import cli
+from soup.cook.cooking import cook as cook_soup
+from soup.errors import SoupError
 from soup.models.checkpoint import read_checkpoint, save_checkpoint
 
 from conftest import CLASSES, ingredient_path, one_error_line, run_study, tiny_recipe
@@ -124,3 +130,62 @@ def test_an_endless_epoch_count_is_one_line(tmp_path, small_sketch_root, key):
     one_error_line(result, f"{key} must be 1 to 10,000")
     ok = CliRunner().invoke(cli, ["train", recipe, "--list", "--set", f"{key}=10000"])
     assert ok.exit_code == 0, ok.output
+
+
+# L. Cooks racing to one new output: the final step never replaces a file that appeared meanwhile -----------
+
+def pause_before_writing(monkeypatch, before):
+    """Run `before()` between cooking's output check and its final write (where a racing cook lands)."""
+    real = soup.cook.cooking.save_checkpoint
+
+    def paused(*args, **kwargs):
+        before()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(soup.cook.cooking, "save_checkpoint", paused)
+
+
+def no_hard_links(*args, **kwargs):
+    raise PermissionError(errno.EPERM, "Operation not permitted")
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_four_cooks_racing_to_one_new_output_one_wins(trained, tmp_path, monkeypatch, links):
+    """Four cooks pass the exists check together, then all write: one soup lands, three fail, none replaced;
+    on a file system without hard links too (an exclusive create claims the name)."""
+    if not links:
+        monkeypatch.setattr(os, "link", no_hard_links)
+    barrier = threading.Barrier(4)
+    pause_before_writing(monkeypatch, lambda: barrier.wait(timeout=120))
+    ingredients = [read_checkpoint(ingredient_path(trained, i)) for i in (0, 1)]
+    out = tmp_path / "soups" / "uniform.safetensors"
+    outcomes = []
+
+    def one_cook():
+        try:
+            cook_soup("uniform", ingredients, out, None, console=Console(quiet=True))
+            outcomes.append("wrote")
+        except SoupError as err:
+            outcomes.append(str(err))
+
+    threads = [threading.Thread(target=one_cook) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert outcomes.count("wrote") == 1, outcomes
+    assert all("exists: another command wrote it while this one ran" in o for o in outcomes if o != "wrote")
+    assert read_checkpoint(out).kind == "uniform"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["uniform.safetensors"]  # no temporary file left
+
+
+def test_an_output_that_appears_while_cooking_is_left_alone_unless_overwrite(trained, tmp_path, monkeypatch):
+    out = tmp_path / "soup.safetensors"
+    pause_before_writing(monkeypatch, lambda: out.write_bytes(b"another cook's soup"))
+    args = ["cook", "--uniform", "--no-eval", ingredient_path(trained, 0), ingredient_path(trained, 1), "-o", out]
+    one_error_line(invoke(trained, *args), str(out), "exists", "--overwrite")
+    assert out.read_bytes() == b"another cook's soup"
+    out.unlink()
+    result = invoke(trained, *args, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(out).kind == "uniform"
