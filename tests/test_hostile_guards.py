@@ -90,6 +90,20 @@ def test_an_imported_source_with_absurd_normalisation_goes_through_the_same_chec
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("key,value", [("mean", [1e308, 0.4, 0.4]), ("std", [1e-320, 0.2, 0.2]),
+                                       ("std", ["0.2", 0.2, 0.2])])
+def test_a_checkpoint_recording_absurd_normalisation_is_refused_naming_it(trained, tmp_path, key, value):
+    """A recorded recipe is data: an edited mean/std meets the recipe's own check where the file is read."""
+    source = read_checkpoint(ingredient_path(trained))
+    recipe = {**source.recipe, "data": {**source.recipe["data"], key: value}}
+    path = tmp_path / "edited.safetensors"
+    save_checkpoint(path, source.state_dict(), {**source.meta, "recipe": recipe})
+    for args in (["eval", path], ["inspect", path], ["cook", path, ingredient_path(trained, 1), "-o",
+                                                    tmp_path / "s.safetensors"]):
+        one_error_line(invoke(trained, *args), str(path), f"recipe.data.{key}")
+    assert not (tmp_path / "s.safetensors").exists()
+
+
 def negative_var(state):
     key = [k for k in state if k.endswith("running_var")][-1]  # the last BatchNorm: every logit goes NaN
     state[key] = -state[key].abs() - 1.0

@@ -140,7 +140,7 @@ def check_values(recipe) -> None:
         (IMAGE_SIZES[0] <= d.image_size <= IMAGE_SIZES[1], "data.image_size",
          f"must be {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} pixels"),
         (len(d.mean) == 3 and len(d.std) == 3, "data.mean/data.std", "need three values (RGB)"),
-        *_normalisation_checks(d),
+        *normalisation_checks(d.mean, d.std),
         (_seed(d.holdout_seed), "data.holdout_seed", "must be in [0, 2^32)"),
         (_seed(m.init_seed), "model.init_seed", "must be in [0, 2^32)"),
         (_seed(t.seed), "train.seed", "must be in [0, 2^32)"),
@@ -168,16 +168,17 @@ def check_values(recipe) -> None:
     parse_backbone(m.backbone)
 
 
-def _normalisation_checks(d) -> list[tuple[bool, str, str]]:
-    """data.mean and data.std finite and within MEAN_BOUND / STD_RANGE (NaN fails every comparison)."""
+def normalisation_checks(mean: list[float], std: list[float]) -> list[tuple[bool, str, str]]:
+    """data.mean and data.std finite and within MEAN_BOUND / STD_RANGE (NaN fails every comparison): the
+    recipe check's, and a checkpoint's recorded recipe's (soup.models.metadata)."""
     low, high = STD_RANGE
     why = "images are scaled to [0, 1] before normalising"
     return [
-        (all(math.isfinite(m) and abs(m) <= MEAN_BOUND for m in d.mean), "data.mean",
-         f"must be finite numbers from {-MEAN_BOUND:g} to {MEAN_BOUND:g}, not {_listed(d.mean)}: {why} "
+        (all(math.isfinite(m) and abs(m) <= MEAN_BOUND for m in mean), "data.mean",
+         f"must be finite numbers from {-MEAN_BOUND:g} to {MEAN_BOUND:g}, not {_listed(mean)}: {why} "
          "(ImageNet's mean is [0.485, 0.456, 0.406])"),
-        (all(math.isfinite(s) and low <= s <= high for s in d.std), "data.std",
-         f"must be finite numbers from {low:g} to {high:g}, not {_listed(d.std)}: {why} "
+        (all(math.isfinite(s) and low <= s <= high for s in std), "data.std",
+         f"must be finite numbers from {low:g} to {high:g}, not {_listed(std)}: {why} "
          "(ImageNet's std is [0.229, 0.224, 0.225])"),
     ]
 
