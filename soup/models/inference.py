@@ -57,8 +57,8 @@ class NonFiniteLogits(SoupError):
 
     def __init__(self, what: str, bad: int, total: int):
         self.bad, self.total = bad, total
-        super().__init__(f"{what}: its weights give NaN or infinite logits on {bad} of {total} images, so nothing "
-                         "they score would mean anything; a BatchNorm running_var below zero or a tensor holding "
+        super().__init__(f"{what}: its weights give NaN or infinite logits on {bad} of {total} images, so no figure "
+                         "from them would mean anything; a BatchNorm running_var below zero or a tensor holding "
                          "NaN/inf does this (retrain it, or import it again from a sound source)")
 
     def named(self, what: str) -> "NonFiniteLogits":
