@@ -145,10 +145,12 @@ def test_bad_bn_images_is_one_line(bn_study, value):
     assert not (work / "x.safetensors").exists()
 
 
-def test_bn_images_with_no_bn_reset_is_a_contradiction(bn_study):
+@pytest.mark.parametrize("flag", ["--no-bn-reset", "--no-eval"])
+def test_bn_images_with_no_bn_reset_or_no_eval_is_a_contradiction(bn_study, flag):
+    """Refused, not warned about: either flag measures no statistics, so the count asked for would be ignored."""
     work, _, _ = bn_study
-    one_error_line(cook(work, "--uniform", "-o", "x.safetensors", "--bn-images", "5", "--no-bn-reset"),
-                   "--bn-images 5 and --no-bn-reset contradict")
+    one_error_line(cook(work, "--uniform", "-o", "x.safetensors", "--bn-images", "5", flag),
+                   f"--bn-images 5 and {flag} contradict")
     assert not (work / "x.safetensors").exists()
 
 

@@ -72,9 +72,10 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
     source = click.get_current_context().get_parameter_source
-    if no_bn_reset and source("bn_images") is not click.core.ParameterSource.DEFAULT:
-        raise SoupError(f"--bn-images {bn_images} and --no-bn-reset contradict each other: --no-bn-reset measures "
-                        "no statistics, on any number of images; drop one of them")
+    for flag, on in (("--no-bn-reset", no_bn_reset), ("--no-eval", no_eval)):
+        if on and source("bn_images") is not click.core.ParameterSource.DEFAULT:
+            raise SoupError(f"--bn-images {bn_images} and {flag} contradict each other: {flag} measures no BatchNorm "
+                            "statistics, on any number of images; drop one of them")
     bn_images = None if no_bn_reset else check_images(bn_images)
     found = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None, warn=warn)
     _report_sweeps(found, list(paths) or [Path("checkpoints")])
