@@ -141,7 +141,7 @@ def test_a_nan_loss_before_any_update_does_not_blame_the_lr(trained, tmp_path):
 def test_an_endless_epoch_count_is_one_line(tmp_path, small_sketch_root, key):
     recipe = write_recipe(tmp_path, small_sketch_root, model={"probe": {"epochs": 1, "lr": 0.01}})
     result = CliRunner().invoke(cli, ["train", recipe, "--list", "--set", f"{key}={10**23}"])
-    one_error_line(result, f"{key} must be 1 to 10,000")
+    one_error_line(result, f"{key} must be at least 1 and at most 10,000")
     ok = CliRunner().invoke(cli, ["train", recipe, "--list", "--set", f"{key}=10000"])
     assert ok.exit_code == 0, ok.output
 

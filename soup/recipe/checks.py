@@ -146,7 +146,8 @@ def check_values(recipe) -> None:
         (_seed(t.seed), "train.seed", "must be in [0, 2^32)"),
         (0.0 <= d.holdout < 1.0, "data.holdout", "must be in [0, 1)"),
         (0.0 <= m.freeze <= 1.0, "model.freeze", "must be in [0, 1]"),
-        (1 <= t.epochs <= MAX_EPOCHS, "train.epochs", f"must be 1 to {MAX_EPOCHS:,}, not {t.epochs:,}"),
+        (1 <= t.epochs <= MAX_EPOCHS, "train.epochs",
+         f"must be at least 1 and at most {MAX_EPOCHS:,}, not {t.epochs:,}"),
         (t.batch_size >= 1, "train.batch_size", "must be at least 1"),
         (0 < t.lr <= MAX_RATE, "train.lr", f"must be a positive number, at most {MAX_RATE:g}"),
         (0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)"),
@@ -210,7 +211,8 @@ def _probe_checks(probe) -> list[tuple[bool, str, str]]:
     if probe is None:
         return []
     return [
-        (1 <= probe.epochs <= MAX_EPOCHS, "model.probe.epochs", f"must be 1 to {MAX_EPOCHS:,}, not {probe.epochs:,}"),
+        (1 <= probe.epochs <= MAX_EPOCHS, "model.probe.epochs",
+         f"must be at least 1 and at most {MAX_EPOCHS:,}, not {probe.epochs:,}"),
         (0 < probe.lr <= MAX_RATE, "model.probe.lr", f"must be positive, at most {MAX_RATE:g}"),
         (probe.batch_size is None or probe.batch_size >= 1, "model.probe.batch_size", "must be at least 1"),
     ]
