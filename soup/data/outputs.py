@@ -42,8 +42,8 @@ def recorded_roots(checkpoint: Checkpoint) -> list[Path]:
     if not isinstance(root, str) or not root:
         return []
     places = [Path(root)]
-    if isinstance(checkpoint.meta.get("data_root"), str):
-        places.append(Path(checkpoint.meta["data_root"]))
+    if checkpoint.record.data_root is not None:
+        places.append(Path(checkpoint.record.data_root))
     if not Path(root).is_absolute():
         places += [folder / root for folder in checkpoint.path.resolve().parents
                    if (folder / root / SPLIT_FOLDERS["train"]).is_dir()]

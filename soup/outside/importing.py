@@ -28,12 +28,12 @@ from soup.data.outputs import check_output
 from soup.errors import SoupError
 from soup.models.backbones import build_model, fingerprint
 from soup.models.checkpoint import INGREDIENT_FILE, atomic_path, is_soup_checkpoint, save_checkpoint
+from soup.models.records import UNKNOWN_START, Imported, Record, Start
 from soup.outside.layouts import Fitted, fit, timm_classifier
 from soup.outside.reading import Source, read_source
 from soup.recipe.spec import DataConfig, parse_backbone, recipe_from_dict
 from soup.text import printable, shown
 
-UNKNOWN_START = "unknown"  # start_fingerprint of an ingredient imported without --start
 PRETRAINED = "pretrained"
 
 
@@ -154,7 +154,8 @@ def _start(start: str | None, recipe: dict, classes: list[str], target: dict, cl
     model = recipe["model"]
     if start is None:
         model["pretrained"] = False
-        return UNKNOWN_START, {"kind": "unknown", "start_check": "off"}, None
+        unknown = Start.unknown()
+        return unknown.fingerprint, unknown.how, None
     tensors = None
     if start == PRETRAINED:
         model["pretrained"] = True
@@ -184,19 +185,17 @@ def _start(start: str | None, recipe: dict, classes: list[str], target: dict, cl
 
 
 def _meta(item: Planned, recipe: dict, backbone: str, classes: list[str], start_fp: str, start: dict,
-          ids: list[str], name: str) -> dict:
+          ids: list[str], name: str) -> Record:
     source = item.source
-    return {
-        "kind": "ingredient", "name": name, "id": item.id, "settings": {}, "recipe": recipe,
-        "backbone": backbone, "classes": classes, "start_fingerprint": start_fp, "seed": None,
-        "val_history": [], "probe": None, "sweep_ids": ids, "start": start,
-        "imported": {"source": str(source.given.resolve()), "file": str(source.file.resolve()),
-                     "sha256": source.sha256, "format": source.format, "weights": source.weights,
-                     "layout": item.fitted.layout, "prefix": item.fitted.prefix,
-                     "left_out": item.fitted.left_out, "architecture_from": source.arch_from or "--model",
-                     "classes_reordered": item.reordered, "metric": source.metric, "epoch": source.epoch,
-                     "crop": source.crop, "hub_id": source.hub_id},
-    }
+    return Record(
+        kind="ingredient", name=name, id=item.id, settings={}, recipe=recipe, backbone=backbone, classes=classes,
+        start=Start(start_fp, start), seed=None, history=[], probe=None, sweep_ids=ids,
+        imported=Imported.parse({"source": str(source.given.resolve()), "file": str(source.file.resolve()),
+                                 "sha256": source.sha256, "format": source.format, "weights": source.weights,
+                                 "layout": item.fitted.layout, "prefix": item.fitted.prefix,
+                                 "left_out": item.fitted.left_out, "architecture_from": source.arch_from or "--model",
+                                 "classes_reordered": item.reordered, "metric": source.metric, "epoch": source.epoch,
+                                 "crop": source.crop, "hub_id": source.hub_id}))
 
 
 def import_checkpoints(paths: list[Path], data_root: Path, model: str | None = None, start: str | None = None,

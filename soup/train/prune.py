@@ -21,6 +21,7 @@ from pathlib import Path
 
 from soup.models import distributed
 from soup.models.checkpoint import write_text_atomic
+from soup.models.records import Rung, first_pruned
 from soup.recipe.spec import Ingredient, resumable
 
 RUNGS_DIR = "rungs"
@@ -85,19 +86,14 @@ def at_rung(run, record: dict) -> dict:
     if ingredient.prune is None or record["epoch"] not in ingredient.prune.rungs:
         return {}
     main = distributed.world().main
-    decision = distributed.from_main(decide(ingredient, run.run_dir, record, run.probe, run.meta["start_fingerprint"])
+    decision = distributed.from_main(decide(ingredient, run.run_dir, record, run.probe, run.start_fingerprint)
                                      if main else None)
     if decision["pruned"]:
-        run.console.print(f"  [yellow]{describe(decision)}[/]; the next draw takes its place")
+        run.console.print(f"  [yellow]{Rung.parse(decision).describe()}[/]; the next draw takes its place")
     return {"rung": decision}
 
 
-def stopped(history: list[dict]) -> dict | None:
+def stopped(history: list[dict]) -> Rung | None:
     """The decision that pruned a run with this history (None: not pruned)."""
-    return next((r["rung"] for r in history if isinstance(r.get("rung"), dict) and r["rung"].get("pruned")), None)
+    return first_pruned(history)
 
-
-def describe(decision: dict) -> str:
-    return (f"pruned at epoch {decision['epoch']}: val {decision['val_top1']:.2%} below the "
-            f"{'probed start' if decision['rule'] == 'start' else 'median of its peers'} "
-            f"({decision['threshold']:.2%})")
