@@ -37,9 +37,8 @@ def recorded_roots(checkpoint: Checkpoint) -> list[Path]:
     the folder training ran in: training records that resolved path (data_root); a file from before that
     record had its checkpoints folder there by default, so each ancestor holding such a data root counts
     too. The current folder's reading counts as well: that is where eval and submit look for it."""
-    data = checkpoint.recipe.get("data")
-    root = data.get("root") if isinstance(data, dict) else None
-    if not isinstance(root, str) or not root:
+    root = checkpoint.recipe.get("data", {}).get("root")  # an object, and a text: checked at read
+    if not root:
         return []
     places = [Path(root)]
     if checkpoint.record.data_root is not None:

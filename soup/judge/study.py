@@ -28,7 +28,7 @@ OFF_BASIN = 2.0
 def _last_train_loss(checkpoint: Checkpoint) -> float | None:
     history = checkpoint.record.history
     loss = history[-1].get("train_loss") if history else None
-    return float(loss) if isinstance(loss, (int, float)) else None
+    return None if loss is None else float(loss)  # a number or null: the record was checked at read
 
 
 def start_distances(checkpoints: list[Checkpoint]) -> dict[str, float]:
