@@ -16,7 +16,8 @@ from rich.console import Console
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, save_checkpoint
 from soup.models.metrics import scores
-from soup.models.records import BatchNormReset, Member, MethodRecord, Record, Selection, Start
+from soup.models.records import (BatchNormReset, Calibration, Member, MethodRecord, Record, Selection, Start,
+                                 Versus)
 from soup.score.calibrate import calibration_record, print_calibration
 # Importing soup.cook.methods registers every method in METHODS.
 from soup.cook.batchnorm import DEFAULT_IMAGES, check_images
@@ -194,7 +195,8 @@ def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str |
         data_root=reference.record.data_root,  # where its data.root led
         method=MethodRecord([Member(c.name, str(c.path), w) for c, w in soup.members],
                             [c.name for c in ingredients], soup.steps, dict(soup.extra)),
-        selection=Selection.parse(selection), bn_reset=batchnorm_record(select, soup.state_dict), **extra)
+        selection=Selection.parse(selection), bn_reset=batchnorm_record(select, soup.state_dict),
+        calibration=Calibration.parse(extra.get("calibration")), versus_best=Versus.parse(extra.get("versus_best")))
     path = save_checkpoint(out, soup.state_dict, record)
     record_soup(path, record, ingredients, console)
     console.print(f"  wrote {shown(path)}")
