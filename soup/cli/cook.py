@@ -92,6 +92,8 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
         path = cook_soup(method, found, output, None if no_eval else select_on, data_root, force, base.console,
                          options=options, calibrate=calibrate, overwrite=overwrite, bn_images=bn_images,
                          named=list(paths))
+    if not (best or png):
+        return
     record = read_checkpoint(path).record
     cooked = [c for c in found if c.name in (record.method.candidates or [])]  # cook() leaves pruned draws out
     if best:

@@ -146,7 +146,7 @@ def rewrite_metadata(path: str | Path, meta: Record | dict) -> Path:
     tensors are written back as read: a soup checkpoint holds fp32 and integer tensors only, which
     save_checkpoint keeps byte for byte."""
     target = rewritable(path)
-    save_checkpoint(target, Checkpoint(target, dumped(meta)).state_dict(), meta)
+    save_checkpoint(target, read_tensors(target), meta)
     return Path(path)
 
 
@@ -195,8 +195,7 @@ class Checkpoint:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Its tensors, every floating one checked finite as it is read (see `finite`)."""
-        with _open(self.path) as f:
-            return {k: finite(self.path, k, f.get_tensor(k)) for k in f.keys()}
+        return read_tensors(self.path)
 
     def check_finite(self) -> None:
         """Refuse the file if one of its tensors holds NaN or infinity; one tensor in memory at a time."""
@@ -212,6 +211,12 @@ def finite(path: Path, key: str, tensor: torch.Tensor) -> torch.Tensor:
         raise SoupError(f"{path}: tensor {key} holds NaN or infinite values; its training diverged or the file "
                         "was damaged: retrain it (e.g. a lower lr) or leave it out")
     return tensor
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file at `path`, every floating one checked finite as it is read."""
+    with _open(path) as f:
+        return {k: finite(path, k, f.get_tensor(k)) for k in f.keys()}
 
 
 @contextlib.contextmanager
