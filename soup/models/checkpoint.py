@@ -153,7 +153,8 @@ def rewrite_metadata(path: str | Path, meta: Record | dict) -> Path:
 @dataclass
 class Checkpoint:
     """A soup checkpoint file and its record (soup.models.records), parsed once. `meta` is the metadata
-    object as written, for whoever looks at the raw JSON (tests, a rewrite); soup reads `record`."""
+    object as written, for whoever looks at the raw JSON (tests, a rewrite); soup reads `record`. Read from
+    a file, the record is checked (read_checkpoint); built in memory without one, it is parsed as given."""
 
     path: Path
     meta: dict
@@ -161,7 +162,7 @@ class Checkpoint:
 
     def __post_init__(self):
         if self.record is None:
-            self.record = parse(self.path, self.meta)
+            self.record = parse(self.path, self.meta, checked=False)
 
     @property
     def kind(self) -> str:

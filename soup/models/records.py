@@ -302,10 +302,13 @@ def dumped(record: Record | dict) -> dict:
     return record.dump() if isinstance(record, Record) else {"format": FORMAT, **record}
 
 
-def parse(path: Path, meta: dict, head_rows: int | None = None) -> Record:
+def parse(path: Path, meta: dict, head_rows: int | None = None, checked: bool = True) -> Record:
     """The record of the metadata `meta` of the file at `path`, checked (soup.models.metadata: one line
-    naming the field soup cannot use) and parsed once; `head_rows` as check_metadata takes it."""
-    check_metadata(path, meta, head_rows)
+    naming the field soup cannot use) and parsed once; `head_rows` as check_metadata takes it. Unchecked
+    (`checked` False: a Checkpoint built in memory, whose maker vouches for it), a missing required field
+    reads as empty."""
+    if checked:
+        check_metadata(path, meta, head_rows)
     unknown = {k: v for k, v in meta.items() if k not in KNOWN}
     kind = meta.get("kind", "ingredient")
     history = meta.get("val_history") or []
@@ -314,8 +317,8 @@ def parse(path: Path, meta: dict, head_rows: int | None = None) -> Record:
         method = MethodRecord([Member.parse(m) for m in meta.get("members") or []], meta.get("candidates"),
                               meta.get("steps") or [], unknown)
     return Record(
-        recipe=meta["recipe"], backbone=meta["backbone"], classes=meta["classes"],
-        start=Start(meta["start_fingerprint"], meta.get("start")), kind=kind, name=meta.get("name"),
+        recipe=meta.get("recipe", {}), backbone=meta.get("backbone", ""), classes=meta.get("classes", []),
+        start=Start(meta.get("start_fingerprint", UNKNOWN_START), meta.get("start")), kind=kind, name=meta.get("name"),
         id=meta.get("id"), settings=meta.get("settings"), data_root=meta.get("data_root"), seed=meta.get("seed"),
         history=history, val_acc=meta.get("val_acc"), raw_val_acc=meta.get("raw_val_acc"),
         probe=Probe.parse(meta.get("probe")),
