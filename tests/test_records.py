@@ -135,5 +135,7 @@ def test_cook_itself_leaves_pruned_draws_out_unless_their_file_is_named(tmp_path
     assert "left out 1 pruned draw (pico/pruned)" in console.export_text()
     named = cook("uniform", [kept, pruned], tmp_path / "n.safetensors", None, console=console,
                  named=[pruned.path])
-    assert [m.name for m in read_checkpoint(named).record.members] == ["pico/kept", "pico/pruned"]
+    written = read_checkpoint(named)
+    assert [m.name for m in written.record.members] == ["pico/kept", "pico/pruned"]
+    assert written.record.dump() == written.meta  # what cook wrote reads back as written
     assert "was pruned at epoch 1 (search.prune); cooking it because its file is named" in console.export_text()

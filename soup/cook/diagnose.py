@@ -20,6 +20,7 @@ from soup.cook.selector import Selector
 from soup.cook.weights import rebuilt_starts, weighted_average
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, tensors_across
+from soup.models.records import BatchNormReset
 from soup.text import shown
 
 
@@ -141,7 +142,7 @@ def loss_line(a: Checkpoint, b: Checkpoint, points: int = 5, split: str = "val",
     barrier = max((1 - p["t"]) * first + p["t"] * last - p["top1"] for p in line)
     report = {"a": a.name, "b": b.name, "split": split, "line": line, "barrier": max(barrier, 0.0)}
     if select.reset is not None:  # the images the mixes' statistics were measured on
-        report["bn_reset"] = {k: v for k, v in select.reset.record({}).items() if k != "layers"}
+        report["bn_reset"] = BatchNormReset.parse(select.reset.record({})).images_only()
     return report
 
 

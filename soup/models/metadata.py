@@ -1,8 +1,8 @@
-"""A checkpoint's metadata checked once, where it is read (by soup.models.records, which alone calls it): every field soup's commands use has the shape
-they use it in, or the file is refused in one line naming the field (report, plot, inspect, eval and
-export then never meet an edited value they would trip over). A recorded recipe is data: it may not name a
-file for a model library to load (timm's `checkpoint_path`, a pretrained config's `file`), since loading
-one unpickles it.
+"""A checkpoint's metadata checked once, where it is read (by soup.models.records, which alone calls it): every
+field soup's commands use has the shape they use it in, or the file is refused in one line naming the field
+(report, plot, inspect, eval and export then never meet an edited value they would trip over). A recorded
+recipe is data: it may not name a file for a model library to load (timm's `checkpoint_path`, a pretrained
+config's `file`), since loading one unpickles it.
 """
 
 from __future__ import annotations

@@ -98,10 +98,6 @@ class Selection(Part):
         """Whether these scores chose or fitted the weights (soups from before "chose" was recorded did)."""
         return self.chose is not False
 
-    def scores(self) -> dict:
-        """The figures scored (top1, top5, loss, n, and any other recorded)."""
-        return {k: v for k, v in self.dump().items() if k not in ("split", "root", "chose")}
-
 
 @dataclass(frozen=True)
 class BatchNormReset(Part):

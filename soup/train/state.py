@@ -104,7 +104,8 @@ def resume_state(path: Path, identity: dict, model, optimizer, scaler, schedule)
         raise SoupError(f"{path} was saved by an older version of soup (its lr schedule stepped per epoch); "
                         "delete it to start over")
     saved = state["meta"]
-    if {**saved, "recipe": normalised(saved.get("recipe"))} != {**identity, "recipe": resumable(identity.get("recipe"))}:
+    expected = {**identity, "recipe": resumable(identity.get("recipe"))}
+    if {**saved, "recipe": normalised(saved.get("recipe"))} != expected:
         raise SoupError(f"{path} was saved by a different recipe or start; delete it to start over")
     result = model.load_state_dict(state["model"], strict=False)
     if result.unexpected_keys or set(result.missing_keys) != frozen_names(model):
