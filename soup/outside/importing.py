@@ -8,7 +8,8 @@ start (--start FILE or pretrained) is rebuilt as `soup train` would build it (ba
 timm's pretrained weights, head from init_seed), so its fingerprint is what cooking's shared-start check,
 Model Stock, --interpolate B and `soup inspect` compare with; a start FILE is stored beside the
 ingredients as a plain weights file (model.weights), so the import does not depend on where it was. Without
-a start, the ingredients record UNKNOWN_START and the methods that need the start refuse.
+a start, the ingredients record an unknown start (soup.models.records.Start.unknown) and the methods that
+need the start refuse.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from soup.data.outputs import check_output
 from soup.errors import SoupError
 from soup.models.backbones import build_model, fingerprint
 from soup.models.checkpoint import INGREDIENT_FILE, atomic_path, is_soup_checkpoint, save_checkpoint
-from soup.models.records import UNKNOWN_START, Imported, Record, Start
+from soup.models.records import Imported, Record, Start
 from soup.outside.layouts import Fitted, fit, timm_classifier
 from soup.outside.reading import Source, read_source
 from soup.recipe.spec import DataConfig, parse_backbone, recipe_from_dict
