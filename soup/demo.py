@@ -166,7 +166,7 @@ def _verdict(rows: list[dict], console: Console) -> None:
 
 
 def _plot(rows: list[dict], greedy, path: Path, console: Console) -> Path | None:
-    steps = {"name": greedy.name, "steps": greedy.meta["steps"], "split": greedy.meta["selection"]["split"]}
+    steps = {"name": greedy.name, "steps": greedy.record.method.steps, "split": greedy.record.selection.split}
     try:
         draw(rows, steps, path)
     except SoupError as err:  # soup installed without its dependencies (no matplotlib): the rest still runs

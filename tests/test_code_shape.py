@@ -6,10 +6,13 @@ soup and name the file and line at fault."""
 from __future__ import annotations
 
 import ast
+import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,3 +264,58 @@ def test_each_module_imports_alone():
     assert done.returncode == 0, done.stderr[-3000:]
     failed = done.stdout.strip().rpartition("FAILED:")[2]
     assert not failed, f"modules that fail to import alone: {failed}\n{done.stderr[-3000:]}"
+
+
+# Nevers (issue 32): links the stage order allows but the design does not. cook reads an imported
+# ingredient's unknown start from its record, not from the importer; judge reads a draw's pruning from its
+# record, not by re-deriving it with train's code; models/ (the records) knows no soup method by name, so
+# that a new method touches soup/cook alone.
+NEVER_IMPORTS = {"cook": "outside", "judge": "train"}
+
+
+def _never_imported(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{importer} imports {target}" for importer in sorted(graph) for target in sorted(graph[importer])
+            if importer.count(".") and target.count(".")
+            and NEVER_IMPORTS.get(importer.split(".")[1]) == target.split(".")[1]]
+
+
+def test_never_imports_are_named():
+    graph = {"soup.cook.cooking": {"soup.outside.importing", "soup.models.records"},
+             "soup.judge.page": {"soup.train.prune"}, "soup.judge.card": {"soup.cook.batchnorm"}}
+    assert _never_imported(graph) == ["soup.cook.cooking imports soup.outside.importing",
+                                      "soup.judge.page imports soup.train.prune"]
+
+
+def test_cook_never_imports_outside_nor_judge_train():
+    found = _never_imported(_graph())
+    assert not found, "imports the design rules out (" + ", ".join(f"{a} -> {b}" for a, b in
+                                                              NEVER_IMPORTS.items()) + "): " + "; ".join(found)
+
+
+def _method_names() -> list[str]:
+    """The names soup/cook/methods.py registers with @soup_method("name", ...)."""
+    tree = ast.parse((PACKAGE / "cook" / "methods.py").read_text(encoding="utf-8"))
+    return [decorator.args[0].value for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+            for decorator in node.decorator_list
+            if isinstance(decorator, ast.Call) and getattr(decorator.func, "id", None) == "soup_method"]
+
+
+def _method_mentions(source: str, names: list[str]) -> list[str]:
+    """Each string in `source` (docstrings and comments too) that names one of `names` as a word."""
+    words = {name: re.compile(rf"\b{re.escape(name)}\b", re.IGNORECASE) for name in names}
+    texts = [node.value for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Constant)
+             and isinstance(node.value, str)]
+    texts += [token.string for token in tokenize.generate_tokens(io.StringIO(source).readline)
+              if token.type == tokenize.COMMENT]
+    return [f"{name} in {text[:60]!r}" for text in texts for name, word in words.items() if word.search(text)]
+
+
+def test_models_names_no_soup_method():
+    names = _method_names()
+    assert {"uniform", "greedy", "stock"} <= set(names)  # the registry is read, not an empty list
+    assert _method_mentions('FIELDS = {"stock": 1}  # a greedy step\n', names) == [
+        "stock in 'stock'", "greedy in '# a greedy step'"]
+    found = [f"{path.relative_to(ROOT)}: {mention}" for path in sorted((PACKAGE / "models").glob("*.py"))
+             for mention in _method_mentions(path.read_text(encoding="utf-8"), names)]
+    assert not found, "soup/models/ names soup methods (declare a method's fields beside it in soup/cook): " + \
+        "; ".join(found)

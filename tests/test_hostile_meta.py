@@ -243,3 +243,10 @@ def test_stores_beyond_the_budget_go_least_recently_used_first(tmp_path, monkeyp
     newest = fast_store.create_store(tmp_path / "prefix-val_images-e.bin", "e", (10,), np.uint8, lambda o: o.fill(1))
     del newest
     assert [p.name for p in tmp_path.glob("*.bin")] == ["prefix-val_images-e.bin"]  # the new one is never evicted
+
+
+def test_what_train_and_cook_wrote_reads_back_as_written(work):
+    """soup.models.records parses a real ingredient and soup and dumps them back key for key (issue 32)."""
+    for path in (ingredient_path(work), ingredient_path(work, 1), greedy_path(work)):
+        checkpoint = read_checkpoint(path)
+        assert checkpoint.record.dump() == checkpoint.meta, path

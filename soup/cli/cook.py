@@ -79,7 +79,6 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     bn_images = None if no_bn_reset else check_images(bn_images)
     found = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None, warn=warn)
     _report_sweeps(found, list(paths) or [Path("checkpoints")])
-    ingredients = sweeps.leave_out_pruned(found, list(paths), base.console)
     options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None), ("hyperplane", hyperplane or None),
                                  ("bound", bound), ("patience", patience)) if v is not None}
     if best:
@@ -88,18 +87,26 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     output = output or Path("checkpoints") / "soups" / f"{method}.safetensors"
     png = (output.parent / plot_path if plot_path == "soups.png" else Path(plot_path)) if plot_path else None
     if png:  # a picture is redrawn freely, but never over a checkpoint: checked before cooking
-        check_output(png, list(paths), overwrite=True, what="picture", roots=data_roots(ingredients, data_root))
+        check_output(png, list(paths), overwrite=True, what="picture", roots=data_roots(found, data_root))
     if best:
-        verdict = BestVerdict(ingredients, data_root)
-        path = cook_best(ingredients, output, None if no_eval else select_on, data_root, force, base.console,
-                         calibrate=calibrate, overwrite=overwrite, on_candidate=verdict, bn_images=bn_images)
-        verdict.report(read_checkpoint(path).meta["best"]["winner"], select_on, base.console)
+        verdict = BestVerdict(found, data_root)
+        path = cook_best(found, output, None if no_eval else select_on, data_root, force, base.console,
+                         calibrate=calibrate, overwrite=overwrite, on_candidate=verdict, bn_images=bn_images,
+                         named=list(paths))
     else:
-        path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, base.console,
-                         options=options, calibrate=calibrate, overwrite=overwrite, bn_images=bn_images)
+        path = cook_soup(method, found, output, None if no_eval else select_on, data_root, force, base.console,
+                         options=options, calibrate=calibrate, overwrite=overwrite, bn_images=bn_images,
+                         named=list(paths))
+    if not (best or png):
+        return
+    record = read_checkpoint(path).record
+    cooked = [c for c in found if c.name in (record.method.candidates or [])]  # cook() leaves pruned draws out
+    if best:
+        verdict.ingredients = cooked
+        verdict.report(record.method.get("best")["winner"], select_on, base.console)
     if png:
         soups = [c for c in find_checkpoints([path.parent], warn=warn) if c.kind != "ingredient"]
-        plot_checkpoints([c for c in ingredients if c.kind == "ingredient"] + soups, png, select_on, data_root,
+        plot_checkpoints([c for c in cooked if c.kind == "ingredient"] + soups, png, select_on, data_root,
                          base.console)
 
 

@@ -221,17 +221,3 @@ def train_split(template: Checkpoint, root: str | Path | None) -> Dataset:
     the evaluation transform."""
     cfg = recipe_from_dict(template.recipe).data
     return load_split(cfg, "train", root=root, classes=template.classes)
-
-
-def describe_reset(record) -> str | None:
-    """One line on a soup's BatchNorm statistics (its metadata's bn_reset), for inspect, report and card."""
-    if not isinstance(record, dict):
-        return None
-    layers = record.get("layers") or []
-    if record.get("off"):
-        return "BatchNorm statistics: the members' average, not re-estimated (--no-bn-reset)"
-    if not layers:
-        return "BatchNorm statistics: the members' own, kept as they are (no layer differed between members)"
-    return (f"BatchNorm statistics: {len(layers)} of {record.get('of_layers', len(layers))} layers re-estimated "
-            f"on {record.get('images')} {record.get('split', 'train')} images (seed {record.get('seed')}, batches "
-            f"of {record.get('batch_size')})")

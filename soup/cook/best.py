@@ -13,10 +13,15 @@ from rich.console import Console
 
 from soup.cook.batchnorm import DEFAULT_IMAGES, check_images
 from soup.cook.cooking import check_ingredients, fitted, save_soup, selector
+from soup.cook.sweeps import leave_out_pruned
 from soup.cook.methods import METHODS, Kitchen, Soup
 from soup.errors import SoupError, one_line
 from soup.models.checkpoint import Checkpoint
+from soup.models.metadata import TEXT, declare_method_field
 from soup.text import shown
+
+
+declare_method_field("best", {"winner": TEXT}, ("winner",))  # the methods tried and the one kept
 
 
 def check_best_request(method_given: bool, options: dict) -> None:
@@ -37,14 +42,17 @@ def candidate_methods() -> list[str]:
 def cook_best(ingredients: list[Checkpoint], out: str | Path, select_on: str | None = "val",
               data_root: str | Path | None = None, force: bool = False, console: Console | None = None,
               device: torch.device | None = None, calibrate: bool = False, overwrite: bool = False,
-              on_candidate: Callable[[str, Soup], None] | None = None, bn_images: int | None = DEFAULT_IMAGES) -> Path:
+              on_candidate: Callable[[str, Soup], None] | None = None, bn_images: int | None = DEFAULT_IMAGES,
+              named: list | None = None) -> Path:
     """Cook every candidate method with its defaults on one selector, keep the best on `select_on` (ties:
     the earlier method) and write it. A method that cannot run here (stock without a rebuildable start,
-    one ingredient) is skipped with a one-line note. `on_candidate(method, soup)` sees every soup cooked."""
+    one ingredient) is skipped with a one-line note. `on_candidate(method, soup)` sees every soup cooked.
+    Pruned draws are left out as soup.cook.cooking.cook leaves them (`named`: the files the user named)."""
     console = console or Console()
     if select_on is None:
         raise SoupError("--best picks the winner on held-out data; drop --no-eval")
     check_images(bn_images)
+    ingredients = leave_out_pruned(ingredients, named or [], console)
     check_ingredients(ingredients, out, False, data_root, force, console, overwrite)
     select = selector(ingredients, select_on, data_root, device, bn_images, console)
     scored, skipped, best = {}, {}, None

@@ -16,14 +16,16 @@ from rich.console import Console
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, save_checkpoint
 from soup.models.metrics import scores
+from soup.models.records import (BatchNormReset, Calibration, Member, MethodRecord, Record, Selection, Start,
+                                 Versus)
 from soup.score.calibrate import calibration_record, print_calibration
 # Importing soup.cook.methods registers every method in METHODS.
 from soup.cook.batchnorm import DEFAULT_IMAGES, check_images
 from soup.cook.methods import METHODS, Kitchen, Soup, parse_alphas
 from soup.cook.record import check_logs, record_soup
 from soup.cook.selector import Selector
+from soup.cook.sweeps import leave_out_pruned
 from soup.data.outputs import check_output, data_roots
-from soup.outside.importing import UNKNOWN_START
 from soup.score.compare import versus_best
 from soup.text import shown
 
@@ -44,7 +46,7 @@ def first_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, bool] | None:
             (sa, da), (sb, db) = layout_a[key], layout_b[key]
             what = "shape" if sa != sb else "dtype"
             return f"tensor {key} differs in {what} ({sa} {da} vs {sb} {db})", False
-    if a.fingerprint != b.fingerprint and UNKNOWN_START not in (a.fingerprint, b.fingerprint):
+    if a.fingerprint != b.fingerprint and a.record.start.known and b.record.start.known:
         return (f"different starting weights (fingerprint {a.fingerprint} vs {b.fingerprint}); soups need a "
                 "shared pretrained start"), True
     return None
@@ -59,7 +61,7 @@ def check_finite(ingredients: list[Checkpoint]) -> None:
 
 def check_compatible(ingredients: list[Checkpoint], force: bool, console: Console) -> None:
     reference = ingredients[0]
-    unknown = [c for c in ingredients if c.fingerprint == UNKNOWN_START]
+    unknown = [c for c in ingredients if not c.record.start.known]
     if unknown:
         console.print(f"[yellow]note[/]: the shared-start check is off for {len(unknown)} ingredients imported "
                       f"without their start (e.g. {shown(unknown[0].name)}; soup import --start sets it)")
@@ -99,8 +101,10 @@ def check_ingredients(ingredients: list[Checkpoint], out: str | Path, takes_soup
 def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on: str | None = "val",
          data_root: str | Path | None = None, force: bool = False, console: Console | None = None,
          device: torch.device | None = None, options: dict | None = None, calibrate: bool = False,
-         overwrite: bool = False, bn_images: int | None = DEFAULT_IMAGES) -> Path:
-    """Cook one soup with `method` and write it as a normal checkpoint with its provenance. `options` are
+         overwrite: bool = False, bn_images: int | None = DEFAULT_IMAGES, named: list | None = None) -> Path:
+    """Cook one soup with `method` and write it as a normal checkpoint with its provenance. Draws a pruned
+    search stopped at a rung are left out, said in one line, unless their file is among `named` (the
+    paths the user gave: a file named is a deliberate choice). `options` are
     the method's own (e.g. alpha for interpolate, per_layer for learned); others are refused. `calibrate`
     fits the soup's temperature on the selection split and stores it in the metadata. `bn_images`: the
     train images every mixed weight set's BatchNorm statistics are re-estimated on (None: kept as
@@ -119,6 +123,7 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     if "alpha" in (options or {}):
         parse_alphas(options["alpha"])  # a bad --alpha is one line before any ingredient is read
     check_images(bn_images)
+    ingredients = leave_out_pruned(ingredients, named or [], console)
     check_ingredients(ingredients, out, spec.takes_soups, data_root, force, console, overwrite)
     if spec.needs_selection and select_on is None:
         without = " or ".join(f"--{m}" for m, s in METHODS.items() if not s.needs_selection)
@@ -155,14 +160,14 @@ def fitted(soup: Soup, select: Selector | None, console: Console) -> Soup:
     return soup
 
 
-def batchnorm_record(select: Selector | None, state: dict[str, torch.Tensor]) -> dict:
-    """The metadata's bn_reset: which BatchNorm layers got statistics of their own, on which images; absent
+def batchnorm_record(select: Selector | None, state: dict[str, torch.Tensor]) -> BatchNormReset | None:
+    """The record's bn_reset: which BatchNorm layers got statistics of their own, on which images; None
     for a model without BatchNorm, so such a soup's file is the same with or without the reset."""
     if select is None or not select.has_batchnorm:
-        return {}
+        return None
     if select.reset is None:
-        return {"bn_reset": {"off": True, "layers": []}}
-    return {"bn_reset": select.reset.record(state)}
+        return BatchNormReset(off=True, layers=[])
+    return BatchNormReset.parse(select.reset.record(state))
 
 
 def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str | Path, select: Selector | None,
@@ -186,23 +191,15 @@ def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str |
             extra["versus_best"] = versus_best(soup.state_dict, soup.members[0][0], "val", data_root,
                                                select.device, console)
     reference = ingredients[0]
-    meta = {
-        "kind": method,
-        "name": method,
-        "recipe": reference.recipe,
-        **{k: reference.meta[k] for k in ("data_root",) if k in reference.meta},  # where its data.root led
-        "backbone": reference.backbone,
-        "classes": reference.classes,
-        "start_fingerprint": reference.fingerprint,
-        "members": [{"name": c.name, "path": str(c.path), "weight": w} for c, w in soup.members],
-        "candidates": [c.name for c in ingredients],
-        "steps": soup.steps,
-        "selection": selection,
-        **soup.extra,
-        **extra,
-        **batchnorm_record(select, soup.state_dict),
-    }
-    path = save_checkpoint(out, soup.state_dict, meta, replace=overwrite)
-    record_soup(path, meta, ingredients, console)
+    record = Record(
+        recipe=reference.recipe, backbone=reference.backbone, classes=reference.classes,
+        start=Start(reference.fingerprint), kind=method, name=method,
+        data_root=reference.record.data_root,  # where its data.root led
+        method=MethodRecord([Member(c.name, str(c.path), w) for c, w in soup.members],
+                            [c.name for c in ingredients], soup.steps, dict(soup.extra)),
+        selection=Selection.parse(selection), bn_reset=batchnorm_record(select, soup.state_dict),
+        calibration=Calibration.parse(extra.get("calibration")), versus_best=Versus.parse(extra.get("versus_best")))
+    path = save_checkpoint(out, soup.state_dict, record, replace=overwrite)
+    record_soup(path, record, ingredients, console)
     console.print(f"  wrote {shown(path)}")
     return path

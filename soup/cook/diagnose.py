@@ -15,11 +15,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from soup.cook.batchnorm import DEFAULT_IMAGES, describe_reset
+from soup.cook.batchnorm import DEFAULT_IMAGES
 from soup.cook.selector import Selector
 from soup.cook.weights import rebuilt_starts, weighted_average
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, tensors_across
+from soup.models.records import BatchNormReset
 from soup.text import shown
 
 
@@ -91,17 +92,18 @@ def pair_geometry(checkpoints: list[Checkpoint], console: Console | None = None)
 
 def describe_soup(checkpoint: Checkpoint, console: Console) -> None:
     """What a soup's method recorded: members and weights, and each step it tried."""
-    meta = checkpoint.meta
-    selection = meta.get("selection") or {}
-    where = f" on {selection['split']}" if selection else ""
+    record = checkpoint.record
+    selection, method = record.selection, record.method
+    where = f" on {selection.split}" if selection else ""
+    candidates = len(method.candidates or []) if method else 0
     console.print(f"[bold]{shown(checkpoint.name)}[/]: {shown(checkpoint.kind)} soup of "
-                  f"{len(meta.get('members', []))} of {len(meta.get('candidates', []))} candidates" +
-                  (f", {selection['top1']:.2%}{where}" if selection else ", cooked without data"))
-    for member in meta.get("members", []):
-        console.print(f"  member {shown(member['name'])}: weight {member['weight']:.3f}")
-    if "start_weight" in meta:
-        console.print(f"  the starting weights: weight {meta['start_weight']:.3f}")
-    for step in meta.get("steps", []):
+                  f"{len(record.members)} of {candidates} candidates" +
+                  (f", {selection.top1:.2%}{where}" if selection else ", cooked without data"))
+    for member in record.members:
+        console.print(f"  member {shown(member.name)}: weight {member.weight:.3f}")
+    if method and method.get("start_weight") is not None:
+        console.print(f"  the starting weights: weight {method.get('start_weight'):.3f}")
+    for step in method.steps if method else []:
         if "candidate" in step:
             verdict = "kept" if step["kept"] else "left out: the average with it scored lower"
             console.print(f"  greedy step {shown(step['candidate'])}: {step['top1']:.2%}{where}, {verdict}")
@@ -112,11 +114,10 @@ def describe_soup(checkpoint: Checkpoint, console: Console) -> None:
         elif "epoch" in step:
             console.print(f"  learned epoch {step['epoch']}: loss {step['loss']:.3f}, coefficients "
                           + " ".join(f"{c:.2f}" for c in step["coefficients"]))
-    if "stock" in meta:
-        console.print(f"  stock: mean ratio toward the average {meta['stock']['mean_ratio']:.3f}")
-    statistics = describe_reset(meta.get("bn_reset"))
-    if statistics:
-        console.print(f"  {statistics}")
+    if method and method.get("stock") is not None:
+        console.print(f"  stock: mean ratio toward the average {method.get('stock')['mean_ratio']:.3f}")
+    if record.bn_reset is not None:
+        console.print(f"  {record.bn_reset.describe()}")
 
 
 def loss_line(a: Checkpoint, b: Checkpoint, points: int = 5, split: str = "val",
@@ -141,7 +142,7 @@ def loss_line(a: Checkpoint, b: Checkpoint, points: int = 5, split: str = "val",
     barrier = max((1 - p["t"]) * first + p["t"] * last - p["top1"] for p in line)
     report = {"a": a.name, "b": b.name, "split": split, "line": line, "barrier": max(barrier, 0.0)}
     if select.reset is not None:  # the images the mixes' statistics were measured on
-        report["bn_reset"] = {k: v for k, v in select.reset.record({}).items() if k != "layers"}
+        report["bn_reset"] = BatchNormReset.parse(select.reset.record({})).images_only()
     return report
 
 

@@ -25,6 +25,7 @@ from soup.cook.selector import Selector
 from soup.cook.weights import starting_weights, weighted_average
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, tensors_across
+from soup.models.metadata import INTEGER, MAPPING, NUMBER, NUMBER_MAP, declare_method_field
 from soup.text import shown
 
 
@@ -108,6 +109,9 @@ def greedy_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
     return Soup(weighted_average(soup.members()), soup.members(), steps)
 
 
+declare_method_field("topk", {"k": INTEGER}, ("k",))
+
+
 @soup_method("topk", needs_selection=True, starts_from_best=True)
 def topk_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
               kitchen: Kitchen | None = None) -> Soup:
@@ -124,6 +128,9 @@ def topk_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
     console.print(f"  topk: best k = {best['k']} of {len(ranked)} ({best['top1']:.2%} on {select.split})")
     members = [(item.checkpoint, 1.0 / best["k"]) for item in ranked[:best["k"]]]
     return Soup(weighted_average(members), members, curve, {"topk": {"k": best["k"]}})
+
+
+declare_method_field("guided", MAPPING)
 
 
 @soup_method("guided", needs_selection=True, options={"patience": 3}, starts_from_best=True)
@@ -169,6 +176,9 @@ def learned_soup(ingredients: list[Checkpoint], select: Selector, console: Conso
     check_options(options)
     fit = (fit_hyperplane if options["hyperplane"] else fit_softmax)(ingredients, select, console, options)
     return Soup(fit.state, list(zip(ingredients, fit.weights)), fit.steps, fit.extra)
+
+
+declare_method_field("stock", {"mean_ratio": NUMBER, "ratios": NUMBER_MAP, "cosines": NUMBER_MAP}, ("mean_ratio",))
 
 
 @soup_method("stock")
@@ -234,6 +244,10 @@ def parse_alphas(alpha: str | float) -> list[float]:
         raise SoupError(f"--alpha {text}: more than {MAX_ALPHA_POINTS} points, each one evaluation on the "
                         f"selection set; take a step of at least (stop - start) / {MAX_ALPHA_POINTS - 1}")
     return [round(first + i * step, 10) for i in range(count)]
+
+
+declare_method_field("interpolation", MAPPING)
+declare_method_field("start_weight", NUMBER)  # the starting weights' share, where a method mixes them in
 
 
 @soup_method("interpolate", takes_soups=True, options={"alpha": "0.5"})

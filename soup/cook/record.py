@@ -21,6 +21,7 @@ from rich.console import Console
 
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, atomic_path
+from soup.models.records import Record
 from soup.text import printable, shown
 from soup.train import logs
 
@@ -32,21 +33,24 @@ COLUMNS = ("time", "method", "soup", "members", "weights", "split", "selection_t
 def recipe_folders(ingredients: list[Checkpoint]) -> list[Path]:
     """The `<out>/<name>/` folders the ingredients were trained in; a checkpoint copied elsewhere has none."""
     folders = [c.path.parent.parent for c in ingredients if c.kind == "ingredient"
-               and c.path.parent.name == c.meta.get("id") and c.path.parent.parent.name == c.meta.get("name")]
+               and c.path.parent.name == c.record.id and c.path.parent.parent.name == c.record.name]
     return list(dict.fromkeys(folders))
 
 
-def soup_row(path: Path, meta: dict) -> dict:
-    selection = meta.get("selection") or {}
-    members = meta.get("members") or []
+def _blank(value):
+    return "" if value is None else value
+
+
+def soup_row(path: Path, record: Record) -> dict:
+    selection, members = record.selection, record.members
     # A file name that is not valid UTF-8 keeps its bytes visible as \xNN escapes: the log stays UTF-8.
     soup = os.fsencode(path).decode("utf-8", errors="backslashreplace")
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": meta["kind"], "soup": soup,
-            "members": ";".join(m["name"] for m in members),
-            "weights": ";".join(f"{m['weight']:.6g}" for m in members),
-            "split": selection.get("split", ""), "selection_top1": selection.get("top1", ""),
-            "selection_nll": selection.get("loss", ""),
-            "steps": json.dumps(meta.get("steps") or [], separators=(",", ":"))}
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": record.kind, "soup": soup,
+            "members": ";".join(m.name for m in members),
+            "weights": ";".join(f"{m.weight:.6g}" for m in members),
+            "split": selection.split if selection else "", "selection_top1": _blank(selection and selection.top1),
+            "selection_nll": _blank(selection and selection.loss),
+            "steps": json.dumps(record.method.steps if record.method else [], separators=(",", ":"))}
 
 
 def log_problem(folder: Path) -> str | None:
@@ -108,12 +112,12 @@ def write_events(folder: Path, row: dict, count: int) -> None:
             writer.add_scalar(f"soups/{method}/selection_top1", row["selection_top1"], count)
 
 
-def record_soup(path: Path, meta: dict, ingredients: list[Checkpoint], console: Console | None = None) -> None:
-    """Log the soup at `path` (its checkpoint metadata `meta`) in every recipe folder it cooked from. A log
+def record_soup(path: Path, record: Record, ingredients: list[Checkpoint], console: Console | None = None) -> None:
+    """Log the soup at `path` (its checkpoint's `record`) in every recipe folder it cooked from. A log
     that cannot be written is one warning on `console` (a problem check_logs already said, none), never an
     error: the soup is written by then."""
     for folder in recipe_folders(ingredients):
-        row = soup_row(path, meta)
+        row = soup_row(path, record)
         try:
             count = append_row(folder, row)
             if count is not None and logs.available():

@@ -59,11 +59,12 @@ def sweep_status(ingredients: list[Checkpoint], folders: list[Path]) -> list[Swe
     for checkpoint in ingredients:
         if checkpoint.kind != "ingredient":
             continue
-        item = status(checkpoint.meta.get("name", "?"))
-        ingredient_id = checkpoint.meta.get("id", checkpoint.path.parent.name)
+        record = checkpoint.record
+        item = status(record.name or "?")
+        ingredient_id = record.id or checkpoint.path.parent.name
         if ingredient_id not in item.finished:
             item.finished.append(ingredient_id)
-        for expected in checkpoint.meta.get("sweep_ids", []):
+        for expected in record.sweep_ids or []:
             if expected not in item.expected:
                 item.expected.append(expected)
     # Run folders are <out>/<name>/<id>/: a lock or a state without a checkpoint is a run not finished.
@@ -99,17 +100,17 @@ def report(statuses: list[SweepStatus], console: Console) -> None:
 
 
 def leave_out_pruned(checkpoints: list[Checkpoint], paths: list, console: Console) -> list[Checkpoint]:
-    """`checkpoints` less the draws a pruned search stopped at a rung (metadata `pruned`), with one line
-    naming them; a checkpoint file named in `paths` is a deliberate choice: kept, with a warning."""
+    """`checkpoints` less the draws a pruned search stopped at a rung (their record's `pruned`), with one
+    line naming them; a checkpoint file named in `paths` is a deliberate choice: kept, with a warning."""
     named = {Path(p) for p in paths if Path(p).is_file()}
     kept, left = [], []
     for checkpoint in checkpoints:
-        pruned = checkpoint.meta.get("pruned") if checkpoint.kind == "ingredient" else None
-        if isinstance(pruned, dict) and checkpoint.path not in named:
+        pruned = checkpoint.record.pruned if checkpoint.kind == "ingredient" else None
+        if pruned is not None and checkpoint.path not in named:
             left.append(checkpoint)
             continue
-        if isinstance(pruned, dict):
-            console.print(f"[yellow]warning[/]: {shown(checkpoint.name)} was pruned at epoch {pruned.get('epoch')} "
+        if pruned is not None:
+            console.print(f"[yellow]warning[/]: {shown(checkpoint.name)} was pruned at epoch {pruned.epoch} "
                           "(search.prune); cooking it because its file is named")
         kept.append(checkpoint)
     if left:

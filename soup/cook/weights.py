@@ -13,7 +13,6 @@ from safetensors import safe_open
 from soup.errors import SoupError
 from soup.models.backbones import build_model, fingerprint
 from soup.models.checkpoint import Checkpoint, read_checkpoint
-from soup.outside.importing import UNKNOWN_START
 from soup.recipe.spec import recipe_from_dict
 from soup.train.probe import load_probe, probed_start
 
@@ -22,7 +21,7 @@ def starting_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     """The weights `checkpoint`'s ingredients started from, rebuilt from its recipe exactly as training
     built them (pretrained backbone or model.weights, head from init_seed or the probed head), checked by
     fingerprint. A mismatch names its cause: the recipe's start, or the probed start found for it."""
-    if checkpoint.fingerprint == UNKNOWN_START:
+    if not checkpoint.record.start.known:
         raise SoupError(f"{checkpoint.path}: imported without its start (soup import without --start), so the "
                         "weights it was fine-tuned from are unknown; import it again with --start FILE or --start "
                         "pretrained")

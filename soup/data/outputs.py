@@ -37,13 +37,12 @@ def recorded_roots(checkpoint: Checkpoint) -> list[Path]:
     the folder training ran in: training records that resolved path (data_root); a file from before that
     record had its checkpoints folder there by default, so each ancestor holding such a data root counts
     too. The current folder's reading counts as well: that is where eval and submit look for it."""
-    data = checkpoint.recipe.get("data")
-    root = data.get("root") if isinstance(data, dict) else None
-    if not isinstance(root, str) or not root:
+    root = checkpoint.recipe.get("data", {}).get("root")  # an object, and a text: checked at read
+    if not root:
         return []
     places = [Path(root)]
-    if isinstance(checkpoint.meta.get("data_root"), str):
-        places.append(Path(checkpoint.meta["data_root"]))
+    if checkpoint.record.data_root is not None:
+        places.append(Path(checkpoint.record.data_root))
     if not Path(root).is_absolute():
         places += [folder / root for folder in checkpoint.path.resolve().parents
                    if (folder / root / SPLIT_FOLDERS["train"]).is_dir()]

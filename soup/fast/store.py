@@ -137,15 +137,15 @@ def open_store(path: Path, key: str) -> np.ndarray | None:
             head = f.read(HEADER_BYTES)
         if not head.startswith(MAGIC):
             return None
-        meta = json.loads(head[len(MAGIC):].rstrip(b"\0"))
-        dtype, shape = np.dtype(meta["dtype"]), tuple(meta["shape"])
-        if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
+        header = json.loads(head[len(MAGIC):].rstrip(b"\0"))
+        dtype, shape = np.dtype(header["dtype"]), tuple(header["shape"])
+        if header.get("version") != CACHE_VERSION or header.get("key") != key:
             return None
         if size != HEADER_BYTES + math.prod(shape) * dtype.itemsize:
             return None
         # Copy-on-write: a writable array without touching the file (torch warns on read-only numpy).
         array = np.memmap(path, dtype=dtype, mode="c", offset=HEADER_BYTES, shape=shape)
-        if _crc(array) != meta["crc"]:
+        if _crc(array) != header["crc"]:
             return None
         with contextlib.suppress(OSError):  # used now: the last a budget evicts (another's file: as it was)
             os.utime(path)

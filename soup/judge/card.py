@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from soup.cook.batchnorm import describe_reset
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, read_checkpoint
+from soup.models.records import Member
 from soup.recipe.search import describe
 from soup.score.compare import describe_difference
 from soup.text import printable
@@ -37,74 +37,68 @@ def _fence(text: str) -> str:
     return "`" * max(3, longest + 1)
 
 
-def _settings(member: dict) -> str:
+def _settings(member: Member) -> str:
     """A member's sweep settings, read from its checkpoint's header when the file is still where the soup
     recorded it; a header only (no tensors, no code)."""
-    path = member.get("path")
-    if not isinstance(path, str) or not Path(path).is_file():
+    if member.path is None or not Path(member.path).is_file():
         return "(checkpoint not at hand)"
     try:
-        settings = read_checkpoint(path).meta.get("settings")
+        settings = read_checkpoint(member.path).record.settings
     except SoupError:
         return "(checkpoint unreadable)"
-    if not isinstance(settings, dict):
+    if settings is None:
         return "(none recorded)"
     return describe(settings) or "(no sweep)"
 
 
 def _members(checkpoint: Checkpoint) -> list[str]:
-    members = checkpoint.meta.get("members")
-    if checkpoint.kind == "ingredient" or not isinstance(members, list):
-        settings = checkpoint.meta.get("settings") or {}
-        shown = describe(settings) if isinstance(settings, dict) else ""
-        return [f"One fine-tuned model (an ingredient), settings: {_cell(shown or '(no sweep)')}."]
-    candidates = checkpoint.meta.get("candidates")
-    lines = [f"A **{_cell(checkpoint.kind)}** soup: the weights of {len(members)} fine-tuned models (of "
-             f"{len(candidates) if isinstance(candidates, list) else '?'} candidates) averaged into one model.", "",
+    record = checkpoint.record
+    if checkpoint.kind == "ingredient" or record.method is None or not record.members:
+        shown = describe(record.settings or {}) or "(no sweep)"
+        return [f"One fine-tuned model (an ingredient), settings: {_cell(shown)}."]
+    candidates = record.method.candidates
+    lines = [f"A **{_cell(checkpoint.kind)}** soup: the weights of {len(record.members)} fine-tuned models (of "
+             f"{len(candidates) if candidates is not None else '?'} candidates) averaged into one model.", "",
              "| member | weight | settings |", "|---|---|---|"]
-    for member in members:
-        if isinstance(member, dict):
-            weight = member.get("weight")
-            weight = f"{weight:.4g}" if isinstance(weight, (int, float)) else "?"
-            lines.append(f"| {_cell(member.get('name', '?'))} | {weight} | {_cell(_settings(member))} |")
+    for member in record.members:
+        lines.append(f"| {_cell(member.name)} | {member.weight:.4g} | {_cell(_settings(member))} |")
     return lines
 
 
 def _number(value, fmt: str) -> str | None:
-    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return None if value is None else format(value, fmt)
 
 
 def _results(checkpoint: Checkpoint) -> list[str]:
-    meta = checkpoint.meta
+    record = checkpoint.record
     lines = []
-    selection = meta.get("selection")
-    if isinstance(selection, dict) and _number(selection.get("top1"), ".2%"):
-        chose = " (it chose or fitted the weights, so this figure is optimistic)" if selection.get("chose") else ""
-        lines.append(f"- Selection split: **{_cell(selection.get('split', '?'))}**, top-1 "
-                     f"{_number(selection['top1'], '.2%')} on {_cell(selection.get('n', '?'))} images{chose}.")
-    elif meta.get("kind", "ingredient") != "ingredient":
+    selection = record.selection
+    if selection is not None:
+        chose = " (it chose or fitted the weights, so this figure is optimistic)" if selection.chose else ""
+        lines.append(f"- Selection split: **{_cell(selection.split)}**, top-1 {selection.top1:.2%} on "
+                     f"{_cell(selection.n if selection.n is not None else '?')} images{chose}.")
+    elif record.kind != "ingredient":
         lines.append("- Cooked without held-out data: no selection score recorded.")
-    if _number(meta.get("val_acc"), ".2%"):
-        lines.append(f"- Validation top-1: {_number(meta['val_acc'], '.2%')} (last epoch).")
-    versus = meta.get("versus_best")
-    if isinstance(versus, dict) and _number(versus.get("diff"), ".4f"):
+    if record.val_acc is not None:
+        lines.append(f"- Validation top-1: {record.val_acc:.2%} (last epoch).")
+    versus = record.versus_best
+    if versus is not None and versus.diff is not None:
         try:
-            verdict = describe_difference(versus)
+            verdict = describe_difference(versus.dump())
         except (TypeError, ValueError, KeyError):
-            verdict = f"{versus['diff'] * 100:+.2f} points"
-        lines.append(f"- Against its best ingredient ({_cell(versus.get('ref', '?'))}) on "
-                     f"{_cell(versus.get('split', '?'))}, which took no part in selection: {_cell(verdict)}.")
-    calibration = meta.get("calibration")
-    if isinstance(calibration, dict) and _number(calibration.get("temperature"), ".4g"):
-        lines.append(f"- Calibration: temperature T = {_number(calibration['temperature'], '.4g')} fitted on "
-                     f"{_cell(calibration.get('split', '?'))} (divide the logits by T for calibrated "
-                     f"probabilities; ECE {_number(calibration.get('ece_before'), '.3f') or '?'} → "
-                     f"{_number(calibration.get('ece_after'), '.3f') or '?'}). The weights do not include it.")
+            verdict = f"{versus.diff * 100:+.2f} points"
+        lines.append(f"- Against its best ingredient ({_cell(versus.ref or '?')}) on "
+                     f"{_cell(versus.split or '?')}, which took no part in selection: {_cell(verdict)}.")
+    calibration = record.calibration
+    if calibration is not None and calibration.shown_temperature is not None:
+        lines.append(f"- Calibration: temperature T = {calibration.shown_temperature:.4g} fitted on "
+                     f"{_cell(calibration.split or '?')} (divide the logits by T for calibrated "
+                     f"probabilities; ECE {_number(calibration.ece_before, '.3f') or '?'} → "
+                     f"{_number(calibration.ece_after, '.3f') or '?'}). The weights do not include it.")
     else:
         lines.append("- Calibration: none recorded (use the logits as they are).")
-    statistics = describe_reset(meta.get("bn_reset"))
-    if statistics:
-        lines.append(f"- {_cell(statistics)}.")
+    if record.bn_reset is not None:
+        lines.append(f"- {_cell(record.bn_reset.describe())}.")
     return lines or ["- No scores recorded."]
 
 
@@ -133,18 +127,17 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 def _hub_ids(checkpoint: Checkpoint) -> list[str]:
     """The Hub ids the model's members came from (`soup import` of a Hugging Face cache folder records one),
     read from their headers; for an ingredient, its own."""
-    metas = [checkpoint.meta]
-    members = checkpoint.meta.get("members")
-    if checkpoint.kind != "ingredient" and isinstance(members, list):
-        metas = []
-        for member in members:
-            path = member.get("path") if isinstance(member, dict) else None
+    records = [checkpoint.record]
+    if checkpoint.kind != "ingredient" and checkpoint.record.method is not None:
+        records = []
+        for member in checkpoint.record.members:
             try:
-                metas.append(read_checkpoint(path).meta if isinstance(path, str) and Path(path).is_file() else {})
+                if member.path is not None and Path(member.path).is_file():
+                    records.append(read_checkpoint(member.path).record)
             except SoupError:
-                metas.append({})
-    ids = [(meta.get("imported") or {}).get("hub_id") for meta in metas if isinstance(meta.get("imported"), dict)]
-    return list(dict.fromkeys(i for i in ids if isinstance(i, str) and HUB_ID.fullmatch(i)))
+                pass
+    ids = [r.imported.hub_id for r in records if r.imported is not None and r.imported.hub_id is not None]
+    return list(dict.fromkeys(i for i in ids if HUB_ID.fullmatch(i)))
 
 
 def _interval(figures: dict) -> str:
@@ -167,7 +160,7 @@ def _model_index(checkpoint: Checkpoint, figures: dict | None) -> list[str]:
         result = {"task": {"type": "image-classification", "name": "Image Classification"},
                   "dataset": {"name": printable(figures["dataset"]), "type": "imagefolder", "split": figures["split"]},
                   "metrics": [metric]}
-        extra["model-index"] = [{"name": printable(checkpoint.meta.get("name") or checkpoint.path.stem),
+        extra["model-index"] = [{"name": printable(checkpoint.record.name or checkpoint.path.stem),
                                  "results": [result]}]
     return yaml.safe_dump(extra, sort_keys=False, allow_unicode=False).splitlines() if extra else []
 
@@ -192,7 +185,7 @@ def model_card(checkpoint: Checkpoint, config: dict, repo_id: str | None = None,
     pretrained = config["pretrained_cfg"]
     size = pretrained["input_size"][1]
     classes = ", ".join(_code(c) for c in checkpoint.classes)
-    title = _cell(checkpoint.meta.get("name") or checkpoint.path.stem)
+    title = _cell(checkpoint.record.name or checkpoint.path.stem)
     lines = [
         "---", "library_name: timm", "pipeline_tag: image-classification",
         "tags: [image-classification, timm, model-soup]", *_model_index(checkpoint, figures), "---", "",

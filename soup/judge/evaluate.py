@@ -19,8 +19,8 @@ from soup.score.stats import expected_calibration_error
 def selection_split(checkpoint: Checkpoint) -> str | None:
     """The split whose scores chose or fitted this soup's weights, if any. A uniform or stock soup cooked
     with data was only checked on its split ("chose": false); soups from before that record count as chosen."""
-    selection = checkpoint.meta.get("selection") or {}
-    return selection.get("split") if selection.get("chose", True) else None
+    selection = checkpoint.record.selection
+    return selection.split if selection and selection.chose_weights else None
 
 
 def ensemble_logits(members: list[tuple[Checkpoint, torch.Tensor]]) -> tuple[torch.Tensor, str]:
@@ -66,7 +66,7 @@ def evaluate_rows(checkpoints: list[Checkpoint], evaluator: Evaluator, ensemble:
         per_view = evaluator.view_logits(checkpoint, views_of(tta) if tta is not None else (None,))
         logits, targets = per_view[0]
         fields = dict(path=str(checkpoint.path), kind=checkpoint.kind,
-                      members=len(checkpoint.meta.get("members", [])) or 1, split=evaluator.split,
+                      members=len(checkpoint.record.members) or 1, split=evaluator.split,
                       selection_set=selection_split(checkpoint) == evaluator.split, temperature=temperature)
         rows.append(score_row(logits / temperature, targets, checkpoint.classes, name=checkpoint.name,
                               tta=None, **fields))

@@ -14,7 +14,6 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from soup.cook.batchnorm import describe_reset
 from soup.cook.diagnose import pair_geometry
 from soup.data.outputs import check_output, data_roots
 from soup.errors import SoupError
@@ -27,7 +26,6 @@ from soup.recipe.search import describe
 from soup.score import stats
 from soup.score.evaluator import Evaluator
 from soup.text import printable, shown
-from soup.train.prune import stopped
 
 PER_CLASS = 5
 NO_PLOT = "plot left out: matplotlib is not installed (pip install matplotlib draws it)"
@@ -126,7 +124,7 @@ def figures(study: dict) -> dict[str, str | None]:
     """Each plot as a data URI; None for every one when matplotlib is missing."""
     if not plot_available():
         return dict.fromkeys(("soups", "history", "pairs", "reliability"))
-    histories = {c.name: c.meta.get("val_history") or [] for c in study["ingredients"]}
+    histories = {c.name: c.record.history for c in study["ingredients"]}
     geometry = study["geometry"]
     return {"soups": _png(plot.draw, study["rows"], study["greedy"]),
             "history": _png(plot.draw_history, histories) if histories else None,
@@ -151,7 +149,7 @@ def _recipe_section(study: dict) -> str:
         space: dict[str, list] = {}
         for checkpoint in study["ingredients"]:
             if str(checkpoint.recipe.get("name", checkpoint.name)) == name:
-                for key, value in (checkpoint.meta.get("settings") or {}).items():
+                for key, value in (checkpoint.record.settings or {}).items():
                     if value not in space.setdefault(key, []):
                         space[key].append(value)
         parts.append(f"<h3>{esc(name)}</h3><p>search space (the values its ingredients took):</p><pre>"
@@ -166,11 +164,11 @@ def _ingredients_section(study: dict) -> str:
     split, body = study["split"], []
     for checkpoint in study["ingredients"]:
         row = by_path[str(checkpoint.path)]
-        history = checkpoint.meta.get("val_history") or []
+        history = checkpoint.record.history
         seconds = sum(h.get("seconds") or 0.0 for h in history)
-        settings = describe(checkpoint.meta.get("settings") or {})
-        pruned = stopped(history)  # a search.prune draw stopped at a rung: shown, and not cooked by default
-        name = checkpoint.name + (f" (pruned at epoch {pruned['epoch']})" if pruned else "")
+        settings = describe(checkpoint.record.settings or {})
+        pruned = checkpoint.record.pruned  # a search.prune draw stopped at a rung: shown, and not cooked by default
+        name = checkpoint.name + (f" (pruned at epoch {pruned.epoch})" if pruned else "")
         body.append(f'<tr data-path="{esc(row["path"])}">' + _cell(name) + _cell(settings, klass="text")
                     + _cell(f"{row['top1']:.2%}", row["top1"]) + _cell(top1_interval(row), row.get("top1_low") or "")
                     + _cell(str(len(history)), len(history)) + _cell(f"{seconds:.1f} s", seconds) + "</tr>")
@@ -206,7 +204,7 @@ def _eval_section(study: dict, uri: str | None, drawable: bool) -> str:
 def _statistics_note(study: dict) -> str:
     """Each soup's BatchNorm statistics: re-estimated for its weights, kept, or averaged."""
     lines = [f"{esc(c.name)}: {esc(text)}" for c in study["checkpoints"]
-             if c.kind != "ingredient" and (text := describe_reset(c.meta.get("bn_reset")))]
+             if c.kind != "ingredient" and c.record.bn_reset and (text := c.record.bn_reset.describe())]
     return f'<p class="note">{"<br>".join(lines)}</p>' if lines else ""
 
 

@@ -183,11 +183,11 @@ def draw_pairs(geometry: dict, path: str | Path) -> list[list[float | None]]:
 
 def recorded_steps(checkpoints: list[Checkpoint], kind: str) -> dict | None:
     """The steps a soup of `kind` recorded (greedy's path, top-k's curve), from the first such soup."""
-    soup = next((c for c in checkpoints if c.kind == kind and c.meta.get("steps")), None)
+    soup = next((c for c in checkpoints if c.kind == kind and c.record.method and c.record.method.steps), None)
     if soup is None:
         return None
-    return {"name": soup.name, "steps": soup.meta["steps"],
-            "split": (soup.meta.get("selection") or {}).get("split", "?")}
+    selection = soup.record.selection
+    return {"name": soup.name, "steps": soup.record.method.steps, "split": selection.split if selection else "?"}
 
 
 def plot_checkpoints(checkpoints: list[Checkpoint], path: str | Path, split: str = "val",

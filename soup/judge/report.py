@@ -218,8 +218,7 @@ def ingredient_table(name: str, results: list[tuple[Ingredient, Path]]) -> Table
     for column in ("ingredient", "val acc", "checkpoint"):
         table.add_column(column, no_wrap=column != "checkpoint")
     for item, path in results:
-        meta = read_checkpoint(path).meta
-        pruned = meta.get("pruned")
-        at = f" (pruned at epoch {pruned['epoch']})" if isinstance(pruned, dict) else ""
-        table.add_row(shown(item.id), f"{meta['val_acc']:.2%}{at}", shown(path))
+        record = read_checkpoint(path).record
+        at = f" (pruned at epoch {record.pruned.epoch})" if record.pruned else ""
+        table.add_row(shown(item.id), f"{record.val_acc:.2%}{at}", shown(path))
     return table

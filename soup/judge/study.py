@@ -26,9 +26,9 @@ OFF_BASIN = 2.0
 
 
 def _last_train_loss(checkpoint: Checkpoint) -> float | None:
-    history = checkpoint.meta.get("val_history") or []
-    loss = history[-1].get("train_loss") if history and isinstance(history[-1], dict) else None
-    return float(loss) if isinstance(loss, (int, float)) else None
+    history = checkpoint.record.history
+    loss = history[-1].get("train_loss") if history else None
+    return None if loss is None else float(loss)  # a number or null: the record was checked at read
 
 
 def start_distances(checkpoints: list[Checkpoint]) -> dict[str, float]:
@@ -51,15 +51,15 @@ def start_distances(checkpoints: list[Checkpoint]) -> dict[str, float]:
 
 
 def _same_sweep(a: Checkpoint, b: Checkpoint) -> bool:
-    return a.meta.get("name") == b.meta.get("name") and a.fingerprint == b.fingerprint
+    return a.record.name == b.record.name and a.fingerprint == b.fingerprint
 
 
 def below_start(checkpoints: list[Checkpoint]) -> list[dict]:
     """One record per ingredient that ended below its probed start: name, path, val_acc, start_acc and the
     reasons to suspect (see the module's docstring). Ingredients without a probe have no measured start."""
-    ingredients = [c for c in checkpoints if c.kind == "ingredient" and isinstance(c.meta.get("probe"), dict)]
-    below = [c for c in ingredients if isinstance(c.meta["probe"].get("val_acc"), (int, float))
-             and isinstance(c.meta.get("val_acc"), (int, float)) and c.meta["val_acc"] < c.meta["probe"]["val_acc"]]
+    ingredients = [c for c in checkpoints if c.kind == "ingredient" and c.record.probe is not None]
+    below = [c for c in ingredients if c.record.probe.val_acc is not None and c.record.val_acc is not None
+             and c.record.val_acc < c.record.probe.val_acc]
     if not below:
         return []
     losses = {str(c.path): _last_train_loss(c) for c in ingredients}
@@ -78,9 +78,10 @@ def below_start(checkpoints: list[Checkpoint]) -> list[dict]:
         if distance is not None and len(spread) > 1 and distance > OFF_BASIN * statistics.median(spread):
             reasons.append(f"off-basin: {distance:.3g} from the start, {distance / statistics.median(spread):.1f}x "
                            "the sweep's median")
-        records.append({"name": checkpoint.name, "path": str(checkpoint.path), "val_acc": checkpoint.meta["val_acc"],
-                        "start_acc": checkpoint.meta["probe"]["val_acc"], "reasons": reasons,
-                        "pruned": checkpoint.meta.get("pruned") if isinstance(checkpoint.meta.get("pruned"), dict) else None})
+        pruned = checkpoint.record.pruned
+        records.append({"name": checkpoint.name, "path": str(checkpoint.path), "val_acc": checkpoint.record.val_acc,
+                        "start_acc": checkpoint.record.probe.val_acc, "reasons": reasons,
+                        "pruned": pruned.dump() if pruned else None})
     return records
 
 

@@ -1,6 +1,7 @@
 """Models and their files: building a backbone + head by name (backbones), checkpoints written
 atomically with their metadata (checkpoint; its weights checked finite as they are read), that metadata
-checked field by field where it is read (metadata), and running a model: the device's precision and
+typed as records, parsed once at read and dumped once at write (records), checked field by field where it
+is read (metadata), and running a model: the device's precision and
 autocast (precision), torchrun ranks (distributed), batched prediction and its scores
 (inference, metrics).
 """

@@ -12,8 +12,7 @@ import json
 import os
 import re
 import tempfile
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,9 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from soup.errors import SoupError
-from soup.models.metadata import check_metadata
-
-FORMAT = "soup/1"
+from soup.models.records import Record, dumped, parse
 METADATA_KEY = "soup"
 INGREDIENT_FILE = "model.safetensors"
 STATE_FILE = "state.pt"  # an unfinished ingredient's training state (soup.train.state)
@@ -149,10 +146,11 @@ def fp32_state(state_dict: dict) -> dict[str, torch.Tensor]:
             for k, v in state_dict.items()}
 
 
-def save_checkpoint(path: str | Path, state_dict: dict, meta: dict, replace: bool = True) -> Path:
-    meta = {"format": FORMAT, **meta}
+def save_checkpoint(path: str | Path, state_dict: dict, meta: Record | dict, replace: bool = True) -> Path:
+    """The one writer of checkpoints (train, cook, import): `meta` is dumped once, here. `replace=False`
+    takes the name only while it is still free (two cooks racing to one new output: one wins)."""
     with atomic_path(path, replace) as tmp:
-        save_file(fp32_state(state_dict), str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+        save_file(fp32_state(state_dict), str(tmp), metadata={METADATA_KEY: json.dumps(dumped(meta))})
     return Path(path)
 
 
@@ -168,45 +166,54 @@ def rewritable(path: str | Path) -> Path:
     return target
 
 
-def rewrite_metadata(path: str | Path, meta: dict) -> Path:
+def rewrite_metadata(path: str | Path, meta: Record | dict) -> Path:
     """Replace a checkpoint's soup metadata, atomically, in the file `path` names (see `rewritable`). Its
     tensors are written back as read: a soup checkpoint holds fp32 and integer tensors only, which
     save_checkpoint keeps byte for byte."""
     target = rewritable(path)
-    save_checkpoint(target, Checkpoint(target, meta).state_dict(), meta)
+    save_checkpoint(target, read_tensors(target), meta)
     return Path(path)
 
 
 @dataclass
 class Checkpoint:
+    """A soup checkpoint file and its record (soup.models.records), parsed once. `meta` is the metadata
+    object as written, for whoever looks at the raw JSON (tests, a rewrite); soup reads `record`. Read from
+    a file, the record is checked (read_checkpoint); built in memory without one, it is parsed as given."""
+
     path: Path
     meta: dict
+    record: Record = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.record is None:
+            self.record = parse(self.path, self.meta, checked=False)
 
     @property
     def kind(self) -> str:
-        return self.meta.get("kind", "ingredient")
+        return self.record.kind
 
     @property
     def name(self) -> str:
         if self.kind == "ingredient":
-            return f"{self.meta.get('name', '?')}/{self.meta.get('id', self.path.parent.name)}"
+            return f"{self.record.name or '?'}/{self.record.id or self.path.parent.name}"
         return self.path.stem
 
     @property
     def classes(self) -> list[str]:
-        return self.meta["classes"]
+        return self.record.classes
 
     @property
     def backbone(self) -> str:
-        return self.meta["backbone"]
+        return self.record.backbone
 
     @property
     def fingerprint(self) -> str:
-        return self.meta["start_fingerprint"]
+        return self.record.start.fingerprint
 
     @property
     def recipe(self) -> dict:
-        return self.meta["recipe"]
+        return self.record.recipe
 
     def tensor_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
         with _open(self.path) as f:
@@ -214,8 +221,7 @@ class Checkpoint:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Its tensors, every floating one checked finite as it is read (see `finite`)."""
-        with _open(self.path) as f:
-            return {k: finite(self.path, k, f.get_tensor(k)) for k in f.keys()}
+        return read_tensors(self.path)
 
     def check_finite(self) -> None:
         """Refuse the file if one of its tensors holds NaN or infinity; one tensor in memory at a time."""
@@ -231,6 +237,12 @@ def finite(path: Path, key: str, tensor: torch.Tensor) -> torch.Tensor:
         raise SoupError(f"{path}: tensor {key} holds NaN or infinite values; its training diverged or the file "
                         "was damaged: retrain it (e.g. a lower lr) or leave it out")
     return tensor
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file at `path`, every floating one checked finite as it is read."""
+    with _open(path) as f:
+        return {k: finite(path, k, f.get_tensor(k)) for k in f.keys()}
 
 
 @contextlib.contextmanager
@@ -281,20 +293,7 @@ def _checkpoint_from(path: Path, raw: str | None, head_rows: int | None = None) 
         raise SoupError(f"{path}: soup metadata is not valid JSON; the file is damaged") from None
     if not isinstance(meta, dict):
         raise SoupError(f"{path}: soup metadata is not a JSON object; the file is damaged")
-    missing = [k for k in ("classes", "backbone", "start_fingerprint", "recipe") if k not in meta]
-    if missing:
-        raise SoupError(f"{path}: soup metadata lacks {', '.join(missing)}; the file is damaged")
-    types = {"classes": list, "backbone": str, "start_fingerprint": str, "recipe": dict, "kind": str}
-    wrong = [k for k, kind in types.items() if k in meta and not isinstance(meta[k], kind)]
-    if wrong or not all(isinstance(c, str) for c in meta["classes"]):
-        raise SoupError(f"{path}: soup metadata has a wrong type in {', '.join(wrong) or 'classes'}; the file "
-                        "is damaged")
-    twice = next((name for name, count in Counter(meta["classes"]).items() if count > 1), None)
-    if twice is not None:  # the class folders could never match it: it is the metadata that is wrong
-        raise SoupError(f"{path}: soup metadata's classes name {twice!r} twice; the file's metadata was edited "
-                        "or damaged")
-    check_metadata(path, meta, head_rows)
-    return Checkpoint(path, meta)
+    return Checkpoint(path, meta, parse(path, meta, head_rows))
 
 
 def is_soup_checkpoint(path: str | Path) -> bool:

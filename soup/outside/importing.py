@@ -8,7 +8,8 @@ start (--start FILE or pretrained) is rebuilt as `soup train` would build it (ba
 timm's pretrained weights, head from init_seed), so its fingerprint is what cooking's shared-start check,
 Model Stock, --interpolate B and `soup inspect` compare with; a start FILE is stored beside the
 ingredients as a plain weights file (model.weights), so the import does not depend on where it was. Without
-a start, the ingredients record UNKNOWN_START and the methods that need the start refuse.
+a start, the ingredients record an unknown start (soup.models.records.Start.unknown) and the methods that
+need the start refuse.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from soup.models.checkpoint import INGREDIENT_FILE, is_soup_checkpoint, save_che
 from soup.outside.checks import check_model_kwargs, checked_tensors
 from soup.outside.layouts import Fitted, fit, source_key, timm_classifier
 from soup.outside.offline import check_pretrained
+from soup.models.records import Imported, Record, Start
 from soup.outside.reading import Source, read_source
 from soup.outside.settings import Given, Grid, built_for, built_side, common_kwargs, preprocessing, timm_meta
 from soup.outside.writing import refuse_link, start_file_there, write_all
 from soup.recipe.spec import DataConfig, ModelConfig, recipe_from_dict
 from soup.text import printable, shown
 
-UNKNOWN_START = "unknown"  # start_fingerprint of an ingredient imported without --start
 PRETRAINED = "pretrained"
 
 
@@ -178,7 +179,8 @@ def _start(start: str | None, recipe: dict, classes: list[str], target: Target, 
     model = recipe["model"]
     if start is None:
         model["pretrained"] = False
-        return UNKNOWN_START, {"kind": "unknown", "start_check": "off"}, None
+        unknown = Start.unknown()
+        return unknown.fingerprint, unknown.how, None
     tensors = None
     if start == PRETRAINED:
         check_pretrained(model["backbone"])
@@ -210,19 +212,18 @@ def _start(start: str | None, recipe: dict, classes: list[str], target: Target, 
 
 
 def _meta(item: Planned, recipe: dict, backbone: str, classes: list[str], start_fp: str, start: dict,
-          ids: list[str], name: str, origin: dict) -> dict:
+          ids: list[str], name: str, origin: dict) -> Record:
     source = item.source
-    return {
-        "kind": "ingredient", "name": name, "id": item.id, "settings": {}, "recipe": recipe,
-        "backbone": backbone, "classes": classes, "start_fingerprint": start_fp, "seed": None,
-        "val_history": [], "probe": None, "sweep_ids": ids, "start": start,
-        "imported": {"source": str(source.given.resolve()), "file": str(source.file.resolve()),
-                     "sha256": source.sha256, "format": source.format, "weights": source.weights,
-                     "layout": item.fitted.layout, "prefix": item.fitted.prefix,
-                     "left_out": item.fitted.left_out, "architecture_from": source.arch_from or "--model",
-                     "classes_reordered": item.reordered, "metric": source.metric, "epoch": source.epoch,
-                     "crop": source.crop, "hub_id": source.hub_id, "preprocessing_from": origin},
-    }
+    return Record(
+        kind="ingredient", name=name, id=item.id, settings={}, recipe=recipe, backbone=backbone, classes=classes,
+        start=Start(start_fp, start), seed=None, history=[], probe=None, sweep_ids=ids,
+        imported=Imported.parse({"source": str(source.given.resolve()), "file": str(source.file.resolve()),
+                                 "sha256": source.sha256, "format": source.format, "weights": source.weights,
+                                 "layout": item.fitted.layout, "prefix": item.fitted.prefix,
+                                 "left_out": item.fitted.left_out, "architecture_from": source.arch_from or "--model",
+                                 "classes_reordered": item.reordered, "metric": source.metric, "epoch": source.epoch,
+                                 "crop": source.crop, "hub_id": source.hub_id,
+                                  "preprocessing_from": origin}))
 
 
 def import_checkpoints(paths: list[Path], data_root: Path, model: str | None = None, start: str | None = None,

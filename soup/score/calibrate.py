@@ -15,11 +15,11 @@ from rich.console import Console
 
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, read_checkpoint, rewritable, rewrite_metadata
+from soup.models.records import TEMPERATURE_BOUNDS
 from soup.score.stats import confidences, expected_calibration_error, nll
 from soup.text import shown
 
-KEY = "calibration"
-_BOUNDS = (1e-3, 1e3)  # a fitted T outside these means logits that carry no usable scale
+_BOUNDS = TEMPERATURE_BOUNDS
 
 
 def fit_temperature(logits: torch.Tensor, targets, max_iter: int = 100) -> float:
@@ -60,16 +60,8 @@ def temperature_of(checkpoint: Checkpoint) -> float:
     """The stored temperature, 1.0 when none; metadata is data, so anything but a number within the bounds
     that fitting keeps to is refused rather than used: a T of 1e-300 passes "finite positive" yet turns
     logits into infinities (NaN losses, changed ensemble votes)."""
-    record = checkpoint.meta.get(KEY)
-    if record is None:
-        return 1.0
-    value = record.get("temperature") if isinstance(record, dict) else None
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not _BOUNDS[0] <= value <= _BOUNDS[1]:  # NaN fails the comparison too
-        raise SoupError(f"{checkpoint.path}: metadata {KEY}.temperature is {value!r}, not a number from "
-                        f"{_BOUNDS[0]:g} to {_BOUNDS[1]:g} (the range `soup calibrate` fits in); re-run "
-                        "`soup calibrate` on it")
-    return float(value)
+    calibration = checkpoint.record.calibration
+    return 1.0 if calibration is None else calibration.checked_temperature(checkpoint.path)
 
 
 def temperature_label(temperature: float) -> str:
@@ -82,7 +74,7 @@ def calibrate(checkpoint: Checkpoint, evaluator, console: Console) -> dict:
     .logits(checkpoint)), store it in its metadata and report the change."""
     logits, targets = evaluator.logits(checkpoint)
     record = calibration_record(logits, targets, evaluator.split)
-    rewrite_metadata(checkpoint.path, {**checkpoint.meta, KEY: record})
+    rewrite_metadata(checkpoint.path, checkpoint.record.with_calibration(record))
     print_calibration(checkpoint.name, record, console)
     return record
 
@@ -95,7 +87,8 @@ def print_calibration(name: str, record: dict, console: Console) -> None:
 
 def calibration_split(checkpoint: Checkpoint, split: str | None) -> str:
     """The split to fit on: the one asked for, else the soup's selection split, else val."""
-    return split or (checkpoint.meta.get("selection") or {}).get("split") or "val"
+    selection = checkpoint.record.selection
+    return split or (selection.split if selection else None) or "val"
 
 
 def calibrate_paths(paths, split: str | None, make_evaluator, console: Console) -> list[dict]:

@@ -26,6 +26,7 @@ from rich.console import Console
 from soup.errors import SoupError
 from soup.models import distributed
 from soup.models.checkpoint import INGREDIENT_FILE, STATE_FILE, read_checkpoint, write_text_atomic
+from soup.models.records import Record
 from soup.text import first_time
 from soup.train.state import open_lock_file
 
@@ -117,10 +118,10 @@ def opened(run):
             writer.close()
 
 
-def finished(events: Logs, meta: dict, run_dir: Path) -> None:
+def finished(events: Logs, record: Record, run_dir: Path) -> None:
     """A finished run's hparams, and summary.csv rewritten with its row (ingredients only: not the probe)."""
-    events.hparams(meta.get("settings") or {}, meta["val_history"][-1])
-    if meta.get("kind") == "ingredient":
+    events.hparams(record.settings or {}, record.history[-1])
+    if record.kind == "ingredient":
         write_summary(run_dir.parent)
 
 
@@ -145,14 +146,15 @@ def spreadsheet_rows(rows: list[dict]) -> list[dict]:
     return [{key: spreadsheet_cell(value) for key, value in row.items()} for row in rows]
 
 
-def summary_row(meta: dict) -> dict:
-    history = meta.get("val_history") or []
+def summary_row(record: Record) -> dict:
+    history = record.history
     seconds = sum(r.get("seconds", 0.0) for r in history)
     images = sum(r.get("seconds", 0.0) * r.get("images_per_s", 0.0) for r in history)
     # pruned: stopped at a rung of search.prune (its epochs say which); running: no checkpoint yet.
-    return {"id": meta["id"], **meta.get("settings", {}), "status": "pruned" if meta.get("pruned") else "finished",
-            "val_acc": meta["val_acc"],
-            "raw_val_acc": meta.get("raw_val_acc", meta["val_acc"]), "epochs": len(history),
+    return {"id": record.id, **(record.settings or {}), "status": "pruned" if record.pruned else "finished",
+            "val_acc": record.val_acc,
+            "raw_val_acc": record.val_acc if record.raw_val_acc is None else record.raw_val_acc,
+            "epochs": len(history),
             "seconds": seconds if seconds else "", "images_per_s": images / seconds if seconds else ""}
 
 
@@ -163,9 +165,9 @@ def write_summary(folder: Path) -> Path:
         rows = []
         for path in sorted(folder.glob(f"*/{INGREDIENT_FILE}")):
             with contextlib.suppress(SoupError):  # a damaged checkpoint is cook's to name, not this table's
-                meta = read_checkpoint(path).meta
-                if meta.get("kind", "ingredient") == "ingredient":
-                    rows.append(summary_row(meta))
+                record = read_checkpoint(path).record
+                if record.kind == "ingredient":
+                    rows.append(summary_row(record))
         rows += [{"id": state.parent.name, "status": "running"} for state in sorted(folder.glob(f"*/{STATE_FILE}"))
                  if not (state.parent / INGREDIENT_FILE).exists()]
         rows.sort(key=lambda row: str(row["id"]))

@@ -37,6 +37,7 @@ from soup.models.backbones import build_model, fingerprint, freeze_prefix, train
 from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint
 from soup.models.inference import resolve_device
 from soup.models.precision import choose_autocast, explicit_attention, unfused_attention_modules
+from soup.models.records import Probe, Record, Start
 from soup.recipe.spec import Ingredient, Recipe, TrainConfig
 from soup.train import logs, prune, schedule
 from soup.train.probe import KIND as PROBE, load_probe, probe_file, probe_ingredient
@@ -89,7 +90,7 @@ class Run:
     ema: schedule.EMA | None
     mixer: Mixer | None
     unfused: list[nn.Module]  # attention modules a step runs unfused (soup.models.precision.explicit_attention)
-    meta: dict  # what a saved state must match: recipe and start
+    start_fingerprint: str  # the weights it starts from (a saved state must match them, and the recipe)
     counts: dict  # parameter counts, for metrics.json
     probe: dict | None = None  # the probed start this run began from
     history: list = dataclasses.field(default_factory=list)
@@ -147,7 +148,7 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
                 progress.update(epochs, advance=1, status=f"val {record['val_top1']:.2%}")
                 if w.main:
                     save_state(run.state_path, run.model, run.optimizer, run.scaler, run.schedule, epoch + 1,
-                               run.history, run.meta, {"ema": run.ema.state_dict()} if run.ema else None)
+                               run.history, identity(run), {"ema": run.ema.state_dict()} if run.ema else None)
                 saved_epochs[0] = epoch + 1
             return finish(run)
 
@@ -160,7 +161,7 @@ def ensure_probe(recipe: Recipe, out: str | Path, console: Console, use_cache: b
         return None
     trained_before = probe_file(recipe, out).exists()
     path = train_ingredient(item, out, console, resume=True, use_cache=use_cache, kind=PROBE)
-    acc = read_checkpoint(path).meta["val_acc"]
+    acc = read_checkpoint(path).record.val_acc
     console.print(f"  probed start {item.id}: frozen backbone + linear head, val acc {acc:.2%}"
                   f"{' (trained earlier, reused)' if trained_before else ''}")
     return {"id": item.id, "path": path, "val_acc": acc}
@@ -208,7 +209,7 @@ def set_up(ingredient: Ingredient, run_dir: Path, console: Console, use_cache: b
               schedule.make_scheduler(optimizer, t, pipeline.steps_per_epoch), scaler, amp_dtype,
               schedule.EMA(model, t.ema) if t.ema is not None else None, make_mixer(t, len(classes)),
               unfused_attention_modules(model, device, amp_dtype),
-              {"recipe": recipe.to_dict(), "start_fingerprint": start_fingerprint}, counts,
+              start_fingerprint, counts,
               probe and {"id": probe["id"], "val_acc": probe["val_acc"]})
     describe(run, amp_why, rank_batch, synced_bn)
     return run
@@ -229,8 +230,13 @@ def describe(run: Run, amp_why: str, rank_batch: int, synced_bn: bool) -> None:
                       f" ({distributed.backend()}){'; ' + bn if bn else ''}")
 
 
+def identity(run: Run) -> dict:
+    """What a saved state is stored with, and must match to be resumed: the recipe and the start."""
+    return {"recipe": run.recipe.to_dict(), "start_fingerprint": run.start_fingerprint}
+
+
 def resume_run(run: Run) -> None:
-    state = resume_state(run.state_path, run.meta, run.model, run.optimizer, run.scaler, run.schedule)
+    state = resume_state(run.state_path, identity(run), run.model, run.optimizer, run.scaler, run.schedule)
     if run.ema is not None:
         run.ema.load_state_dict(state["ema"])
     run.history, run.first_epoch = state["history"], state["epoch"]
@@ -359,35 +365,26 @@ def finish(run: Run) -> Path:
     """The checkpoint (the EMA's weights when there is one), metrics.json, and the state removed."""
     w, recipe, history, ingredient = distributed.world(), run.recipe, run.history, run.ingredient
     final = run.run_dir / INGREDIENT_FILE
-    meta = {
-        "kind": run.kind,
-        "name": recipe.name,
-        "id": ingredient.id,
-        "settings": ingredient.settings,
-        "recipe": recipe.to_dict(), "data_root": str(Path(recipe.data.root).resolve()),  # where data.root led
-        "backbone": recipe.model.backbone,
-        "classes": run.classes,
-        "start_fingerprint": run.meta["start_fingerprint"],
-        "seed": recipe.train.seed,
-        "val_history": history,
-        "val_acc": history[-1]["val_top1"],
+    record = Record(
+        kind=run.kind, name=recipe.name, id=ingredient.id, settings=ingredient.settings,
+        recipe=recipe.to_dict(), data_root=str(Path(recipe.data.root).resolve()),  # where data.root led
+        backbone=recipe.model.backbone, classes=run.classes, start=Start(run.start_fingerprint),
+        seed=recipe.train.seed, history=history, val_acc=history[-1]["val_top1"],
         # The raw trained weights' accuracy: val_acc's own without an EMA.
-        "raw_val_acc": history[-1].get("raw_val_top1", history[-1]["val_top1"]),
-        "probe": run.probe,  # the probed start: its id and val accuracy, or None
-        "pruned": prune.stopped(history),  # the rung decision that stopped it (search.prune), or None
+        raw_val_acc=history[-1].get("raw_val_top1", history[-1]["val_top1"]),
+        probe=Probe.parse(run.probe),  # the probed start: its id and val accuracy, or None
+        pruned=prune.stopped(history),  # the rung decision that stopped it (search.prune), or None
         # The whole sweep, so that `soup cook` can name the ingredients not (yet) trained.
-        "sweep_ids": ingredient.sweep_ids or [ingredient.id],
+        sweep_ids=ingredient.sweep_ids or [ingredient.id],
         # How it ran, for metrics.json: in the checkpoint too, so that a resume can rebuild that file.
-        "run": {**run.counts, "device": str(run.device), "amp": str(run.amp_dtype),
-                "data_path": run.pipeline.description, "skipped_images": run.skipped,
-                "processes": w.size},
-    }
+        run={**run.counts, "device": str(run.device), "amp": str(run.amp_dtype),
+             "data_path": run.pipeline.description, "skipped_images": run.skipped, "processes": w.size})
     if w.main:
         # In this order; a kill between two steps leaves what is_finished() completes on --resume.
         with run.ema.swapped() if run.ema is not None else contextlib.nullcontext():
-            save_checkpoint(final, run.model.state_dict(), meta)
-        write_metrics(run.run_dir, meta)
-        logs.finished(run.events, meta, run.run_dir)  # hparams, and summary.csv with this row
+            save_checkpoint(final, run.model.state_dict(), record)
+        write_metrics(run.run_dir, record)
+        logs.finished(run.events, record, run.run_dir)  # hparams, and summary.csv with this row
         run.state_path.unlink(missing_ok=True)  # the checkpoint holds everything now; the state is large
     distributed.barrier()  # the other ranks return once the checkpoint they return exists
     return final

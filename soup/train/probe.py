@@ -78,9 +78,7 @@ def probe_places(checkpoint: Checkpoint, recipe: Recipe) -> list[Path]:
     item = probe_ingredient(recipe)
     if item is None:
         return []
-    members = checkpoint.meta.get("members")
-    recorded = [Path(m["path"]) for m in members if isinstance(m, dict) and isinstance(m.get("path"), str)] \
-        if isinstance(members, list) else []
+    recorded = [Path(m.path) for m in checkpoint.record.members if m.path is not None]
     files = [checkpoint.path, *(p for r in recorded for p in (r, checkpoint.path.parent / r))]
     places = [place for file in files for place in (file.parent.parent / item.id / INGREDIENT_FILE,
                                                     file.parent.parent / recipe.name / item.id / INGREDIENT_FILE)]

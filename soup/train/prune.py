@@ -23,6 +23,7 @@ from typing import Callable
 from soup.errors import SoupError
 from soup.models import distributed
 from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, write_text_atomic
+from soup.models.records import Rung, first_pruned
 from soup.recipe.spec import Ingredient, resumable
 from soup.text import shown
 
@@ -69,12 +70,12 @@ def _checked(checkpoint: Path, epoch: int, figure: float, start: str) -> float |
     """`figure` as a finished (or pruned) peer's checkpoint records it at `epoch` (None: not at all); as it
     is when there is no such checkpoint of this start to check it with (a peer still training)."""
     try:
-        meta = read_checkpoint(checkpoint).meta if checkpoint.is_file() else None
+        record = read_checkpoint(checkpoint).record if checkpoint.is_file() else None
     except SoupError:
-        meta = None
-    if meta is None or meta.get("start_fingerprint") != start:
+        record = None
+    if record is None or record.start.fingerprint != start:
         return figure
-    history = [r for r in meta.get("val_history") or [] if r.get("epoch") == epoch]
+    history = [r for r in record.history if r.get("epoch") == epoch]
     return float(history[0]["val_top1"]) if history else None
 
 
@@ -117,19 +118,14 @@ def at_rung(run, record: dict) -> dict:
     def warn(line: str) -> None:
         run.console.print(f"  [yellow]warning[/]: {shown(line)}")
 
-    decision = distributed.from_main(decide(ingredient, run.run_dir, record, run.probe, run.meta["start_fingerprint"],
-                                            warn) if main else None)
+    decision = distributed.from_main(decide(ingredient, run.run_dir, record, run.probe, run.start_fingerprint, warn)
+                                     if main else None)
     if decision["pruned"]:
-        run.console.print(f"  [yellow]{describe(decision)}[/]; the next draw takes its place")
+        run.console.print(f"  [yellow]{Rung.parse(decision).describe()}[/]; the next draw takes its place")
     return {"rung": decision}
 
 
-def stopped(history: list[dict]) -> dict | None:
+def stopped(history: list[dict]) -> Rung | None:
     """The decision that pruned a run with this history (None: not pruned)."""
-    return next((r["rung"] for r in history if isinstance(r.get("rung"), dict) and r["rung"].get("pruned")), None)
+    return first_pruned(history)
 
-
-def describe(decision: dict) -> str:
-    return (f"pruned at epoch {decision['epoch']}: val {decision['val_top1']:.2%} below the "
-            f"{'probed start' if decision['rule'] == 'start' else 'median of its peers'} "
-            f"({decision['threshold']:.2%})")

@@ -23,10 +23,11 @@ from torch import nn
 from soup.errors import Interrupted, SoupError
 from soup.models.checkpoint import (INGREDIENT_FILE, LOCK_FILE, STATE_FILE, TEMP_SUFFIX, atomic_path, read_checkpoint,
                                    write_text_atomic)
+from soup.models.records import Record
 from soup.recipe.spec import Ingredient, recipe_from_dict, resumable
 
 METRICS_FILE = "metrics.json"
-# What metrics.json shows of a checkpoint's metadata, followed by the facts of the run (meta["run"]).
+# What metrics.json shows of a checkpoint's metadata, followed by the facts of the run (its record's `run`).
 METRICS_KEYS = ("name", "id", "settings", "seed", "backbone", "start_fingerprint", "val_acc", "raw_val_acc",
                 "probe", "pruned", "val_history")
 # 2: the lr scheduler steps once per optimizer step (1 stepped once per epoch: not resumable as 2).
@@ -94,15 +95,17 @@ def load_state(path: Path) -> dict:
                         "to start this ingredient over") from None
 
 
-def resume_state(path: Path, meta: dict, model, optimizer, scaler, schedule) -> dict:
+def resume_state(path: Path, identity: dict, model, optimizer, scaler, schedule) -> dict:
     """Load `path` into the training objects after checking it belongs to this run; returns the state
-    (its epoch, history, RNG and extras are the caller's)."""
+    (its epoch, history, RNG and extras are the caller's). `identity`: what the state must have been saved
+    with (its recipe and start fingerprint, as save_state stored them)."""
     state = load_state(path)
     if state.get("format") != STATE_FORMAT:
         raise SoupError(f"{path} was saved by an older version of soup (its lr schedule stepped per epoch); "
                         "delete it to start over")
     saved = state["meta"]
-    if {**saved, "recipe": normalised(saved.get("recipe"))} != {**meta, "recipe": resumable(meta.get("recipe"))}:
+    expected = {**identity, "recipe": resumable(identity.get("recipe"))}
+    if {**saved, "recipe": normalised(saved.get("recipe"))} != expected:
         raise SoupError(f"{path} was saved by a different recipe or start; delete it to start over")
     result = model.load_state_dict(state["model"], strict=False)
     if result.unexpected_keys or set(result.missing_keys) != frozen_names(model):
@@ -158,9 +161,10 @@ def remove_stale_temps(run_dir: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def write_metrics(run_dir: Path, meta: dict) -> None:
-    """metrics.json, the readable summary of a checkpoint's metadata (and so rebuilt from it when needed)."""
-    metrics = {k: meta[k] for k in METRICS_KEYS if k in meta} | meta.get("run", {})
+def write_metrics(run_dir: Path, record: Record) -> None:
+    """metrics.json, the readable summary of a checkpoint's record (and so rebuilt from it when needed)."""
+    stored = record.dump()
+    metrics = {k: stored[k] for k in METRICS_KEYS if k in stored} | (record.run or {})
     write_text_atomic(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
 
 
@@ -182,12 +186,12 @@ def is_finished(ingredient: Ingredient, run_dir: Path, resume: bool, console: Co
     # A shared --out may hold this name and id from another version of the recipe (e.g. other epochs:
     # ids only name swept values); skipping it would cook a stranger into the soup.
     checkpoint = read_checkpoint(final)
-    if normalised(checkpoint.meta.get("recipe")) != resumable(recipe.to_dict()):
+    if normalised(checkpoint.recipe) != resumable(recipe.to_dict()):
         raise SoupError(f"{final} was trained from a different version of this recipe; rename the recipe "
                         "(name:) or use another --out, or delete that ingredient to retrain it")
     completed = []
     if main and not (run_dir / METRICS_FILE).exists():
-        write_metrics(run_dir, checkpoint.meta)
+        write_metrics(run_dir, checkpoint.record)
         completed.append(f"wrote the missing {METRICS_FILE}")
     if main and state_path.exists():
         state_path.unlink()

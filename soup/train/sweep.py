@@ -13,6 +13,7 @@ from soup.errors import SoupError
 from soup.models import distributed
 from soup.models.inference import resolve_device
 from soup.models.checkpoint import INGREDIENT_FILE, STATE_FILE, find_checkpoints, read_checkpoint
+from soup.models.records import Record
 from soup.recipe.spec import Ingredient, Recipe, expand_sweep, finished_wanted
 from soup.train import logs
 from soup.train.loop import train_ingredient
@@ -49,11 +50,11 @@ def train_recipe(recipe: Recipe, out: str | Path = "checkpoints", index: int | N
             return [(ingredients[0], train_ingredient(ingredients[0], out, console, resume, use_cache))] if needed else []
         results = []
         for ingredient in ingredients:
-            if sum(not read_checkpoint(path).meta.get("pruned") for _, path in results) >= wanted:
+            if sum(read_checkpoint(path).record.pruned is None for _, path in results) >= wanted:
                 break
             results.append((ingredient, train_ingredient(ingredient, out, console, resume, use_cache)))
     if pruning and distributed.world().main:
-        console.print(compute_line([read_checkpoint(path).meta for _, path in results], wanted, len(ingredients)))
+        console.print(compute_line([read_checkpoint(path).record for _, path in results], wanted, len(ingredients)))
     return results
 
 
@@ -65,7 +66,7 @@ def needed_draw(recipe: Recipe, ingredient: Ingredient, out: str | Path, wanted:
         return True
     ids = {item.id for item in expand_sweep(recipe)}
     found = find_checkpoints([run_dir.parent], kinds={"ingredient"}) if run_dir.parent.is_dir() else []
-    finished = sum(c.meta.get("id") in ids and not c.meta.get("pruned") for c in found)
+    finished = sum(c.record.id in ids and c.record.pruned is None for c in found)
     if finished < wanted:
         return True
     console.print(f"[bold]{recipe.name}/{ingredient.id}[/]: not needed, {finished} draws of this search finished "
@@ -73,16 +74,16 @@ def needed_draw(recipe: Recipe, ingredient: Ingredient, out: str | Path, wanted:
     return False
 
 
-def compute_line(metas: list[dict], wanted: int, drawn: int) -> str:
+def compute_line(records: list[Record], wanted: int, drawn: int) -> str:
     """What the pruned search trained, against an unpruned sweep of as many finished ingredients."""
-    finished = [m for m in metas if not m.get("pruned")]
-    pruned = [m for m in metas if m.get("pruned")]
-    trained = sum(len(m["val_history"]) for m in metas)
-    unpruned = sum(m["recipe"]["train"]["epochs"] for m in finished)
-    saved = sum(m["recipe"]["train"]["epochs"] - len(m["val_history"]) for m in pruned)
+    finished = [r for r in records if r.pruned is None]
+    pruned = [r for r in records if r.pruned is not None]
+    trained = sum(len(r.history) for r in records)
+    unpruned = sum(r.recipe["train"]["epochs"] for r in finished)
+    saved = sum(r.recipe["train"]["epochs"] - len(r.history) for r in pruned)
     short = (f"; only {len(finished)} of the {wanted} wanted: every one of search.max_trials ({drawn}) was tried, "
              "raise it or narrow the space") if len(finished) < wanted else ""
     ratio = f", {trained / unpruned:.2f}x the {unpruned}" if unpruned else ""
-    return (f"search: {len(finished)} finished, {len(pruned)} pruned of {len(metas)} draws tried{short}; "
+    return (f"search: {len(finished)} finished, {len(pruned)} pruned of {len(records)} draws tried{short}; "
             f"compute: {trained} epochs trained{ratio} that {len(finished)} finished draws take unpruned; stopping "
             f"the {len(pruned)} pruned draws at their rung saved {saved} epochs")
