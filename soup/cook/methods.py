@@ -141,8 +141,8 @@ def guided_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
     Option("per_layer", bool, False, "one coefficient per ingredient and tensor."),
     Option("hyperplane", bool, False, "coefficients summing to one, free in sign within --bound (MEHL-Soup), fitted "
            "a few at a time; fit with --select-on holdout."),
-    Option("bound", float, None, f"with --hyperplane, each coefficient in [-B, 1+B] (default {DEFAULT_BOUND}; 0 is "
-           "the convex hull).", metavar="B", minimum=0, maximum=10),
+    Option("bound", float, None, f"with --hyperplane, each coefficient in [-B, 1+B]; {DEFAULT_BOUND} by default, 0 is "
+           "the convex hull.", metavar="B", minimum=0, maximum=10),
     # Fitting knobs, off the command line: the defaults suit a held-out set of hundreds to thousands.
     Option("block", int, 2, "--hyperplane: coefficients fitted together (their sum is fixed).", minimum=2, cli=False),
     Option("rounds", int, 2, "--hyperplane: passes over the blocks.", minimum=1, cli=False),
