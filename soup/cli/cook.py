@@ -36,7 +36,8 @@ class OptionValue(click.ParamType):
 def _method_flag(spec: SoupMethod) -> click.Option:
     # Only the default method's flag may carry a default: click lets the last one processed win.
     is_default = spec.name == "uniform"
-    return click.Option([f"--{spec.name}", "method"], flag_value=spec.name, default=True if is_default else None,
+    extra = {"default": True} if is_default else {}
+    return click.Option([f"--{spec.name}", "method"], flag_value=spec.name, **extra,
                         help=(spec.summary or f"Cook a {spec.name} soup.") + (" The default." if is_default else ""))
 
 
