@@ -43,8 +43,9 @@ class Soup:
 
 @dataclass
 class Kitchen:
-    """What a method may use besides ingredients and selector: its options (defaults filled in) and the
-    starting weights, rebuilt only when a method asks, since that may mean loading a pretrained model."""
+    """What a method may use besides ingredients and selector: its options (every one it declares, checked,
+    defaults filled in: cook and --best settle them) and the starting weights, rebuilt only when a method
+    asks, since that may mean loading a pretrained model."""
 
     reference: Checkpoint
     options: dict = field(default_factory=dict)
