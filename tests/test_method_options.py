@@ -149,3 +149,16 @@ def test_a_declaration_mistake_is_the_authors_and_said_at_once():
         result = CliRunner().invoke(cli, ["cook", "--help"])
     assert isinstance(result.exception, ValueError) and "--force" in str(result.exception)
     assert CliRunner().invoke(cli, ["cook", "--help"]).exit_code == 0
+
+
+def test_whole_numbers_and_flags_are_read_as_declared(tmp_path):
+    """The built-in options through the same path: --patience is a whole number, at least 1; --per-layer a
+    flag that takes no value. Refused while parsing, before the (absent) checkpoints are looked for."""
+    missing = str(tmp_path / "nowhere")
+    for value, said in (("2.5", "--patience 2.5: expected a whole number, at least 1"),
+                        ("0", "--patience 0: expected a whole number, at least 1")):
+        one_error_line(CliRunner().invoke(cli, ["cook", "--guided", missing, "--patience", value]), said)
+    result = CliRunner().invoke(cli, ["cook", "--learned", "--per-layer=yes", missing])
+    assert result.exit_code == 2 and "Option '--per-layer' does not take a value" in result.output
+    assert Option("n", int, 3, "n").from_text("4") == 4 and Option("x", float, 1, "x").value(2) == 2.0
+

@@ -76,7 +76,7 @@ class MethodsCommand(click.Command):
 
     def get_params(self, ctx):
         own = super().get_params(ctx)
-        registry = tuple((name, id(spec)) for name, spec in METHODS.items())
+        registry = tuple(METHODS.items())  # compared by value: a method registered again is rebuilt
         if self._made[0] != registry:
             self._made = (registry, *registry_params())
         _, methods, options = self._made

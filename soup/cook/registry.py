@@ -139,5 +139,4 @@ def settle_options(method: str, given: dict) -> dict:
             flag = "--" + name.replace("_", "-")
             raise SoupError(f"{flag} is not an option of the {method} soup" +
                             (f"; it goes with {' or '.join(owners)}" if owners else ""))
-    return {name: option.value(given[name]) if name in given else option.default
-            for name, option in spec.options.items()}
+    return {name: option.value(given.get(name, option.default)) for name, option in spec.options.items()}
