@@ -13,9 +13,10 @@ import yaml
 import torch
 from click.testing import CliRunner
 
+import soup.cook.selector
 from soup.cli import cli
 from soup.cook import batchnorm
-from soup.models.backbones import build_model
+from soup.models.backbones import build_model, freeze_prefix
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
 from soup.recipe.spec import recipe_from_dict
 
@@ -136,11 +137,62 @@ def test_bn_images_picks_a_seeded_subset(bn_study):
     assert record["images"] == 5 and len(record["files"]) == 5 and record["requested"] == 5
 
 
-@pytest.mark.parametrize("value", ["0", "-3"])
+@pytest.mark.parametrize("value", ["0", "-3", "1"])
 def test_bad_bn_images_is_one_line(bn_study, value):
+    """One image has no train-mode BatchNorm statistics (a 1x1 map or a vector fails): at least 2."""
     work, _, _ = bn_study
-    one_error_line(cook(work, "--uniform", "-o", "x.safetensors", "--bn-images", value), "--bn-images")
+    one_error_line(cook(work, "--uniform", "-o", "x.safetensors", "--bn-images", value), "--bn-images", "at least 2")
     assert not (work / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag", ["--no-bn-reset", "--no-eval"])
+def test_bn_images_with_no_bn_reset_or_no_eval_is_a_contradiction(bn_study, flag):
+    """Refused, not warned about: either flag measures no statistics, so the count asked for would be ignored."""
+    work, _, _ = bn_study
+    one_error_line(cook(work, "--uniform", "-o", "x.safetensors", "--bn-images", "5", flag),
+                   f"--bn-images 5 and {flag} contradict")
+    assert not (work / "x.safetensors").exists()
+
+
+def test_no_batch_of_one_image_is_left_over(bn_study, monkeypatch):
+    """5 images in batches of 4 would leave one alone: batches of 3 and 2 instead, recorded, and update_bn on
+    the recorded batches gives the same statistics."""
+    work, _, _ = bn_study
+    real = batchnorm.StatsReset
+    monkeypatch.setattr(soup.cook.selector, "StatsReset",
+                        lambda model, members, data, device, images, batch_size, *rest:
+                        real(model, members, data, device, images, 4, *rest))
+    result = cook(work, "--uniform", "-o", "five.safetensors", "--overwrite", "--bn-images", "5")
+    assert result.exit_code == 0, result.output
+    soup_file = read_checkpoint(work / "five.safetensors")
+    assert soup_file.meta["bn_reset"]["batch_size"] == 3 and soup_file.meta["bn_reset"]["images"] == 5
+    saved = soup_file.state_dict()
+    expected = with_bn_reset(soup_file, saved)
+    assert all(torch.equal(saved[k], expected[k].to(saved[k].dtype)) for k in saved if k.endswith(STATS))
+
+
+def one_class_root(folder: Path, source: Path, train: int) -> Path:
+    """A data root of one class (circle) with `train` train images and every val image of that class."""
+    for split, count in (("train_images", train), ("val_images", None)):
+        (folder / split / "circle").mkdir(parents=True)
+        for image in sorted((source / split / "circle").iterdir())[:count]:
+            shutil.copy(image, folder / split / "circle" / image.name)
+    return folder
+
+
+def test_a_train_split_of_one_image_is_one_line_in_training_and_in_the_reset(tmp_path, small_sketch_root):
+    one = one_class_root(tmp_path / "one", small_sketch_root, 1)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(one)))
+    one_error_line(CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "a")]),
+                   "a batch of one image", "train.batch_size")
+    # Ingredients trained on two images, cooked with a data root that holds one.
+    work = tmp_path / "two"
+    work.mkdir()
+    run_study(work, tiny_recipe(one_class_root(tmp_path / "two_root", small_sketch_root, 2),
+                                sweep={"train.seed": [0, 1]}))
+    result = cook(work, "--uniform", "-o", "s.safetensors", "--data", str(one))
+    one_error_line(result, "train split holds 1 image", "--no-bn-reset")
+    assert not (work / "s.safetensors").exists()
 
 
 def test_one_ingredient_alone_is_kept_as_it_is(bn_study):
@@ -188,6 +240,32 @@ def test_freeze_bn_keeps_the_start_statistics_and_soups_keep_them(tmp_path, smal
     assert soup.meta["bn_reset"]["layers"] == []
     saved = soup.state_dict()
     assert all(torch.equal(saved[k], start[k]) for k in stat_keys)
+
+
+def test_a_frozen_part_shares_statistics_only_with_freeze_bn(tmp_path, small_sketch_root):
+    """docs/cooking.md: model.freeze freezes weights, not statistics; the frozen part's BatchNorm layers
+    update their running statistics on each ingredient's batches, so a soup re-estimates them, and each
+    re-estimated layer's num_batches_tracked is the number of batches of the reset's pass."""
+    recipe = tiny_recipe(small_sketch_root, model={"freeze": 0.5}, sweep={"train.seed": [0, 1]})
+    run_study(tmp_path, recipe)
+    ingredients = find_checkpoints([tmp_path / "checkpoints" / "tiny"], kinds={"ingredient"})
+    built = recipe_from_dict(ingredients[0].recipe)
+    model = build_model(built.model, ingredients[0].classes, built.data.image_size)
+    freeze_prefix(model.backbone, built.model.freeze)
+    frozen = [name for name, layer in batchnorm.batchnorm_layers(model).items() if not layer.weight.requires_grad]
+    assert frozen
+    a, b = (c.state_dict() for c in ingredients)
+    assert all(torch.equal(a[f"{name}.weight"], b[f"{name}.weight"]) for name in frozen)  # frozen weights
+    assert any(not torch.equal(a[f"{name}.running_mean"], b[f"{name}.running_mean"]) for name in frozen)
+    result = cook(tmp_path, "--uniform", "-o", "u.safetensors")
+    assert result.exit_code == 0, result.output
+    soup = read_checkpoint(tmp_path / "u.safetensors")
+    record = soup.meta["bn_reset"]
+    differing = [n for n in frozen if not torch.equal(a[f"{n}.running_mean"], b[f"{n}.running_mean"])]
+    assert set(differing) <= set(record["layers"])
+    batches = -(-record["images"] // record["batch_size"])
+    saved = soup.state_dict()
+    assert all(saved[f"{name}.num_batches_tracked"].item() == batches for name in record["layers"])
 
 
 def test_freeze_bn_is_validated(tmp_path, small_sketch_root):

@@ -115,7 +115,7 @@ def test_calibrate_stores_a_temperature_and_leaves_weights_bit_identical(run, sh
     assert row["temperature"] == record["temperature"] and row["top1"] == plain["top1"]
     assert row["nll"] == pytest.approx(record["nll_after"], rel=1e-4) and row["nll"] != plain["nll"]
     table = run(["eval", str(path)], width=200).output
-    assert f"T={record['temperature']:.2f}" in table
+    assert f"T={record['temperature']:.3g}" in table
 
 
 @pytest.mark.parametrize("value", ["nan", -1.0, 0, "2", True, None])

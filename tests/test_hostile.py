@@ -12,6 +12,7 @@ from rich.console import Console
 
 import soup.cli.base
 import soup.judge.evaluate
+import soup.score.calibrate
 from soup.cli import cli
 from soup.errors import SoupError
 from soup.models.checkpoint import read_checkpoint, rewrite_metadata
@@ -19,7 +20,7 @@ from soup.models.metrics import scores
 from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.train.loop import train_ingredient
 
-from conftest import ingredient_path, one_error_line, run_study, tiny_recipe
+from conftest import ingredient_path, invoke_with_console, one_error_line, run_study, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,16 @@ def test_the_fitting_bounds_themselves_are_accepted(trained, tmp_path, temperatu
     result = CliRunner().invoke(cli, ["eval", str(path), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["temperature"] == temperature
+
+
+def test_a_small_temperature_prints_with_its_significant_digits(trained, tmp_path, monkeypatch):
+    """Issue 31 N: T = 0.001 printed as T=0.00 said nothing; the table and soup calibrate's line say 0.001."""
+    path = calibrated_copy(trained, tmp_path, 1e-3)
+    table = invoke_with_console(["eval", str(path)], monkeypatch, 200)
+    assert table.exit_code == 0 and "T=0.001" in table.output and "T=0.00 " not in table.output, table.output
+    monkeypatch.setattr(soup.score.calibrate, "fit_temperature", lambda *args, **kwargs: 1e-3)
+    fitted = invoke_with_console(["calibrate", str(path)], monkeypatch, 200)
+    assert fitted.exit_code == 0 and "T=0.001 fitted on val" in fitted.output, fitted.output
 
 
 def strict_json(text):

@@ -310,3 +310,28 @@ def test_summary_says_running_for_a_draw_with_a_state_and_no_checkpoint(pruned_s
         rows = {row["id"]: row for row in csv.DictReader(f)}
     assert rows["99-lr0.001"]["status"] == "running" and rows["99-lr0.001"]["val_acc"] == ""
     assert sum(row["status"] == "finished" for row in rows.values()) == 3
+
+
+def test_peer_rung_files_edited_upward_are_checked_against_their_checkpoints(small_sketch_root, tmp_path,
+                                                                             monkeypatch):
+    """Issue 31 K: three finished draws' rung files edited to say 0.99 would prune every new draw under the
+    median rule; their checkpoints' val history is what counts, and one warning says which files disagree."""
+    monkeypatch.chdir(tmp_path)
+    run_study(tmp_path, pruned_recipe(small_sketch_root, trials=3, rule="median", epochs=2))
+    found = metas(tmp_path)
+    assert len(found) == 3 and not any(m["pruned"] for m in found.values())  # fewer than 3 peers: none pruned
+    real = sorted(m["val_history"][0]["val_top1"] for m in found.values())
+    for ingredient_id in found:
+        path = rung_file(tmp_path / "checkpoints" / "tiny", 1, ingredient_id)
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "val_top1": 0.99}))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(pruned_recipe(small_sketch_root, trials=4, rule="median",
+                                                                  epochs=2)))
+    result = CliRunner().invoke(cli, ["train", "r.yaml", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "rung files at epoch 1 disagree with their draws' checkpoints" in result.output
+    assert "99.00% vs" in result.output
+    new = {i: m["val_history"][0]["rung"] for i, m in metas(tmp_path).items() if i not in found}
+    first = new[min(new)]
+    assert first["peers"] == 3 and first["threshold"] == real[1]  # the median of what the checkpoints record
+    assert all(rung["threshold"] < 0.99 for rung in new.values())

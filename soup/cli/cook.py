@@ -15,6 +15,7 @@ from soup.cook.methods import METHODS
 from soup.cook.registry import Option, SoupMethod
 from soup.cook.sweeps import sweep_status
 from soup.data.outputs import check_output, data_roots
+from soup.errors import SoupError
 from soup.judge.plot import plot_checkpoints
 from soup.judge.verdict import BestVerdict
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
@@ -108,7 +109,7 @@ class MethodsCommand(click.Command):
 @click.option("--calibrate", is_flag=True, help="Also fit the soup's temperature on the selection set and "
               "store it in its metadata (see soup calibrate).")
 @click.option("--bn-images", type=int, default=DEFAULT_IMAGES, show_default=True, metavar="N",
-              help="Train images (a fixed, seeded subset) on which each mixed weight set's BatchNorm statistics "
+              help="Train images (at least 2; a fixed, seeded subset) on which each mixed weight set's BatchNorm statistics "
               "are re-estimated before it is scored or written; models without BatchNorm skip it.")
 @click.option("--no-bn-reset", is_flag=True, help="Keep the members' averaged BatchNorm statistics instead.")
 def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, best, plot_path, calibrate, bn_images,
@@ -116,13 +117,16 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
+    source = click.get_current_context().get_parameter_source
+    for flag, on in (("--no-bn-reset", no_bn_reset), ("--no-eval", no_eval)):
+        if on and source("bn_images") is not click.core.ParameterSource.DEFAULT:
+            raise SoupError(f"--bn-images {bn_images} and {flag} contradict each other: {flag} measures no BatchNorm "
+                            "statistics, on any number of images; drop one of them")
+    bn_images = None if no_bn_reset else check_images(bn_images)
     found = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None, warn=warn)
     _report_sweeps(found, list(paths) or [Path("checkpoints")])
     ingredients = sweeps.leave_out_pruned(found, list(paths), base.console)
-    bn_images = None if no_bn_reset else check_images(bn_images)
-    context = click.get_current_context()
-    given = {name for name in ("method", *method_options)
-             if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    given = {name for name in ("method", *method_options) if source(name) is not click.core.ParameterSource.DEFAULT}
     options = {name: value for name, value in method_options.items() if name in given}
     if best:
         check_best_request("method" in given, options)

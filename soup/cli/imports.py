@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from soup.outside.importing import import_checkpoints
+from soup.outside.settings import parse_given
 from soup.text import shown
 from soup.cli import base
 from soup.cli.base import cli, read_more, trust_hub_option
@@ -30,9 +31,18 @@ from soup.cli.base import cli, read_more, trust_hub_option
               show_default=True, help="Folder the ingredients go under, as OUT/NAME/NN-SOURCE/model.safetensors.")
 @click.option("--name", default="imported", show_default=True, help="The ingredients' recipe name (a folder).")
 @trust_hub_option
-def import_command(sources, data_root, model, start, ema, strip_prefix, out, name):
+@click.option("--image-size", default=None, metavar="PX",
+              help="The side the sources were fed at (default: what they record, the size a ViT's position "
+              "embedding fixes, else timm's pretrained_cfg, said in one line).")
+@click.option("--mean", default=None, metavar="R,G,B", help="The normalisation mean they were trained with (default "
+              "as for --image-size).")
+@click.option("--std", default=None, metavar="R,G,B", help="The normalisation std they were trained with (default "
+              "as for --image-size).")
+def import_command(sources, data_root, model, start, ema, strip_prefix, out, name, image_size, mean, std):
     """Write checkpoints made by other tools (timm train.py, Lightning, plain PyTorch, Hub folders) as soup
     ingredients, checked against the model and the data root first."""
-    written = import_checkpoints(list(sources), data_root, model, start, ema, strip_prefix, out, name, base.console)
+    given = parse_given(image_size, mean, std)
+    written = import_checkpoints(list(sources), data_root, model, start, ema, strip_prefix, out, name, base.console,
+                                 given)
     base.console.print(f"wrote {len(written)} ingredient{'s' if len(written) != 1 else ''} under "
                        f"{shown(Path(out) / name)}; cook them with `soup cook {shown(Path(out) / name)}`")

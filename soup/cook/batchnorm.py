@@ -51,11 +51,21 @@ def chosen_rows(count: int, size: int, seed: int = SEED) -> list[int]:
 
 
 def check_images(count) -> int | None:
-    """--bn-images N: a whole number of images, at least 1 (None: no reset)."""
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-        raise SoupError(f"--bn-images {count}: expected a whole number of train images, at least 1 "
-                        f"(default {DEFAULT_IMAGES}); --no-bn-reset keeps the averaged statistics")
+    """--bn-images N: a whole number of images, at least 2 (None: no reset). A BatchNorm layer in train mode
+    needs more than one value per channel: one image fails wherever a layer sees a 1x1 map or a vector."""
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 2):
+        raise SoupError(f"--bn-images {count}: expected a whole number of train images, at least 2, since BatchNorm "
+                        f"statistics need more than one image (default {DEFAULT_IMAGES}); --no-bn-reset keeps the "
+                        "averaged statistics")
     return count
+
+
+def batch_without_a_lone_image(rows: int, batch_size: int) -> int:
+    """The largest batch size up to `batch_size` that leaves no batch of one image among `rows` (>= 2): a
+    lone image cannot give train-mode statistics, and its batch would weigh as much as a full one."""
+    while batch_size > 2 and rows % batch_size == 1:
+        batch_size -= 1
+    return batch_size
 
 
 class StatsReset:
@@ -65,11 +75,15 @@ class StatsReset:
     def __init__(self, model: nn.Module, ingredients: list[Checkpoint], dataset: Dataset, device: torch.device,
                  images: int = DEFAULT_IMAGES, batch_size: int = 128, num_workers: int = 0,
                  console: Console | None = None):
-        self.model, self.device, self.batch_size, self.num_workers = model, device, batch_size, num_workers
+        self.model, self.device, self.num_workers = model, device, num_workers
         self.console = console or Console(quiet=True)
         self.layers = batchnorm_layers(model)
         self.known = _member_stats(ingredients, self.layers)
+        if len(dataset) < 2:
+            raise SoupError(f"the train split holds {len(dataset)} image(s), and re-estimating BatchNorm statistics "
+                            "needs at least 2; add train images, or cook with --no-bn-reset")
         self.dataset, self.rows = dataset, chosen_rows(images, len(dataset))
+        self.batch_size = batch_without_a_lone_image(len(self.rows), batch_size)
         self.requested = images
         self._batches = None
         self._done: list[tuple[dict, dict]] = []  # (state returned, its record), the latest two

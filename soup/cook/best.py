@@ -71,4 +71,4 @@ def cook_best(ingredients: list[Checkpoint], out: str | Path, select_on: str | N
     console.print(f"[bold]best[/]: {winner} wins on {select_on} with {scored[winner]:.2%} (" +
                   ", ".join(f"{m} {top1:.2%}" for m, top1 in scored.items()) + ")")
     soup.extra = {**soup.extra, "best": {"winner": winner, "candidates": scored, "skipped": skipped}}
-    return save_soup("best", soup, ingredients, out, select, True, console, calibrate)
+    return save_soup("best", soup, ingredients, out, select, True, console, calibrate, overwrite=overwrite)

@@ -128,7 +128,7 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     # later score on this split optimistic; uniform and stock are only checked on it.
     chose = spec.needs_selection or len(soup.steps) > 1
     return save_soup(method, soup, ingredients, out, select, chose, console, calibrate,
-                     holdout_verdict=spec.starts_from_best, data_root=data_root)
+                     holdout_verdict=spec.starts_from_best, data_root=data_root, overwrite=overwrite)
 
 
 def selector(ingredients: list[Checkpoint], select_on: str, data_root: str | Path | None,
@@ -161,9 +161,11 @@ def batchnorm_record(select: Selector | None, state: dict[str, torch.Tensor]) ->
 
 def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str | Path, select: Selector | None,
               chose: bool, console: Console, calibrate: bool = False, holdout_verdict: bool = False,
-              data_root: str | Path | None = None) -> Path:
+              data_root: str | Path | None = None, overwrite: bool = False) -> Path:
     """Score `soup` on its selection split (when it has one) and write it with its provenance. With
-    `holdout_verdict` and a holdout selection, it is also measured against its best ingredient on val."""
+    `holdout_verdict` and a holdout selection, it is also measured against its best ingredient on val.
+    Without `overwrite`, a file that appeared at `out` since check_output looked (another cook racing to
+    it) is left alone and this cook fails in one line."""
     selection, extra = None, {}
     if select is not None:
         logits, targets = select.logits(soup.state_dict)
@@ -194,7 +196,7 @@ def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str |
         **extra,
         **batchnorm_record(select, soup.state_dict),
     }
-    path = save_checkpoint(out, soup.state_dict, meta)
+    path = save_checkpoint(out, soup.state_dict, meta, replace=overwrite)
     record_soup(path, meta, ingredients, console)
     console.print(f"  wrote {shown(path)}")
     return path

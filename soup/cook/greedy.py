@@ -11,6 +11,7 @@ from rich.console import Console
 
 from soup.cook.weights import weighted_average
 from soup.models.checkpoint import Checkpoint
+from soup.models.inference import NonFiniteLogits
 from soup.models.metrics import scores
 from soup.score.compare import describe_difference, difference
 from soup.score.evaluator import Predictions, predictions
@@ -36,11 +37,14 @@ def rank(ingredients: list[Checkpoint], select, console: Console, keep_logits: b
     """Every ingredient scored once on the selection set, best first; ties keep the order given."""
     ranked = []
     for checkpoint in ingredients:
-        if keep_logits:
-            logits, targets = select.logits(checkpoint.state_dict())
-            result, outcome = scores(logits, targets), predictions(logits, targets, checkpoint.classes)
-        else:
-            (result, outcome), logits = judged(select, checkpoint.state_dict()), None
+        try:
+            if keep_logits:
+                logits, targets = select.logits(checkpoint.state_dict())
+                result, outcome = scores(logits, targets), predictions(logits, targets, checkpoint.classes)
+            else:
+                (result, outcome), logits = judged(select, checkpoint.state_dict()), None
+        except NonFiniteLogits as err:  # the selector knows its template, not which ingredient it scored
+            raise err.named(str(checkpoint.path)) from None
         console.print(f"  {shown(checkpoint.name)}: {result['top1']:.2%} on {select.split}")
         ranked.append(Ranked(result["top1"], checkpoint, outcome, logits))
     ranked.sort(key=lambda item: -item.top1)  # stable: ties keep the order given

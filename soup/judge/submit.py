@@ -16,7 +16,7 @@ from soup.errors import SoupError
 from soup.judge.evaluate import ensemble_logits, tta_logits
 from soup.models.backbones import model_from_checkpoint
 from soup.models.checkpoint import Checkpoint, atomic_path, write_text_atomic
-from soup.models.inference import make_loader, predict, resolve_device
+from soup.models.inference import finite_logits, make_loader, predict, resolve_device
 from soup.models.views import views_of
 from soup.recipe.spec import recipe_from_dict
 from soup.score.calibrate import temperature_of
@@ -33,8 +33,9 @@ def test_logits(checkpoint: Checkpoint, data_root: str | Path | None = None, dev
     loader = make_loader(images, batch_size, 0, device)
     if tta is None:
         logits, ids = predict(model, loader, device)
-        return ids, logits
-    per_view = [predict(model, loader, device, view) for view in views_of(tta)]
+        return ids, finite_logits(logits, str(checkpoint.path))
+    per_view = [(finite_logits(logits, str(checkpoint.path)), ids)
+                for logits, ids in (predict(model, loader, device, view) for view in views_of(tta))]
     return per_view[0][1], tta_logits([logits for logits, _ in per_view], temperature_of(checkpoint))
 
 

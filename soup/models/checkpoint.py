@@ -78,9 +78,30 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def place_new(tmp: str | Path, path: Path) -> None:
+    """Move `tmp` to `path` only if nothing is there, atomically: a hard link fails on an existing name, so
+    of several commands racing to one new output exactly one wins. Where the file system has no hard links
+    (some network and FUSE ones), an exclusive create claims the name first (O_EXCL), then the rename fills it."""
+    taken = SoupError(f"{path} exists: another command wrote it while this one ran, and it was left as it is; add "
+                      "--overwrite to replace it, or write elsewhere with -o")
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise taken from None
+    except OSError:
+        pass
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        raise taken from None
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes.
+def atomic_path(path: str | Path, replace: bool = True):
+    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes (without
+    `replace`, it takes `path` only if nothing is there by then; see `place_new`).
 
     The temporary file is synced to disk before the rename and the folder after it, so that after a power
     loss `path` holds the old file or the whole new one, never an empty one. Any write failure is one
@@ -98,7 +119,10 @@ def atomic_path(path: str | Path):
         # Temp files are 0600 (mkstemp, and safetensors writes its own); a shared output folder needs a
         # normal file's permissions (umask applies), so that whoever cooks can read what every job wrote.
         os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            place_new(tmp, path)
     except Exception as err:
         reason = write_failure(err)
         if reason is None:
@@ -125,9 +149,9 @@ def fp32_state(state_dict: dict) -> dict[str, torch.Tensor]:
             for k, v in state_dict.items()}
 
 
-def save_checkpoint(path: str | Path, state_dict: dict, meta: dict) -> Path:
+def save_checkpoint(path: str | Path, state_dict: dict, meta: dict, replace: bool = True) -> Path:
     meta = {"format": FORMAT, **meta}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace) as tmp:
         save_file(fp32_state(state_dict), str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
     return Path(path)
 

@@ -51,6 +51,28 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device,
     return torch.cat(logits), labels
 
 
+class NonFiniteLogits(SoupError):
+    """Weights whose logits hold NaN or inf: a NaN logit scores as a class and its NLL as nan, so a figure
+    from them would be a wrong figure, never a bad one. `named` says whose weights they were."""
+
+    def __init__(self, what: str, bad: int, total: int):
+        self.bad, self.total = bad, total
+        super().__init__(f"{what}: its weights give NaN or infinite logits on {bad} of {total} images, so no figure "
+                         "from them would mean anything; a BatchNorm running_var below zero or a tensor holding "
+                         "NaN/inf does this (retrain it, or import it again from a sound source)")
+
+    def named(self, what: str) -> "NonFiniteLogits":
+        return NonFiniteLogits(what, self.bad, self.total)
+
+
+def finite_logits(logits: torch.Tensor, what: str) -> torch.Tensor:
+    """`logits` when every one is a number; else NonFiniteLogits naming `what` (the checkpoint)."""
+    bad = (~torch.isfinite(logits)).any(dim=1)
+    if bool(bad.any()):
+        raise NonFiniteLogits(what, int(bad.sum()), len(logits))
+    return logits
+
+
 def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict:
     logits, targets = predict(model, loader, device)
     return scores(logits, targets)

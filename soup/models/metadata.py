@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from soup.errors import SoupError
+from soup.recipe.checks import normalisation_checks
 
 # model.kwargs keys, and keys inside their values, through which timm (or a hub entry) opens a file or a
 # download of the metadata's choosing; soup's own model.weights reads tensors only and never comes from here.
@@ -154,6 +155,12 @@ def _recipe(path: Path, meta: dict) -> None:
                         "edited: re-create it with `soup train`")
     if "root" in data and not _text(data["root"]):
         raise _Refusal("recipe.data.root", "a path")
+    mean, std = data.get("mean", [0.5]), data.get("std", [0.5])  # what is not recorded, the recipe's default
+    if not _numbers(mean) or not _numbers(std):
+        raise _Refusal("recipe.data.mean" if not _numbers(mean) else "recipe.data.std", "a list of numbers")
+    for ok, key, why in normalisation_checks(mean, std):  # the recipe check's own: an edited value is refused
+        if not ok:
+            raise _Refusal(f"recipe.{key}", why.removeprefix("must be "))
 
 
 def check_metadata(path: Path, meta: dict, head_rows: int | None) -> None:

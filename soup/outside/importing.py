@@ -18,7 +18,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 from rich.console import Console
 from safetensors.torch import save_file
@@ -26,13 +25,15 @@ from safetensors.torch import save_file
 from soup.data.folders import class_list
 from soup.data.outputs import check_output
 from soup.errors import SoupError
-from soup.models.backbones import build_model, check_hub_trusted, fingerprint
+from soup.models.backbones import KWARG_ERRORS, build_model, check_hub_trusted, fingerprint
 from soup.models.checkpoint import INGREDIENT_FILE, is_soup_checkpoint, save_checkpoint
 from soup.outside.checks import check_model_kwargs, checked_tensors
 from soup.outside.layouts import Fitted, fit, source_key, timm_classifier
+from soup.outside.offline import check_pretrained
 from soup.outside.reading import Source, read_source
+from soup.outside.settings import Given, Grid, built_for, built_side, common_kwargs, preprocessing, timm_meta
 from soup.outside.writing import refuse_link, start_file_there, write_all
-from soup.recipe.spec import DataConfig, parse_backbone, recipe_from_dict
+from soup.recipe.spec import DataConfig, ModelConfig, recipe_from_dict
 from soup.text import printable, shown
 
 UNKNOWN_START = "unknown"  # start_fingerprint of an ingredient imported without --start
@@ -68,7 +69,8 @@ def _spec(model: str) -> str:
 
 
 def _architecture(sources: list[Source], model: str | None) -> tuple[str, dict]:
-    """(backbone spec, kwargs) for every source: --model, else the one architecture they all record."""
+    """(backbone spec, kwargs) for every source: --model, else the one architecture they all record; the
+    kwargs they record compared as the model they build (soup.outside.settings)."""
     if model is None:
         unnamed = next((s for s in sources if s.arch is None), None)
         if unnamed is not None:
@@ -79,34 +81,35 @@ def _architecture(sources: list[Source], model: str | None) -> tuple[str, dict]:
             (a, first), (b, second) = list(named.items())[:2]
             raise SoupError(f"{first.given} is {a} ({first.arch_from}) but {second.given} is {b} ({second.arch_from}): "
                             "one import, one architecture; import each architecture separately")
-    kwargs = {printable(s.given): s.model_args for s in sources}
-    if len({repr(sorted(k.items())) for k in kwargs.values()}) > 1:
-        (a, first), (b, second) = list(kwargs.items())[:2]
-        raise SoupError(f"{a} was built with model kwargs {first} but {b} with {second}: one import, one "
-                        "architecture; import them separately")
-    return _spec(model or sources[0].arch), dict(sources[0].model_args)
+    backbone = _spec(model or sources[0].arch)
+    return backbone, common_kwargs(sources, backbone)
 
 
-def _data_config(root: Path, sources: list[Source], backbone: str) -> DataConfig:
-    """The data section: image size and mean/std as the sources record them, else the timm model's defaults."""
-    kind, _, entry = parse_backbone(backbone)
-    default = timm.models.get_pretrained_cfg(entry) if kind == "timm" and timm.is_model(entry) else None
-    data = DataConfig(str(root.resolve()))
-    seen = {}
-    for name in ("image_size", "mean", "std"):
-        values = {repr(getattr(s, name)): s for s in sources if getattr(s, name) is not None}
-        if len(values) > 1:
-            (a, first), (b, second) = list(values.items())[:2]
-            raise SoupError(f"{first.given} was fine-tuned with {name} {a} but {second.given} with {b}; import "
-                            "sources of one preprocessing together")
-        seen[name] = getattr(next(iter(values.values())), name) if values else None
-    if seen["image_size"] is None and default is not None:
-        seen["image_size"] = default.input_size[-1]
-    data.image_size = seen["image_size"] or data.image_size
-    for name in ("mean", "std"):
-        recorded = seen[name] or (list(getattr(default, name)) if default is not None else None)
-        setattr(data, name, [float(v) for v in recorded] if recorded else getattr(data, name))
-    return data
+def _skeleton(backbone: str, kwargs: dict, classes: list[str], size: int, recorded_in: str | None) -> torch.nn.Module:
+    return build_model(ModelConfig(backbone, pretrained=False, kwargs=kwargs), classes, size, pretrained=False,
+                       recorded_in=recorded_in)
+
+
+def _built(backbone: str, kwargs: dict, classes: list[str], sources: list[Source], given: Given,
+           where: str, recorded_in: str | None) -> tuple[torch.nn.Module, dict, Grid | None]:
+    """(the model the sources fit, random weights; its kwargs; the grid of their position embeddings),
+    built at the size that grid says (timm's on the meta device first, a torch.hub one as it is)."""
+    size = given.image_size or next((s.image_size for s in sources if s.image_size), None) or DataConfig("").image_size
+    try:
+        skeleton, probe = None, timm_meta(backbone, kwargs)
+        if probe is None:
+            skeleton = _skeleton(backbone, kwargs, classes, size, recorded_in)
+            probe = skeleton.backbone
+        grid = built_for(probe, sources, kwargs, backbone)
+        if grid is not None and grid.size != built_side(probe):
+            kwargs, skeleton = {**kwargs, "img_size": grid.size}, None
+        return skeleton or _skeleton(backbone, kwargs, classes, size, recorded_in), kwargs, grid
+    except SoupError as err:
+        raise SoupError(f"{where}: {err}") from None
+    except (TypeError, *KWARG_ERRORS) as err:  # timm asserts a pooling type, checks a size
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise SoupError(f"{where}: {backbone} does not take model kwargs {printable(str(kwargs))} "
+                        f"({printable(reason)})") from None
 
 
 def _slug(text: str) -> str:
@@ -178,6 +181,7 @@ def _start(start: str | None, recipe: dict, classes: list[str], target: Target, 
         return UNKNOWN_START, {"kind": "unknown", "start_check": "off"}, None
     tensors = None
     if start == PRETRAINED:
+        check_pretrained(model["backbone"])
         model["pretrained"] = True
         record = {"kind": PRETRAINED, "backbone": model["backbone"]}
     else:
@@ -206,7 +210,7 @@ def _start(start: str | None, recipe: dict, classes: list[str], target: Target, 
 
 
 def _meta(item: Planned, recipe: dict, backbone: str, classes: list[str], start_fp: str, start: dict,
-          ids: list[str], name: str) -> dict:
+          ids: list[str], name: str, origin: dict) -> dict:
     source = item.source
     return {
         "kind": "ingredient", "name": name, "id": item.id, "settings": {}, "recipe": recipe,
@@ -217,13 +221,14 @@ def _meta(item: Planned, recipe: dict, backbone: str, classes: list[str], start_
                      "layout": item.fitted.layout, "prefix": item.fitted.prefix,
                      "left_out": item.fitted.left_out, "architecture_from": source.arch_from or "--model",
                      "classes_reordered": item.reordered, "metric": source.metric, "epoch": source.epoch,
-                     "crop": source.crop, "hub_id": source.hub_id},
+                     "crop": source.crop, "hub_id": source.hub_id, "preprocessing_from": origin},
     }
 
 
 def import_checkpoints(paths: list[Path], data_root: Path, model: str | None = None, start: str | None = None,
                        ema: bool = False, strip: str | None = None, out: Path = Path("checkpoints"),
-                       name: str = "imported", console: Console | None = None) -> list[Path]:
+                       name: str = "imported", console: Console | None = None,
+                       given: Given | None = None) -> list[Path]:
     """Read, check and fit every source, rebuild the start, then write the ingredients (and the start)."""
     console = console or Console()
     if not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
@@ -236,15 +241,19 @@ def import_checkpoints(paths: list[Path], data_root: Path, model: str | None = N
     recorded_in = None if model else f"{printable(sources[0].given)} ({sources[0].arch_from})"
     if recorded_in:  # an architecture a source chose: its hub code runs only where the user trusts it
         check_hub_trusted(backbone, recorded_in)
-    data = _data_config(Path(data_root), sources, backbone)
-    recipe = recipe_from_dict({"name": name, "data": vars(data),
+    where = model and "--model" or sources[0].arch_from
+    given = given or Given()
+    skeleton, sized, grid = _built(backbone, kwargs, classes, sources, given, where, recorded_in)
+    chosen = preprocessing(Path(data_root), sources, backbone, sized, grid, given)
+    if sized != kwargs:
+        chosen.notes.insert(0, f"built {backbone} for {grid.size} px (img_size), as {grid.source.given}'s position "
+                               f"embedding says: {grid}")
+    kwargs = sized
+    recipe = recipe_from_dict({"name": name, "data": vars(chosen.data),
                                "model": {"backbone": backbone, "pretrained": False, "kwargs": kwargs}}).to_dict()
     try:
-        skeleton = build_model(recipe_from_dict(recipe).model, classes, data.image_size, pretrained=False,
-                               recorded_in=recorded_in)
         classifier = timm_classifier(backbone, kwargs, len(classes))
     except SoupError as err:
-        where = model and "--model" or sources[0].arch_from
         raise SoupError(f"{where}: {err}") from None
     state = skeleton.state_dict()
     target = Target({k: v.shape for k, v in state.items()}, {k: v.dtype for k, v in state.items()}, classifier,
@@ -252,13 +261,16 @@ def import_checkpoints(paths: list[Path], data_root: Path, model: str | None = N
     planned = _plan(sources, target, classes, Path(out), name, strip, Path(data_root))
     start_fp, start_record, start_tensors = _start(start, recipe, classes, target, Path(out), name, strip)
     ids = [item.id for item in planned]
-    files = [(item.path, _writer(item, _meta(item, recipe, backbone, classes, start_fp, start_record, ids, name)))
+    files = [(item.path, _writer(item, _meta(item, recipe, backbone, classes, start_fp, start_record, ids, name,
+                                                   chosen.origin)))
              for item in planned]
     if start_tensors is not None and not start_file_there(Path(start_record["stored"]), start_tensors, start):
         files.insert(0, (Path(start_record["stored"]), lambda tmp: save_file(start_tensors, str(tmp))))
     write_all(files)
     for item in planned:
         _describe(item, console)
+    for note in chosen.notes:
+        console.print(f"  [yellow]note[/]: {shown(note)}")
     _describe_start(start_record, start_fp, len(planned), console)
     return [item.path for item in planned]
 

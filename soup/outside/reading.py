@@ -188,7 +188,7 @@ def _record_from(source: Source, values: dict, where: str) -> None:
         source.model_args = {**values["model_kwargs"], **source.model_args}
     if isinstance(values.get("gp"), str) and values["gp"]:  # timm train.py's --gp: same tensors, other logits
         source.model_args.setdefault("global_pool", values["gp"])
-    size = values.get("input_size") or values.get("img_size")
+    size = values.get("input_size") or values.get("img_size") or values.get("image_size")
     if isinstance(size, (list, tuple)) and size:
         size = size[-1]
     if isinstance(size, int) and source.image_size is None:
@@ -217,7 +217,8 @@ def _checkpoint_file(path: Path, ema: bool, fmt: str) -> Source:
     if isinstance(loaded, dict):
         if isinstance(loaded.get("arch"), str):
             source.arch, source.arch_from = loaded["arch"], f"{path.name}'s arch"
-        for key, where in (("args", "args"), ("hyper_parameters", "hyper_parameters")):
+        for key, where in (("args", "args"), ("hyper_parameters", "hyper_parameters"),
+                           ("datamodule_hyper_parameters", "datamodule hyper_parameters")):
             _record_from(source, _as_plain(loaded.get(key)), f"{path.name}'s {where}")
         if entry == "whole file":
             _record_from(source, {k: v for k, v in loaded.items() if not isinstance(v, torch.Tensor)}, path.name)

@@ -26,6 +26,15 @@ DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 # weight decay, so lr 1e38 crashed its first step. Products of rates within it stay far below float32's max.
 MAX_RATE = 1e4
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: a larger number becomes inf there
+# Images reach the model scaled to [0, 1], then (x - mean) / std. A mean far outside that range is a 0-255
+# figure (or a typo), and a tiny std blows the inputs up: within these bounds every normalised value stays
+# under 11 / 1e-3 = 11,000, inside float16's 65,504 under AMP, while every published normalisation (ImageNet's,
+# CLIP's, 0.5/0.5, 0/1) fits. The same check reads the mean/std that `soup import` takes from a source.
+MEAN_BOUND = 10.0
+STD_RANGE = (1e-3, 10.0)
+# More epochs than this is a typo (an exponent too many), not a fine-tune: 10,000 epochs of the 20,000-image
+# reference split are 200 million images, weeks on one GPU. Like the sweep's cap of ingredients.
+MAX_EPOCHS = 10_000
 
 
 def close_match(word: str, options, prefix: str = "") -> str:
@@ -127,19 +136,18 @@ def _seed(value: int) -> bool:
 
 def check_values(recipe) -> None:
     d, m, t = recipe.data, recipe.model, recipe.train
-    finite = math.isfinite
     checks = [
         (IMAGE_SIZES[0] <= d.image_size <= IMAGE_SIZES[1], "data.image_size",
          f"must be {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} pixels"),
         (len(d.mean) == 3 and len(d.std) == 3, "data.mean/data.std", "need three values (RGB)"),
-        (all(map(finite, d.mean)), "data.mean", "must be finite numbers"),
-        (all(s > 0 and finite(s) for s in d.std), "data.std", "must be positive finite numbers"),
+        *normalisation_checks(d.mean, d.std),
         (_seed(d.holdout_seed), "data.holdout_seed", "must be in [0, 2^32)"),
         (_seed(m.init_seed), "model.init_seed", "must be in [0, 2^32)"),
         (_seed(t.seed), "train.seed", "must be in [0, 2^32)"),
         (0.0 <= d.holdout < 1.0, "data.holdout", "must be in [0, 1)"),
         (0.0 <= m.freeze <= 1.0, "model.freeze", "must be in [0, 1]"),
-        (t.epochs >= 1, "train.epochs", "must be at least 1"),
+        (1 <= t.epochs <= MAX_EPOCHS, "train.epochs",
+         f"must be at least 1 and at most {MAX_EPOCHS:,}, not {t.epochs:,}"),
         (t.batch_size >= 1, "train.batch_size", "must be at least 1"),
         (0 < t.lr <= MAX_RATE, "train.lr", f"must be a positive number, at most {MAX_RATE:g}"),
         (0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)"),
@@ -159,6 +167,25 @@ def check_values(recipe) -> None:
         if not ok:
             raise SoupError(f"{key} {why}")
     parse_backbone(m.backbone)
+
+
+def normalisation_checks(mean: list[float], std: list[float]) -> list[tuple[bool, str, str]]:
+    """data.mean and data.std finite and within MEAN_BOUND / STD_RANGE (NaN fails every comparison): the
+    recipe check's, and a checkpoint's recorded recipe's (soup.models.metadata)."""
+    low, high = STD_RANGE
+    why = "images are scaled to [0, 1] before normalising"
+    return [
+        (all(math.isfinite(m) and abs(m) <= MEAN_BOUND for m in mean), "data.mean",
+         f"must be finite numbers from {-MEAN_BOUND:g} to {MEAN_BOUND:g}, not {_listed(mean)}: {why} "
+         "(ImageNet's mean is [0.485, 0.456, 0.406])"),
+        (all(math.isfinite(s) and low <= s <= high for s in std), "data.std",
+         f"must be finite numbers from {low:g} to {high:g}, not {_listed(std)}: {why} "
+         "(ImageNet's std is [0.229, 0.224, 0.225])"),
+    ]
+
+
+def _listed(values) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
 def _training_checks(t) -> list[tuple[bool, str, str]]:
@@ -184,7 +211,8 @@ def _probe_checks(probe) -> list[tuple[bool, str, str]]:
     if probe is None:
         return []
     return [
-        (probe.epochs >= 1, "model.probe.epochs", "must be at least 1"),
+        (1 <= probe.epochs <= MAX_EPOCHS, "model.probe.epochs",
+         f"must be at least 1 and at most {MAX_EPOCHS:,}, not {probe.epochs:,}"),
         (0 < probe.lr <= MAX_RATE, "model.probe.lr", f"must be positive, at most {MAX_RATE:g}"),
         (probe.batch_size is None or probe.batch_size >= 1, "model.probe.batch_size", "must be at least 1"),
     ]

@@ -73,7 +73,8 @@ def temperature_of(checkpoint: Checkpoint) -> float:
 
 
 def temperature_label(temperature: float) -> str:
-    return "" if temperature == 1.0 else f"T={temperature:.2f}"
+    """`T=0.001`, `T=1.43`, `T=1e+03`: three significant digits, so that a small T never prints as 0.00."""
+    return "" if temperature == 1.0 else f"T={temperature:.3g}"
 
 
 def calibrate(checkpoint: Checkpoint, evaluator, console: Console) -> dict:
@@ -87,7 +88,7 @@ def calibrate(checkpoint: Checkpoint, evaluator, console: Console) -> dict:
 
 
 def print_calibration(name: str, record: dict, console: Console) -> None:
-    console.print(f"  {shown(name)}: T={record['temperature']:.2f} fitted on {record['split']} "
+    console.print(f"  {shown(name)}: {temperature_label(record['temperature']) or 'T=1'} fitted on {record['split']} "
                   f"({record['images']} images): NLL {record['nll_before']:.3f} -> {record['nll_after']:.3f}, "
                   f"ECE {record['ece_before']:.2%} -> {record['ece_after']:.2%}; top-1 unchanged")
 

@@ -20,7 +20,7 @@ from soup.fast.scorer import CachedScorer
 from soup.fast.store import CacheUnavailable
 from soup.models.backbones import model_from_checkpoint
 from soup.models.checkpoint import Checkpoint
-from soup.models.inference import make_loader, predict, resolve_device
+from soup.models.inference import finite_logits, make_loader, predict, resolve_device
 from soup.models.metrics import scores
 from soup.recipe.spec import DataConfig, recipe_from_dict
 from soup.score.stats import confidences
@@ -92,7 +92,10 @@ class Evaluator:
         except RuntimeError as err:
             raise SoupError(f"{checkpoint.path}: weights do not fit {checkpoint.backbone} "
                             f"({str(err).splitlines()[0]})") from None
-        return [self._view_logits(checkpoint, model, scorer, view) for view in views]
+        # Weights given for a template are a weight set built on it (a soup being cooked), not the file.
+        what = str(checkpoint.path) if state_dict is None else f"a weight set built on {checkpoint.path}"
+        return [(finite_logits(logits, what), targets)
+                for logits, targets in (self._view_logits(checkpoint, model, scorer, view) for view in views)]
 
     def _view_logits(self, checkpoint: Checkpoint, model, scorer, view) -> tuple[torch.Tensor, list]:
         if scorer is not None:

@@ -261,13 +261,19 @@ def train_step(run: Run, inputs: torch.Tensor, targets: torch.Tensor, generator)
     return loss.detach()
 
 
-def diverged(run: Run, what: str, epoch: int, step: int) -> SoupError:
-    """The NaN stop's line: what went wrong where, how to avoid it, and what is kept."""
+def diverged(run: Run, what: str, epoch: int, step: int, loss: bool = False) -> SoupError:
+    """The NaN stop's line: what went wrong where, how to avoid it, and what is kept. `loss`: the forward's
+    loss was non-finite (else an optimizer step failed, which the lr drives)."""
     kept = (f"its last good state (after epoch {epoch}) is kept in {run.state_path}"
             if epoch > run.first_epoch or run.state_path.exists() else "nothing was saved")
+    if loss and epoch == 0 and step == 0:  # no weight was updated yet: the lr played no part, the inputs or start did
+        advice = ("no weight had been updated yet, so train.lr is not the cause: check data.mean/data.std, the start "
+                  "weights (model.weights, model.probe) and, under AMP, set train.amp=off")
+    else:
+        advice = ("lower train.lr or set train.amp=off; if it happens at any lr, check data.mean/data.std and the "
+                  "start weights")
     return SoupError(f"{run.ingredient.id}: {what} at epoch {epoch + 1}, step {step + 1} "
-                     f"(lr {run.optimizer.param_groups[-1]['lr']:g}, amp {run.recipe.train.amp}); lower train.lr or "
-                     f"set train.amp=off; {kept}")
+                     f"(lr {run.optimizer.param_groups[-1]['lr']:g}, amp {run.recipe.train.amp}); {advice}; {kept}")
 
 
 def read_losses(run: Run, losses: list[torch.Tensor], sizes: list[int], start: int, epoch: int) -> float:
@@ -276,7 +282,7 @@ def read_losses(run: Run, losses: list[torch.Tensor], sizes: list[int], start: i
     values = torch.stack(losses).tolist() if losses else []
     bad = next((step for step in range(start, len(values)) if not math.isfinite(values[step])), None)
     if bad is not None:
-        raise diverged(run, f"loss became {values[bad]}", epoch, bad)
+        raise diverged(run, f"loss became {values[bad]}", epoch, bad, loss=True)
     return sum(value * n for value, n in zip(values, sizes))
 
 
@@ -295,6 +301,13 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict:
     for step, (inputs, targets) in enumerate(run.pipeline.train_batches(epoch)):
         try:
             losses.append(train_step(run, inputs, targets, generator))
+        except ValueError as err:
+            if "more than 1 value per channel" not in str(err):
+                raise
+            raise SoupError(f"{run.ingredient.id}: epoch {epoch + 1}, step {step + 1} is a batch of one image, and a "
+                            f"BatchNorm layer cannot train on one ({run.n_train} train images in batches of "
+                            f"{t.batch_size}); choose another train.batch_size, add train images, or set "
+                            "model.freeze_bn: true") from None
         except RuntimeError as err:  # e.g. AdamW's lr / bias correction overflowing float32: the run diverged
             if not DIVERGED.search(str(err)):
                 raise  # out of memory, a bug: not the numbers

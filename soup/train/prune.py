@@ -18,10 +18,13 @@ import hashlib
 import json
 import statistics
 from pathlib import Path
+from typing import Callable
 
+from soup.errors import SoupError
 from soup.models import distributed
-from soup.models.checkpoint import write_text_atomic
+from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, write_text_atomic
 from soup.recipe.spec import Ingredient, resumable
+from soup.text import shown
 
 RUNGS_DIR = "rungs"
 MIN_PEERS = 3  # the median of fewer draws is too noisy to stop one on
@@ -40,15 +43,39 @@ def _read(path: Path) -> dict | None:
     return None
 
 
-def peer_scores(recipe_dir: Path, epoch: int, ingredient_id: str, start: str) -> list[float]:
-    """The val top-1 of the other draws of this sweep (the same start) that reached rung `epoch`."""
+def peer_scores(recipe_dir: Path, epoch: int, ingredient_id: str, start: str,
+                warn: Callable[[str], None] = lambda line: None) -> list[float]:
+    """The val top-1 of the other draws of this sweep (the same start) that reached rung `epoch`. A rung file
+    is only a file: a peer with a checkpoint has its figure checked against that checkpoint's val history,
+    which wins where they differ (one warning names them all)."""
     folder = recipe_dir / RUNGS_DIR / f"epoch-{epoch}"
-    scores = []
+    scores, disagree = [], []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         data = _read(path)
         if data is not None and path.stem != ingredient_id and data.get("start_fingerprint") == start:
-            scores.append(float(data["val_top1"]))
+            figure = float(data["val_top1"])
+            checked = _checked(recipe_dir / path.stem / INGREDIENT_FILE, epoch, figure, start)
+            if checked != figure:
+                disagree.append(f"{path.stem} {figure:.2%} vs {'none' if checked is None else f'{checked:.2%}'}")
+            if checked is not None:
+                scores.append(checked)
+    if disagree:
+        warn(f"rung files at epoch {epoch} disagree with their draws' checkpoints ({'; '.join(disagree)}): the "
+             "checkpoints' val history counts, and a draw whose checkpoint never reached the rung is left out")
     return scores
+
+
+def _checked(checkpoint: Path, epoch: int, figure: float, start: str) -> float | None:
+    """`figure` as a finished (or pruned) peer's checkpoint records it at `epoch` (None: not at all); as it
+    is when there is no such checkpoint of this start to check it with (a peer still training)."""
+    try:
+        meta = read_checkpoint(checkpoint).meta if checkpoint.is_file() else None
+    except SoupError:
+        meta = None
+    if meta is None or meta.get("start_fingerprint") != start:
+        return figure
+    history = [r for r in meta.get("val_history") or [] if r.get("epoch") == epoch]
+    return float(history[0]["val_top1"]) if history else None
 
 
 def recipe_key(ingredient: Ingredient) -> str:
@@ -58,7 +85,8 @@ def recipe_key(ingredient: Ingredient) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def decide(ingredient: Ingredient, run_dir: Path, record: dict, probe: dict | None, start: str) -> dict:
+def decide(ingredient: Ingredient, run_dir: Path, record: dict, probe: dict | None, start: str,
+           warn: Callable[[str], None] = lambda line: None) -> dict:
     """The decision at rung `record["epoch"]`: the one recorded in its rung file, or taken now and recorded."""
     prune, epoch, val = ingredient.prune, record["epoch"], record["val_top1"]
     path, key = rung_file(run_dir.parent, epoch, ingredient.id), recipe_key(ingredient)
@@ -69,7 +97,7 @@ def decide(ingredient: Ingredient, run_dir: Path, record: dict, probe: dict | No
     if prune.rule == "start":
         threshold, peers = probe["val_acc"], None
     else:
-        scores = peer_scores(run_dir.parent, epoch, ingredient.id, start)
+        scores = peer_scores(run_dir.parent, epoch, ingredient.id, start, warn)
         threshold, peers = (statistics.median(scores) if len(scores) >= MIN_PEERS else None), len(scores)
     decision = {"epoch": epoch, "val_top1": val, "threshold": threshold, "rule": prune.rule,
                 "pruned": threshold is not None and val < threshold, "peers": peers}
@@ -85,8 +113,12 @@ def at_rung(run, record: dict) -> dict:
     if ingredient.prune is None or record["epoch"] not in ingredient.prune.rungs:
         return {}
     main = distributed.world().main
-    decision = distributed.from_main(decide(ingredient, run.run_dir, record, run.probe, run.meta["start_fingerprint"])
-                                     if main else None)
+
+    def warn(line: str) -> None:
+        run.console.print(f"  [yellow]warning[/]: {shown(line)}")
+
+    decision = distributed.from_main(decide(ingredient, run.run_dir, record, run.probe, run.meta["start_fingerprint"],
+                                            warn) if main else None)
     if decision["pruned"]:
         run.console.print(f"  [yellow]{describe(decision)}[/]; the next draw takes its place")
     return {"rung": decision}
