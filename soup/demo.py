@@ -7,8 +7,9 @@
    backbone frozen), their learning rate, weight decay, label smoothing and seed drawn by a small random
    search, as the model-soups paper drew its ingredients. Few pages make them disagree: a soup has
    something to gain, and the range of learning rates stays in the start's basin, so it can.
-3. Cook every soup that costs no extra training (uniform, greedy, learned, Model Stock, and a WiSE-FT
-   interpolation from the start to the greedy soup), selected on a held-out slice of train, never on val.
+3. Cook every soup that costs no extra training: each registered method that cooks from the ingredients
+   alone (uniform, greedy, top-k, guided, learned, Model Stock), and a WiSE-FT interpolation from the start
+   to the greedy soup, selected on a held-out slice of train, never on val.
 4. Evaluate ingredients, soups and their ensemble on the selection set and on val, and say whether the
    greedy soup beats the best ingredient on val beyond noise (paired interval, McNemar p); draw them
    (soups.png: matplotlib is a dependency of soup); write a submission.
@@ -27,7 +28,7 @@ from rich.markup import escape
 
 from soup.cook.cooking import cook
 from soup.cook.diagnose import pair_geometry, print_inspection
-from soup.cook.methods import METHODS
+from soup.cook.best import candidate_methods
 from soup.data.sketches import SHAPES, generate_sketches
 from soup.errors import SoupError
 from soup.judge.evaluate import eval_rows, evaluate_rows
@@ -111,9 +112,10 @@ def _run_demo(out: Path, console: Console, small: bool) -> dict:
     ingredients = find_checkpoints([ckpts / "sketch_soup"], kinds={"ingredient"})
 
     console.rule("3. soups, selected on the held-out slice of train")
-    # A rerun cooks its soups again (overwrite: they are the demo's own outputs, never an ingredient).
+    # Every method that cooks from the ingredients alone (the registry's, as --best's candidates). A rerun
+    # cooks its soups again (overwrite: they are the demo's own outputs, never an ingredient).
     soups = {method: cook(method, ingredients, ckpts / "soups" / f"{method}.safetensors", "holdout",
-                          console=console, overwrite=True) for method in METHODS if method != "interpolate"}
+                          console=console, overwrite=True) for method in candidate_methods()}
     # WiSE-FT from the starting weights (with the trained head) to the greedy soup, alpha chosen on holdout.
     soups["interpolate"] = cook("interpolate", [read_checkpoint(soups["greedy"])],
                                 ckpts / "soups" / "interpolate.safetensors", "holdout", console=console,

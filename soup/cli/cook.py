@@ -1,4 +1,5 @@
-"""`soup cook`: one flag per registered method, then soup.cook does the work."""
+"""`soup cook`: one flag per registered method and per option a method declares (soup.cook.registry), then
+soup.cook does the work."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from soup.cook.batchnorm import DEFAULT_IMAGES, check_images
 from soup.cook.best import check_best_request, cook_best
 from soup.cook.cooking import cook as cook_soup
 from soup.cook.methods import METHODS
+from soup.cook.registry import Option, SoupMethod
 from soup.cook.sweeps import sweep_status
 from soup.data.outputs import check_output, data_roots
 from soup.errors import SoupError
@@ -21,21 +23,74 @@ from soup.cli import base
 from soup.cli.base import cli, read_more, trust_hub_option, warn
 
 
-def _method_options(fn):
-    """One flag per registered soup method (--uniform, --greedy, ...), so a new method needs no CLI code."""
-    for name in reversed(list(METHODS)):
-        is_default = name == "uniform"
-        summary = " ".join((METHODS[name].fn.__doc__ or "").split("\n\n")[0].split())
-        # Only the default method's flag may carry a default: click lets the last one processed win.
-        extra = {"default": True} if is_default else {}
-        fn = click.option(f"--{name}", "method", flag_value=name, **extra,
-                          help=(summary or f"Cook a {name} soup.") + (" The default." if is_default else ""))(fn)
-    return fn
+class OptionValue(click.ParamType):
+    """A method option's command-line value, read and checked by its declaration: a bad one is one line
+    (a SoupError), as the same value given through the Python API is."""
+
+    def __init__(self, option: Option):
+        self.option, self.name = option, {int: "integer", float: "float", str: "text"}[option.type]
+
+    def convert(self, value, param, ctx):
+        return self.option.from_text(value)
 
 
-@cli.command(epilog=read_more("docs/cooking.md"))
+def _method_flag(spec: SoupMethod) -> click.Option:
+    # Only the default method's flag may carry a default: click lets the last one processed win.
+    is_default = spec.name == "uniform"
+    extra = {"default": True} if is_default else {}
+    return click.Option([f"--{spec.name}", "method"], flag_value=spec.name, **extra,
+                        help=(spec.summary or f"Cook a {spec.name} soup.") + (" The default." if is_default else ""))
+
+
+def _option_flag(option: Option, owners: list[str]) -> click.Option:
+    said = " or ".join(f"--{owner}" for owner in owners) + ": " + option.help
+    if option.minimum is not None or option.maximum is not None:
+        said = said.removesuffix(".") + f" ({option.expected()})."
+    if option.type is bool:
+        return click.Option([option.flag, option.name], is_flag=True, help=said)
+    return click.Option([option.flag, option.name], type=OptionValue(option), default=option.default,
+                        show_default=option.default is not None, metavar=option.metavar, help=said)
+
+
+def registry_params() -> tuple[list[click.Option], list[click.Option]]:
+    """One flag per registered method, and one per option the methods declare (an option several methods
+    declare alike is one flag), read from the registry as it is now."""
+    options: dict[str, tuple[Option, list[str]]] = {}
+    for name, spec in METHODS.items():
+        for option in spec.options.values():
+            if not option.cli:
+                continue
+            first, owners = options.setdefault(option.name, (option, []))
+            if (first.type, first.default) != (option.type, option.default):
+                raise ValueError(f"soup methods {owners[0]} and {name} declare {option.flag} differently")
+            owners.append(name)
+    return ([_method_flag(spec) for spec in METHODS.values()],
+            [_option_flag(option, owners) for option, owners in options.values()])
+
+
+class MethodsCommand(click.Command):
+    """`soup cook`: its own parameters, then the registry's method flags (after --trust-hub) and method
+    options (before --best), read whenever it parses or prints help, so a method registered after import
+    (a plugin, a test) is a flag like the rest. A flag a method would share with cook's own is refused."""
+
+    _made: tuple = (None, [], [])
+
+    def get_params(self, ctx):
+        own = super().get_params(ctx)
+        registry = tuple(METHODS.items())  # compared by value: a method registered again is rebuilt
+        if self._made[0] != registry:
+            self._made = (registry, *registry_params())
+        _, methods, options = self._made
+        flags = [opt for param in own + methods + options for opt in param.opts]
+        clash = next((opt for i, opt in enumerate(flags) if opt in flags[:i]), None)
+        if clash:  # the method author's mistake, said on first use rather than one flag silently hiding another
+            raise ValueError(f"two of soup cook's flags (its own, a soup method's or an option's) are {clash}")
+        at = next(i for i, param in enumerate(own) if param.name == "best")
+        return own[:1] + methods + own[1:at] + options + own[at:]
+
+
+@cli.command(cls=MethodsCommand, epilog=read_more("docs/cooking.md"))
 @trust_hub_option
-@_method_options
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Soup file (default: checkpoints/soups/<method>.safetensors).")
@@ -46,15 +101,6 @@ def _method_options(fn):
 @click.option("--no-eval", is_flag=True, help="Average without data (uniform, stock, interpolate with one alpha).")
 @click.option("--force", is_flag=True, help="Allow ingredients with different starting weights.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing soup file (never an input or an ingredient).")
-@click.option("--alpha", default=None, metavar="A|START:STOP:STEP",
-              help="--interpolate: weight of B (0.5 by default), or a sweep such as 0:1:0.1 that keeps the best.")
-@click.option("--per-layer", is_flag=True, help="--learned: one coefficient per ingredient and tensor.")
-@click.option("--hyperplane", is_flag=True, help="--learned: coefficients summing to one, free in sign within "
-              "--bound (MEHL-Soup), fitted a few at a time; fit with --select-on holdout.")
-@click.option("--bound", type=float, default=None, metavar="B",
-              help="--learned --hyperplane: each coefficient in [-B, 1+B] (default 0.5).")
-@click.option("--patience", type=click.IntRange(min=1), default=None, metavar="N",
-              help="--guided: stop after N candidates in a row are left out (3 by default).")
 @click.option("--best", is_flag=True, help="Cook every method that fits, keep the best on the selection set "
               "(default output checkpoints/soups/best.safetensors) and compare them all on val.")
 @click.option("--plot", "plot_path", is_flag=False, flag_value="soups.png", default=None, metavar="[PNG]",
@@ -66,8 +112,8 @@ def _method_options(fn):
               help="Train images (at least 2; a fixed, seeded subset) on which each mixed weight set's BatchNorm statistics "
               "are re-estimated before it is scored or written; models without BatchNorm skip it.")
 @click.option("--no-bn-reset", is_flag=True, help="Keep the members' averaged BatchNorm statistics instead.")
-def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, alpha, per_layer, hyperplane, bound,
-         patience, best, plot_path, calibrate, bn_images, no_bn_reset):
+def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, best, plot_path, calibrate, bn_images,
+         no_bn_reset, **method_options):
     """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
@@ -79,10 +125,10 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     bn_images = None if no_bn_reset else check_images(bn_images)
     found = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None, warn=warn)
     _report_sweeps(found, list(paths) or [Path("checkpoints")])
-    options = {k: v for k, v in (("alpha", alpha), ("per_layer", per_layer or None), ("hyperplane", hyperplane or None),
-                                 ("bound", bound), ("patience", patience)) if v is not None}
+    given = {name for name in ("method", *method_options) if source(name) is not click.core.ParameterSource.DEFAULT}
+    options = {name: value for name, value in method_options.items() if name in given}
     if best:
-        check_best_request(source("method") is not click.core.ParameterSource.DEFAULT, options)
+        check_best_request("method" in given, options)
         method = "best"
     output = output or Path("checkpoints") / "soups" / f"{method}.safetensors"
     png = (output.parent / plot_path if plot_path == "soups.png" else Path(plot_path)) if plot_path else None

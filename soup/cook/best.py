@@ -15,6 +15,7 @@ from soup.cook.batchnorm import DEFAULT_IMAGES, check_images
 from soup.cook.cooking import check_ingredients, fitted, save_soup, selector
 from soup.cook.sweeps import leave_out_pruned
 from soup.cook.methods import METHODS, Kitchen, Soup
+from soup.cook.registry import settle_options
 from soup.errors import SoupError, one_line
 from soup.models.checkpoint import Checkpoint
 from soup.models.metadata import TEXT, declare_method_field
@@ -59,7 +60,7 @@ def cook_best(ingredients: list[Checkpoint], out: str | Path, select_on: str | N
     for method in candidate_methods():
         console.print(f"[bold]{method} soup[/] of {len(ingredients)} ingredients, selected on {select_on}")
         try:
-            kitchen = Kitchen(ingredients[0], reset=select.reset)
+            kitchen = Kitchen(ingredients[0], settle_options(method, {}), reset=select.reset)
             soup = fitted(METHODS[method].fn(ingredients, select, console, kitchen), select, console)
         except SoupError as err:
             skipped[method] = one_line(err)

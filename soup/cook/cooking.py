@@ -21,7 +21,8 @@ from soup.models.records import (BatchNormReset, Calibration, Member, MethodReco
 from soup.score.calibrate import calibration_record, print_calibration
 # Importing soup.cook.methods registers every method in METHODS.
 from soup.cook.batchnorm import DEFAULT_IMAGES, check_images
-from soup.cook.methods import METHODS, Kitchen, Soup, parse_alphas
+from soup.cook.methods import METHODS, Kitchen, Soup
+from soup.cook.registry import settle_options
 from soup.cook.record import check_logs, record_soup
 from soup.cook.selector import Selector
 from soup.cook.sweeps import leave_out_pruned
@@ -114,14 +115,7 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     if method not in METHODS:
         raise SoupError(f"unknown soup method {method!r}; choose from {', '.join(METHODS)}")
     spec = METHODS[method]
-    for option in options or {}:
-        if option not in spec.options:
-            owners = [f"--{m}" for m, s in METHODS.items() if option in s.options]
-            flag = "--" + option.replace("_", "-")
-            raise SoupError(f"{flag} is not an option of the {method} soup" +
-                            (f"; it goes with {' or '.join(owners)}" if owners else ""))
-    if "alpha" in (options or {}):
-        parse_alphas(options["alpha"])  # a bad --alpha is one line before any ingredient is read
+    options = settle_options(method, options or {})  # a bad option is one line before any ingredient is read
     check_images(bn_images)
     ingredients = leave_out_pruned(ingredients, named or [], console)
     check_ingredients(ingredients, out, spec.takes_soups, data_root, force, console, overwrite)
@@ -133,7 +127,7 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     select = selector(ingredients, select_on, data_root, device, bn_images, console) if select_on else None
     console.print(f"[bold]{method} soup[/] of {len(ingredients)} ingredient{'s' if len(ingredients) != 1 else ''}" +
                   (f", selected on {select_on}" if select else ", without data"))
-    kitchen = Kitchen(ingredients[0], dict(options or {}), reset=select.reset if select else None)
+    kitchen = Kitchen(ingredients[0], options, reset=select.reset if select else None)
     soup = fitted(spec.fn(ingredients, select, console, kitchen), select, console)
     # Whether held-out scores chose or fitted the weights (greedy, learned, an alpha sweep), making a
     # later score on this split optimistic; uniform and stock are only checked on it.

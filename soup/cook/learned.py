@@ -233,18 +233,18 @@ def _frozen_mix(ingredients: list[Checkpoint], coefficients: list[float], keys: 
     return total
 
 
+def check_epochs(epochs) -> None:
+    """The learned option `epochs`: None (5, and at least 100 steps) or a whole number, at least 1."""
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise SoupError(f"learned epochs {epochs!r}: expected a whole number of epochs, at least 1")
+
+
 def check_options(options: dict) -> None:
+    """What no single option says: the options that go together (each alone is checked where declared)."""
     if options["hyperplane"] and options["per_layer"]:
         raise SoupError("--hyperplane fits one coefficient per ingredient; drop --per-layer")
     if options["bound"] is not None and not options["hyperplane"]:
         raise SoupError("--bound limits the --hyperplane coefficients; add --hyperplane or drop --bound")
-    if options["bound"] is not None and not 0 <= options["bound"] <= 10:
-        raise SoupError(f"--bound {options['bound']}: expected a number from 0 (the convex hull) to 10")
-    epochs = options["epochs"]
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise SoupError(f"learned epochs {epochs!r}: expected a whole number of epochs, at least 1")
-    if options["block"] < 2:
-        raise SoupError(f"block {options['block']}: a block needs at least 2 coefficients (their sum is fixed)")
 
 
 def fit_hyperplane(ingredients: list[Checkpoint], select: Selector, console: Console, options: dict) -> Fitted:

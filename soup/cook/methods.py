@@ -1,18 +1,18 @@
 """The soup methods (uniform, greedy, top-k, ensemble-guided greedy, learned, Model Stock, WiSE-FT
-interpolation) and their registry; the greedy family's shared steps are in soup.cook.greedy.
+interpolation); the greedy family's shared steps are in soup.cook.greedy.
 
-A method is ONE function, registered in ONE place: decorate it with `@soup_method(name, ...)` here and it
-is in METHODS, which `soup cook` (one flag per method), the demo and the tests read. It takes the
-ingredients, a `Selector` (None when cooking without data), a console and a `Kitchen` (its options and,
-on demand, the starting weights) and returns a `Soup`; soup.cook.cooking checks the ingredients before and writes
-the checkpoint after, so a method only mixes weights.
+A method is ONE function: decorate it with `@soup_method(name, options=[Option(...)])` (soup.cook.registry)
+here and `soup cook` gets its flag and its options' flags, `--best` a candidate and the demo a soup. It takes
+the ingredients, a `Selector` (None when cooking without data), a console and a `Kitchen` (its options,
+checked and with defaults filled in, and, on demand, the starting weights) and returns a `Soup`;
+soup.cook.cooking checks the ingredients before and writes the checkpoint after, so a method only mixes
+weights.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +20,16 @@ from rich.console import Console
 
 from soup.cook.batchnorm import StatsReset
 from soup.cook.greedy import Greedy, guided_order, rank, try_candidate
-from soup.cook.learned import check_options, fit_hyperplane, fit_softmax
+from soup.cook.learned import DEFAULT_BOUND, check_epochs, check_options, fit_hyperplane, fit_softmax
+from soup.cook.registry import METHODS, Option, SoupMethod, settle_options, soup_method
 from soup.cook.selector import Selector
 from soup.cook.weights import starting_weights, weighted_average
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, tensors_across
 from soup.models.metadata import INTEGER, MAPPING, NUMBER, NUMBER_MAP, declare_method_field
 from soup.text import shown
+
+__all__ = ["METHODS", "Kitchen", "Option", "Soup", "SoupMethod", "soup_method"]
 
 
 @dataclass
@@ -40,31 +43,10 @@ class Soup:
 
 
 @dataclass
-class SoupMethod:
-    fn: Callable
-    needs_selection: bool
-    takes_soups: bool = False  # may mix finished soups too (interpolate), not only ingredients
-    options: dict = field(default_factory=dict)  # option name -> default; the CLI spells them --name
-    # Starts from the best ingredient on the selection set (its first member): on holdout, cooking then
-    # measures the soup against that ingredient on val.
-    starts_from_best: bool = False
-
-
-METHODS: dict[str, SoupMethod] = {}
-
-
-def soup_method(name: str, needs_selection: bool = False, takes_soups: bool = False,
-                options: dict | None = None, starts_from_best: bool = False):
-    def register(fn):
-        METHODS[name] = SoupMethod(fn, needs_selection, takes_soups, dict(options or {}), starts_from_best)
-        return fn
-    return register
-
-
-@dataclass
 class Kitchen:
-    """What a method may use besides ingredients and selector: its options (defaults filled in) and the
-    starting weights, rebuilt only when a method asks, since that may mean loading a pretrained model."""
+    """What a method may use besides ingredients and selector: its options (every one it declares, checked,
+    defaults filled in: cook and --best settle them) and the starting weights, rebuilt only when a method
+    asks, since that may mean loading a pretrained model."""
 
     reference: Checkpoint
     options: dict = field(default_factory=dict)
@@ -83,7 +65,7 @@ class Kitchen:
 
 def _kitchen(kitchen: Kitchen | None, ingredients: list[Checkpoint], method: str) -> Kitchen:
     kitchen = kitchen or Kitchen(ingredients[0])
-    kitchen.options = {**METHODS[method].options, **kitchen.options}
+    kitchen.options = settle_options(method, kitchen.options)
     return kitchen
 
 
@@ -133,15 +115,14 @@ def topk_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
 declare_method_field("guided", MAPPING)
 
 
-@soup_method("guided", needs_selection=True, options={"patience": 3}, starts_from_best=True)
+@soup_method("guided", needs_selection=True, starts_from_best=True, options=[
+    Option("patience", int, 3, "stop after N candidates in a row are left out.", metavar="N", minimum=1)])
 def guided_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
                 kitchen: Kitchen | None = None) -> Soup:
     """Ensemble-guided greedy: greedy's rule, trying next the candidate whose logit ensemble with the soup
     scores best (each ingredient's logits computed once), stopping after --patience rejections in a row;
     scores fewer weight sets than greedy."""
     patience = _kitchen(kitchen, ingredients, "guided").options["patience"]
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-        raise SoupError(f"--patience {patience}: expected a whole number of rejections in a row, at least 1")
     ranked = rank(ingredients, select, console, keep_logits=True)
     first, targets = ranked[0], ranked[0].outcome.targets
     soup = Greedy([first.checkpoint], first.top1, first.outcome, scored=len(ranked))
@@ -164,9 +145,19 @@ def guided_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
     return Soup(weighted_average(soup.members()), soup.members(), steps, {"guided": record})
 
 
-@soup_method("learned", needs_selection=True,
-             options={"per_layer": False, "hyperplane": False, "bound": None, "block": 2, "rounds": 2,
-                      "epochs": None, "lr": 0.05, "batch_size": 32})
+@soup_method("learned", needs_selection=True, options=[
+    Option("per_layer", bool, False, "one coefficient per ingredient and tensor."),
+    Option("hyperplane", bool, False, "coefficients summing to one, free in sign within --bound (MEHL-Soup), fitted "
+           "a few at a time; fit with --select-on holdout."),
+    Option("bound", float, None, f"with --hyperplane, each coefficient in [-B, 1+B]; {DEFAULT_BOUND} by default, 0 is "
+           "the convex hull.", metavar="B", minimum=0, maximum=10),
+    # Fitting knobs, off the command line: the defaults suit a held-out set of hundreds to thousands.
+    Option("block", int, 2, "--hyperplane: coefficients fitted together (their sum is fixed).", minimum=2, cli=False),
+    Option("rounds", int, 2, "--hyperplane: passes over the blocks.", minimum=1, cli=False),
+    Option("epochs", int, None, "epochs of the softmax fit (default: 5 and at least 100 steps).",
+           check=check_epochs, cli=False),
+    Option("lr", float, 0.05, "AdamW's learning rate for the coefficients.", minimum=0, cli=False),
+    Option("batch_size", int, 32, "images a step.", minimum=1, cli=False)])
 def learned_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
                  kitchen: Kitchen | None = None) -> Soup:
     """The paper's learned soup: softmax mixing coefficients per ingredient (or per ingredient and tensor,
@@ -250,7 +241,9 @@ declare_method_field("interpolation", MAPPING)
 declare_method_field("start_weight", NUMBER)  # the starting weights' share, where a method mixes them in
 
 
-@soup_method("interpolate", takes_soups=True, options={"alpha": "0.5"})
+@soup_method("interpolate", takes_soups=True, options=[
+    Option("alpha", str, "0.5", "weight of B, or a sweep such as 0:1:0.1 that keeps the best.",
+           metavar="A|START:STOP:STEP", check=parse_alphas)])
 def interpolate_soup(ingredients: list[Checkpoint], select: Selector | None, console: Console,
                      kitchen: Kitchen | None = None) -> Soup:
     """WiSE-FT (Wortsman et al., CVPR 2022): (1 - alpha)·A + alpha·B for A B, or from the starting
