@@ -1,15 +1,23 @@
 """Names from outside (folder and file names, checkpoint metadata) as soup prints them: each on the line it
 was printed on, shown as written. A class folder named with a newline would otherwise split a table row,
 a right-to-left override (U+202E) reorder what follows it, and `[red]` in a file name turn into colour.
-And notices that something optional is off, said once per command however many runs of it ask."""
+Long ingredient names (`recipe/NN-<settings>`) as tables and pictures show them: by their sweep index,
+with the settings in a legend. Notices that something optional is off, said once per command however many
+runs of it ask. And the transient progress bar every loop shows on a terminal (nothing elsewhere).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import re
 import unicodedata
 
+from rich.columns import Columns
+from rich.console import Console
+from rich.errors import LiveError
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Control, format (bidi controls, zero-width characters), surrogate (bytes os.fsdecode could not decode:
@@ -60,3 +68,54 @@ def first_time(notice: str) -> bool:
         return False
     said.add(notice)
     return True
+
+
+# An ingredient's name: its recipe's name, then its sweep id (soup.recipe.spec.ingredient_id: `NN-<settings>`).
+_INGREDIENT = re.compile(r"^(?P<recipe>.+)/(?P<index>\d{2,})-(?P<settings>.+)$", re.DOTALL)
+
+
+def short_names(names) -> dict[str, str]:
+    """Each name -> the label a table or picture shows: a sweep's `recipe/NN-<settings>` as `NN` when all
+    such names come from one recipe (else `recipe/NN`); other names as they are. Where two labels would be
+    alike, every name stays whole."""
+    names = list(dict.fromkeys(names))
+    parsed = {name: _INGREDIENT.match(name) for name in names}
+    recipes = {m["recipe"] for m in parsed.values() if m}
+    labels = {name: (m["index"] if len(recipes) == 1 else f"{m['recipe']}/{m['index']}") if m else name
+              for name, m in parsed.items()}
+    return labels if len(set(labels.values())) == len(labels) else {name: name for name in names}
+
+
+def print_legend(names, console: Console) -> None:
+    """The names `short_names` shortens, each once per command (see one_notice_each): which settings each
+    short id stands for. Laid out in columns, so that 16 ingredients take a few lines. (Where the names
+    came from several recipes, their labels keep the recipe: `recipe/NN`.)"""
+    labels = short_names(names)
+    long = [name for name, label in labels.items() if label != name and first_time(f"legend {name}")]
+    if not long:
+        return
+    recipes = sorted({_INGREDIENT.match(name)["recipe"] for name in long})
+    console.print(f"ids: {', '.join(shown(r) for r in recipes)}/<id>, each id its sweep index and drawn settings:")
+    # With one recipe, each entry is the ingredient's id: its short id, then what it stands for.
+    entries = sorted(long) if len(recipes) > 1 else sorted(name[len(recipes[0]) + 1:] for name in long)
+    console.print(Columns([f"  {shown(entry)}" for entry in entries], padding=(0, 2)))
+
+
+@contextlib.contextmanager
+def progress_bar(console: Console, description: str, total: int):
+    """A transient bar for a loop of `total` steps; yields the function that advances it one step. On a
+    terminal it is redrawn in place and gone when the loop ends; elsewhere (a log file, a test's runner)
+    nothing is printed, not even a blank line. Inside another live display (a bar already shown) it stays
+    silent."""
+    bar = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console, transient=True, disable=not console.is_terminal)
+    task = bar.add_task(description, total=total)
+    try:
+        bar.start()
+    except LiveError:
+        yield lambda: None
+        return
+    try:
+        yield lambda: bar.advance(task)
+    finally:
+        bar.stop()
