@@ -88,7 +88,7 @@ def at_rung(run, record: dict) -> dict:
     decision = distributed.from_main(decide(ingredient, run.run_dir, record, run.probe, run.meta["start_fingerprint"])
                                      if main else None)
     if decision["pruned"]:
-        run.console.print(f"  [yellow]{describe(decision)}[/]; the next draw takes its place")
+        run.console.print(f"  {run.ingredient.id}: [yellow]{describe(decision)}[/]; the next draw takes its place")
     return {"rung": decision}
 
 
