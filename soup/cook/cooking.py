@@ -25,7 +25,7 @@ from soup.cook.selector import Selector
 from soup.data.outputs import check_output, data_roots
 from soup.outside.importing import UNKNOWN_START
 from soup.score.compare import versus_best
-from soup.text import shown
+from soup.text import print_legend, shown
 
 def first_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, bool] | None:
     """The first reason `a` and `b` cannot be averaged, and whether --force may override it."""
@@ -128,6 +128,7 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     select = selector(ingredients, select_on, data_root, device, bn_images, console) if select_on else None
     console.print(f"[bold]{method} soup[/] of {len(ingredients)} ingredient{'s' if len(ingredients) != 1 else ''}" +
                   (f", selected on {select_on}" if select else ", without data"))
+    print_legend([c.name for c in ingredients], console)  # the short ids the lines below name them by
     kitchen = Kitchen(ingredients[0], dict(options or {}), reset=select.reset if select else None)
     soup = fitted(spec.fn(ingredients, select, console, kitchen), select, console)
     # Whether held-out scores chose or fitted the weights (greedy, learned, an alpha sweep), making a
