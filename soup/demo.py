@@ -32,13 +32,13 @@ from soup.data.sketches import SHAPES, generate_sketches
 from soup.errors import SoupError
 from soup.judge.evaluate import eval_rows, evaluate_rows
 from soup.judge.plot import draw
-from soup.judge.report import add_statistics, default_reference, print_eval_table
+from soup.judge.report import add_statistics, default_reference, print_eval_table, top1_interval
 from soup.judge.submit import predict_test, write_submission
 from soup.models.checkpoint import find_checkpoints, read_checkpoint, write_text_atomic
 from soup.recipe.spec import recipe_from_dict
-from soup.score.compare import describe_difference
+from soup.score.compare import describe_difference, p_value
 from soup.score.evaluator import Evaluator
-from soup.text import one_notice_each
+from soup.text import one_notice_each, short_names
 from soup.train.sweep import train_recipe
 
 CLASSES = list(SHAPES)[:8]
@@ -127,11 +127,9 @@ def _run_demo(out: Path, console: Console, small: bool) -> dict:
         evaluated = evaluate_rows(everything, Evaluator(split), ensemble=True)
         tables[split] = add_statistics(evaluated, compare=default_reference([r for r, _ in evaluated]))
         print_eval_table(tables[split], split, console, title=f"accuracy {title}")
-    _verdict(tables["val"], console)
     picture = _plot(tables["val"], read_checkpoint(soups["greedy"]), out / "soups.png", console)
     ids, categories = predict_test(read_checkpoint(soups["greedy"]))
     submission = write_submission(out / "submission.csv", ids, categories)
-    console.print(f"wrote {submission}: {len(ids)} predictions from the greedy soup")
 
     console.rule("5. soups need a shared start")
     stranger_recipe = _recipe("stranger", target_root, size.epochs, init_seed=7)
@@ -142,14 +140,39 @@ def _run_demo(out: Path, console: Console, small: bool) -> dict:
         cook("uniform", pair, ckpts / "stranger" / "refused.safetensors", None, console=console)
     except SoupError as err:
         console.print(f"[yellow]refused, as it should be[/]: {escape(str(err))}")
+    # Its warning says again what the refusal said: one line instead.
     forced = cook("uniform", pair, ckpts / "stranger" / "forced.safetensors", None, force=True,
-                  console=console, overwrite=True)
+                  console=Console(quiet=True), overwrite=True)
+    console.print(f"averaged anyway with --force: {forced}")
     forced_rows = eval_rows(pair + [read_checkpoint(forced)], Evaluator("val"))
     print_eval_table(forced_rows, "val", console, title="a forced soup of two different starts, on val")
+    _summary(tables["val"], console)
+    console.print(f"picture: {picture or 'none (see above)'}; submission: {submission} ({len(ids)} test images, "
+                  "greedy soup)")
     return {"soups": soups, "submission": submission, "tables": tables, "forced": forced_rows, "plot": picture}
 
 
-def _verdict(rows: list[dict], console: Console) -> None:
+def _summary(rows: list[dict], console: Console) -> None:
+    """What was learned, last: the best ingredient, the soup that scored highest and the ensemble on val (each
+    against that ingredient), and the verdict on the greedy soup, the one chosen without val."""
+    console.rule("what the demo found, on val (never used for training or selection)")
+    labels = short_names(row["name"] for row in rows)
+    best = max((row for row in rows if row["kind"] == "ingredient"), key=lambda row: row["top1"])
+    soups = [row for row in rows if row["kind"] not in ("ingredient", "ensemble")]
+    top = max(soups, key=lambda row: row["top1"])
+    ensemble = next(row for row in rows if row["kind"] == "ensemble")
+    console.print(f"best ingredient: {escape(best['name'].split('/', 1)[-1])}, {best['top1']:.2%} (95% CI "
+                  f"{top1_interval(best)})")
+    for what, row in ((f"highest of the {len(soups)} soups: {escape(labels[top['name']])}", top),
+                      (f"ensemble of the {sum(row['kind'] == 'ingredient' for row in rows)} ingredients", ensemble)):
+        compare = row.get("compare") or {}
+        versus = (f", {describe_difference(compare, p=False)}, p={p_value(compare['p'])}"
+                  if compare.get("diff") is not None else "")
+        console.print(f"{what}, {row['top1']:.2%}{versus}")
+    _verdict(rows, labels, console)
+
+
+def _verdict(rows: list[dict], labels: dict, console: Console) -> None:
     """One line: does the greedy soup beat the best ingredient on val, which took no part in selection?"""
     greedy = next(row for row in rows if row["kind"] == "greedy")
     compare = greedy.get("compare") or {}
@@ -158,10 +181,9 @@ def _verdict(rows: list[dict], console: Console) -> None:
     # Noise unless both agree: the paired interval excludes 0 and the exact McNemar p is under 0.05 (with few
     # disagreeing images the interval can exclude 0 while p, which is exact, does not).
     noise = (compare["low"] is None or compare["low"] <= 0 <= compare["high"]) or compare["p"] >= 0.05
-    console.print(f"greedy soup vs the best ingredient on val ({escape(compare['ref'])}): "
+    console.print(f"greedy soup vs the best ingredient on val ({escape(labels[compare['ref']])}): "
                   f"{describe_difference(compare)}: " +
-                  ("a tie within noise (the interval holds 0 or p >= 0.05): on these images the soup is not "
-                   "shown to beat it" if noise else "a gain beyond noise" if compare["diff"] > 0
+                  ("a tie within noise (the interval holds 0 or p >= 0.05)" if noise else "a gain beyond noise" if compare["diff"] > 0
                    else "a loss beyond noise"))
 
 
@@ -172,5 +194,4 @@ def _plot(rows: list[dict], greedy, path: Path, console: Console) -> Path | None
     except SoupError as err:  # soup installed without its dependencies (no matplotlib): the rest still runs
         console.print(f"[yellow]no picture[/]: {escape(str(err))}")
         return None
-    console.print(f"wrote {path}: ingredients, greedy path, soups and ensemble on val")
     return path
