@@ -86,19 +86,25 @@ def short_names(names) -> dict[str, str]:
     return labels if len(set(labels.values())) == len(labels) else {name: name for name in names}
 
 
+def legend(names) -> tuple[str, dict[str, str]]:
+    """What the short ids of `names` stand for: a heading, and each shortened name -> its entry (its id,
+    which starts with its short id: `00-lr0.001-seed1`; with several recipes, the whole name)."""
+    long = sorted(name for name, label in short_names(names).items() if label != name)
+    recipes = {_INGREDIENT.match(name)["recipe"] for name in long}
+    if len(recipes) != 1:
+        return "ingredient ids: <recipe>/<index>-<settings>", {name: name for name in long}
+    [recipe] = recipes
+    return f"ingredient ids: {printable(recipe)}/<index>-<settings>", {name: name[len(recipe) + 1:] for name in long}
+
+
 def print_legend(names, console: Console) -> None:
     """The names `short_names` shortens, each once per command (see one_notice_each): which settings each
-    short id stands for. Laid out in columns, so that 16 ingredients take a few lines. (Where the names
-    came from several recipes, their labels keep the recipe: `recipe/NN`.)"""
-    labels = short_names(names)
-    long = [name for name, label in labels.items() if label != name and first_time(f"legend {name}")]
-    if not long:
-        return
-    recipes = sorted({_INGREDIENT.match(name)["recipe"] for name in long})
-    console.print(f"ids: {', '.join(shown(r) for r in recipes)}/<id>, each id its sweep index and drawn settings:")
-    # With one recipe, each entry is the ingredient's id: its short id, then what it stands for.
-    entries = sorted(long) if len(recipes) > 1 else sorted(name[len(recipes[0]) + 1:] for name in long)
-    console.print(Columns([f"  {shown(entry)}" for entry in entries], padding=(0, 2)))
+    short id stands for. Laid out in columns, so that 16 ingredients take a few lines."""
+    heading, entries = legend(names)
+    unsaid = [entry for name, entry in entries.items() if first_time(f"legend {name}")]
+    if unsaid:
+        console.print(escape(heading))
+        console.print(Columns([f"  {shown(entry)}" for entry in unsaid], padding=(0, 2)))
 
 
 @contextlib.contextmanager
