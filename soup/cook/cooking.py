@@ -176,8 +176,6 @@ def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str |
         logits, targets = select.logits(soup.state_dict)
         result = scores(logits, targets)
         selection = {"split": select.split, "root": select.root, "chose": chose, **result}
-        console.print(f"  {method} soup: {result['top1']:.2%} on {select.split} (the selection set) with "
-                      f"{len(soup.members)} of {len(ingredients)} ingredients")
         if calibrate:
             extra["calibration"] = calibration_record(logits, targets, select.split)
             print_calibration(f"{method} soup", extra["calibration"], console)
@@ -203,5 +201,8 @@ def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str |
     }
     path = save_checkpoint(out, soup.state_dict, meta)
     record_soup(path, meta, ingredients, console)
-    console.print(f"  wrote {shown(path)}")
+    # One line: where the soup is, and what its selection set scored (optimistic: that set chose it).
+    scored = (f": {selection['top1']:.2%} on {select.split} (the selection set), {len(soup.members)} of "
+              f"{len(ingredients)} ingredients" if selection else "")
+    console.print(f"  wrote {shown(path)}{scored}")
     return path

@@ -20,7 +20,7 @@ from soup.cook.selector import Selector
 from soup.cook.weights import rebuilt_starts, weighted_average
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, tensors_across
-from soup.text import shown
+from soup.text import print_legend, short_names, shown
 
 
 def _layout_key(checkpoint: Checkpoint) -> tuple:
@@ -147,6 +147,7 @@ def loss_line(a: Checkpoint, b: Checkpoint, points: int = 5, split: str = "val",
 
 def print_inspection(report: dict, console: Console) -> None:
     backbones = {row["backbone"] for row in report["checkpoints"]}
+    labels = short_names(row["name"] for row in report["checkpoints"])  # a sweep's long names by index
     table = Table(title="checkpoints")
     columns = ["#", "checkpoint", "kind"] + (["backbone"] if len(backbones) > 1 else []) + ["start", "‖Δ‖"]
     for column in columns:
@@ -154,10 +155,11 @@ def print_inspection(report: dict, console: Console) -> None:
                          no_wrap=column not in ("checkpoint", "backbone"))
     for i, row in enumerate(report["checkpoints"]):
         norm = "?" if row["delta_norm"] is None else f"{row['delta_norm']:.4g}"
-        names = [row["name"], row["kind"]] + ([row["backbone"]] if len(backbones) > 1 else []) + [row["start"][:8]]
+        names = [labels[row["name"]], row["kind"]] + ([row["backbone"]] if len(backbones) > 1 else []) + [row["start"][:8]]
         table.add_row(str(i), *map(shown, names), norm)
     console.print(table)
     console.print("‖Δ‖: distance from the shared start θ₀ (the fine-tuning delta Δ = θ − θ₀)")
+    print_legend(labels, console)
     index = {row["path"]: i for i, row in enumerate(report["checkpoints"])}
     if report["pairs"]:
         table = Table(title="pairs")

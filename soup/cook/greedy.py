@@ -12,7 +12,7 @@ from rich.console import Console
 from soup.cook.weights import weighted_average
 from soup.models.checkpoint import Checkpoint
 from soup.models.metrics import scores
-from soup.score.compare import difference
+from soup.score.compare import describe_difference, difference
 from soup.score.evaluator import Predictions, predictions
 from soup.text import progress_bar, short_names, shown
 
@@ -86,20 +86,23 @@ def tie(gain: dict | None) -> bool:
     return bool(gain) and gain["low"] is not None and gain["low"] <= 0 <= gain["high"]
 
 
-def say_path(label: str, steps: list[dict], split: str, console: Console) -> None:
-    """A greedy path in one line (a few at 16 ingredients): where it started, the candidates kept and left
-    out with the soup's accuracy with each, and how many were a tie within noise; `soup inspect` shows
-    every step's gain and interval, and the picture draws the path."""
+def say_path(label: str, soup: Greedy, first: Ranked, steps: list[dict], split: str, console: Console) -> None:
+    """A greedy path in a line or a few (at 16 ingredients): where it started, the candidates kept and left out
+    with the soup's accuracy with each, how many steps were a tie within noise, and the soup's gain over its
+    first ingredient (paired interval). `soup inspect` shows each step's gain, the picture draws them."""
     labels = short_names(step["candidate"] for step in steps)
-    first, tried = steps[0], steps[1:]
+    tried = steps[1:]
 
-    def said(items):
-        return ", ".join(f"{shown(labels[s['candidate']])} {s['top1']:.2%}" for s in items) or "none"
+    def said(items) -> str:
+        return ", ".join(f"{shown(labels[s['candidate']])} ({s['top1']:.2%})" for s in items) or "none"
     ties = sum(tie(step.get("gain")) for step in tried)
-    noise = f"; {ties} of {len(tried)} a tie within noise" if any(step.get("gain") for step in tried) else ""
-    console.print(f"  {label}: start from {said([first])} on {split}; [green]kept[/] "
+    noise = f"; {ties} of {len(tried)} steps a tie within noise" if any(step.get("gain") for step in tried) else ""
+    gain = (difference(soup.outcome, first.outcome) if soup.outcome is not None and first.outcome is not None
+            and len(soup.kept) > 1 else None)
+    total = f"; gain over {shown(labels[steps[0]['candidate']])}: {describe_difference(gain, p=False)}" if gain else ""
+    console.print(f"  {label}: start from {said(steps[:1])} on {split}; [green]kept[/] "
                   f"{said([s for s in tried if s['kept']])}; [red]left out[/] "
-                  f"{said([s for s in tried if not s['kept']])}{noise}")
+                  f"{said([s for s in tried if not s['kept']])}{noise}{total}")
 
 
 def ensemble_top1(logits: list[torch.Tensor], targets: torch.Tensor) -> float:

@@ -107,7 +107,7 @@ def greedy_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
         for item in ranked[1:]:
             steps.append(try_candidate(soup, item.checkpoint, select))
             advance()
-    say_path("greedy", steps, select.split, console)
+    say_path("greedy", soup, ranked[0], steps, select.split, console)
     return Soup(weighted_average(soup.members()), soup.members(), steps)
 
 
@@ -155,7 +155,7 @@ def guided_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
             member_logits += [item.logits] if step["kept"] else []
             misses = 0 if step["kept"] else misses + 1
             advance()
-    say_path("guided", steps, select.split, console)
+    say_path("guided", soup, first, steps, select.split, console)
     n, untried = len(ingredients), [item.checkpoint.name for item in pool]
     left = (f" ({len(untried)} candidate{'s' * (len(untried) != 1)} left untried after {patience} "
             f"rejection{'s' * (patience != 1)} in a row)" if untried else "")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.measure import Measurement
 from rich.table import Table
 
@@ -217,13 +217,13 @@ def add_per_class(evaluated: list[tuple[dict, Predictions]], k: int) -> tuple[di
     return row, row["per_class"]
 
 
-def ingredient_table(name: str, results: list[tuple[Ingredient, Path]]) -> Table:
+def ingredient_table(name: str, results: list[tuple[Ingredient, Path]]) -> RenderableType:
     """Each ingredient's id (its sweep index and settings) and val accuracy; where the checkpoints are, once
     below (a path per row would wrap every row at 80 columns)."""
     folders = {path.parent.parent for _, path in results}
     where = (f"checkpoints: {shown(folders.pop())}/<ingredient>/{shown(results[0][1].name)}"
              if len(folders) == 1 and len({path.name for _, path in results}) == 1 else None)
-    table = Table(title=f"{name}: ingredients", caption=where, caption_justify="left")
+    table = Table(title=f"{name}: ingredients")
     for column in ("ingredient", "val acc") + (() if where else ("checkpoint",)):
         table.add_column(column, no_wrap=column != "checkpoint")
     for item, path in results:
@@ -231,4 +231,4 @@ def ingredient_table(name: str, results: list[tuple[Ingredient, Path]]) -> Table
         pruned = meta.get("pruned")
         at = f" (pruned at epoch {pruned['epoch']})" if isinstance(pruned, dict) else ""
         table.add_row(shown(item.id), f"{meta['val_acc']:.2%}{at}", *(() if where else (shown(path),)))
-    return table
+    return Group(table, where) if where else table
