@@ -25,8 +25,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from soup.cook.cooking import cook
 from soup.cook.diagnose import pair_geometry, print_inspection
@@ -115,12 +117,17 @@ def _run_demo(out: Path, console: Console, small: bool) -> dict:
 
     console.rule("3. soups, selected on the held-out slice of train")
     # A rerun cooks its soups again (overwrite: they are the demo's own outputs, never an ingredient).
-    soups = {method: cook(method, ingredients, ckpts / "soups" / f"{method}.safetensors", "holdout",
-                          console=console, overwrite=True) for method in METHODS if method != "interpolate"}
-    # WiSE-FT from the starting weights (with the trained head) to the greedy soup, alpha chosen on holdout.
-    soups["interpolate"] = cook("interpolate", [read_checkpoint(soups["greedy"])],
-                                ckpts / "soups" / "interpolate.safetensors", "holdout", console=console,
-                                options={"alpha": "0:1:0.25"}, overwrite=True)
+    # `soup cook`'s own lines for the greedy soup; the others in one table after it.
+    quiet = Console(quiet=True)
+    with console.status("cooking the other soups"):
+        soups = {method: cook(method, ingredients, ckpts / "soups" / f"{method}.safetensors", "holdout",
+                              console=console if method == "greedy" else quiet, overwrite=True)
+                 for method in METHODS if method != "interpolate"}
+        # WiSE-FT from the starting weights (with the trained head) to the greedy soup, alpha chosen on holdout.
+        soups["interpolate"] = cook("interpolate", [read_checkpoint(soups["greedy"])],
+                                    ckpts / "soups" / "interpolate.safetensors", "holdout", console=quiet,
+                                    options={"alpha": "0:1:0.25"}, overwrite=True)
+    _soup_table(soups, console)
 
     console.rule("4. ingredients vs soups")
     everything = ingredients + [read_checkpoint(p) for p in soups.values()]
@@ -142,8 +149,9 @@ def _run_demo(out: Path, console: Console, small: bool) -> dict:
     print_inspection(pair_geometry(pair), console)
     try:
         cook("uniform", pair, ckpts / "stranger" / "refused.safetensors", None, console=console)
-    except SoupError as err:  # the two files by their names: the paths would take three lines
-        said = str(err).replace(str(pair[0].path), pair[0].name).replace(str(pair[1].path), pair[1].name)
+    except SoupError as err:  # the two files by their short names: the paths would take three lines
+        labels = short_names(c.name for c in pair)
+        said = str(err).replace(str(pair[0].path), labels[pair[0].name]).replace(str(pair[1].path), labels[pair[1].name])
         console.print(f"[yellow]refused, as it should be[/]: {escape(said)}")
     # Its warning says again what the refusal said: one line instead.
     forced = cook("uniform", pair, ckpts / "stranger" / "forced.safetensors", None, force=True,
@@ -152,9 +160,26 @@ def _run_demo(out: Path, console: Console, small: bool) -> dict:
     forced_rows = eval_rows(pair + [read_checkpoint(forced)], Evaluator("val"))
     print_eval_table(forced_rows, "val", console, title="a forced soup of two different starts, on val")
     _summary(tables["val"], console)
-    console.print(f"picture: {picture or 'none (see above)'}; submission: {submission} ({len(ids)} test images, "
-                  "greedy soup)")
+    console.print(f"wrote {picture or 'no picture'} and {submission} (greedy soup, {len(ids)} images)")
     return {"soups": soups, "submission": submission, "tables": tables, "forced": forced_rows, "plot": picture}
+
+
+def _soup_table(soups: dict[str, Path], console: Console) -> None:
+    """Every soup in one table: its members (with their weights where they differ) and its score on the
+    selection set that chose it; `soup inspect SOUP` prints any soup's steps."""
+    checkpoints = {method: read_checkpoint(path) for method, path in soups.items()}
+    labels = short_names(member["name"] for c in checkpoints.values() for member in c.meta["members"])
+    table = Table(title="the soups", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column in ("soup", "holdout *", "members (weights where they differ)"):
+        table.add_column(column, justify="right" if column == "holdout *" else "left")
+    for method, checkpoint in checkpoints.items():
+        meta, members = checkpoint.meta, checkpoint.meta["members"]
+        same = max(m["weight"] for m in members) - min(m["weight"] for m in members) < 1e-6 and "start_weight" not in meta
+        said = ", ".join(labels[m["name"]] + ("" if same else f" {m['weight']:.2f}") for m in members)
+        said += f", start {meta['start_weight']:.2f}" if "start_weight" in meta else ""
+        table.add_row(method, f"{meta['selection']['top1']:.2%}", escape(said))
+    console.print(table)
+    console.print(f"* on the held-out slice that chose them: optimistic. Written to {soups['greedy'].parent}/.")
 
 
 def _summary(rows: list[dict], console: Console) -> None:
@@ -168,8 +193,7 @@ def _summary(rows: list[dict], console: Console) -> None:
     ensemble = next(row for row in rows if row["kind"] == "ensemble")
     console.print(f"best ingredient: {escape(best['name'].split('/', 1)[-1])}, {best['top1']:.2%} (95% CI "
                   f"{top1_interval(best)})")
-    for what, row in ((f"highest of the {len(soups)} soups: {escape(labels[top['name']])}", top),
-                      (f"ensemble of the {sum(row['kind'] == 'ingredient' for row in rows)} ingredients", ensemble)):
+    for what, row in ((f"highest soup: {escape(labels[top['name']])}", top), ("ensemble", ensemble)):
         compare = row.get("compare") or {}
         versus = (f", {describe_difference(compare, p=False)}, p={p_value(compare['p'])}"
                   if compare.get("diff") is not None else "")

@@ -100,6 +100,8 @@ def legend(names) -> tuple[str, dict[str, str]]:
 def print_legend(names, console: Console) -> None:
     """The names `short_names` shortens, each once per command (see one_notice_each): which settings each
     short id stands for. Laid out in columns, so that 16 ingredients take a few lines."""
+    if console.quiet:  # said to no one: still to be said where someone reads
+        return
     heading, entries = legend(names)
     unsaid = [entry for name, entry in entries.items() if first_time(f"legend {name}")]
     if unsaid:

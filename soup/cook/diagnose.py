@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -148,7 +149,7 @@ def loss_line(a: Checkpoint, b: Checkpoint, points: int = 5, split: str = "val",
 def print_inspection(report: dict, console: Console) -> None:
     backbones = {row["backbone"] for row in report["checkpoints"]}
     labels = short_names(row["name"] for row in report["checkpoints"])  # a sweep's long names by index
-    table = Table(title="checkpoints")
+    table = Table(title="checkpoints", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     columns = ["#", "checkpoint", "kind"] + (["backbone"] if len(backbones) > 1 else []) + ["start", "‖Δ‖"]
     for column in columns:
         table.add_column(column, justify="right" if column in ("#", "‖Δ‖") else "left",
@@ -162,7 +163,7 @@ def print_inspection(report: dict, console: Console) -> None:
     print_legend(labels, console)
     index = {row["path"]: i for i, row in enumerate(report["checkpoints"])}
     if report["pairs"]:
-        table = Table(title="pairs")
+        table = Table(title="pairs", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for column in ("a", "b", "start", "distance", "cos(Δa, Δb)", "verdict"):
             table.add_column(column, justify="left" if column in ("verdict", "start") else "right",
                              no_wrap=column != "verdict")

@@ -14,7 +14,7 @@ from soup.models.checkpoint import Checkpoint
 from soup.models.metrics import scores
 from soup.score.compare import describe_difference, difference
 from soup.score.evaluator import Predictions, predictions
-from soup.text import progress_bar, short_names, shown
+from soup.text import first_time, progress_bar, short_names, shown
 
 
 def judged(select, state_dict: dict) -> tuple[dict, Predictions | None]:
@@ -46,8 +46,10 @@ def rank(ingredients: list[Checkpoint], select, console: Console, keep_logits: b
             advance()
     ranked.sort(key=lambda item: -item.top1)  # stable: ties keep the order given
     labels = short_names(item.checkpoint.name for item in ranked)
-    console.print(f"  ranked on {select.split}: " + ", ".join(f"{shown(labels[item.checkpoint.name])} {item.top1:.2%}"
-                                                             for item in ranked))
+    said = f"  ranked on {select.split}: " + ", ".join(f"{shown(labels[item.checkpoint.name])} {item.top1:.2%}"
+                                                       for item in ranked)
+    if first_time(said):  # greedy, top-k and guided in one command (--best, the demo) rank alike: once
+        console.print(said)
     return ranked
 
 

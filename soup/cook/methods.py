@@ -126,8 +126,8 @@ def topk_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
             advance()
     best = max(curve, key=lambda point: point["top1"])  # the first of equals: the smaller k
     # The k best in the ranking's order (printed above): k adds the k-th.
-    console.print(f"  topk: k = 1 to {len(ranked)} on {select.split}: " + " ".join(f"{p['top1']:.2%}" for p in curve)
-                  + f"; best k = {best['k']} of {len(ranked)} ({best['top1']:.2%} on {select.split})")
+    console.print(f"  topk: k = 1 to {len(ranked)}: " + " ".join(f"{p['top1']:.2%}" for p in curve)
+                  + f"; best k = {best['k']}")
     members = [(item.checkpoint, 1.0 / best["k"]) for item in ranked[:best["k"]]]
     return Soup(weighted_average(members), members, curve, {"topk": {"k": best["k"]}})
 
@@ -208,7 +208,7 @@ def stock_soup(ingredients: list[Checkpoint], select: Selector | None, console: 
     moved = [key for key in ratios if cosines[key] > 0]
     mean_ratio = sum(ratios[key] for key in moved) / max(1, len(moved))
     console.print(f"  stock: {len(moved)} tensors moved from the start; mean ratio toward the average "
-                  f"{mean_ratio:.3f} (1 = uniform soup, 0 = start)")
+                  f"{mean_ratio:.3f} (1 = uniform, 0 = start)")
     extra = {"stock": {"mean_ratio": mean_ratio, "ratios": ratios, "cosines": cosines}}
     return Soup(state, [(c, 1.0 / k) for c in ingredients], [], extra)
 
