@@ -10,9 +10,7 @@ import yaml
 from click.testing import CliRunner
 from rich.console import Console
 
-import soup.cli.base
-
-from soup.cli import cli
+from soup.cli import base as cli_base, cli
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
 from soup.score.evaluator import Evaluator
 from soup.train import logs
@@ -125,8 +123,9 @@ def test_user_mistakes_are_one_line(runner, args, message):
 
 def test_demo_end_to_end_small(tmp_path, monkeypatch):
     monkeypatch.setattr(logs, "SummaryWriter", None)  # as after `pip install .`: no tensorboard extra
-    monkeypatch.setattr(soup.cli.base, "console", Console(width=80, highlight=False))
-    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--small"])
+    monkeypatch.setattr(cli_base, "console", Console(width=80, highlight=False))
+    monkeypatch.chdir(tmp_path)  # paths as short as a user's: `soup demo` writes under ./soup_demo
+    result = CliRunner().invoke(cli, ["demo", "--out", "demo", "--small"])
     assert result.exit_code == 0, result.output
     # Issue 33: about two screens at 80 columns (366 lines before), no ingredient name wrapped over two
     # lines, no bar or colour in output that is not a terminal, and the run ends on what it found.
