@@ -8,8 +8,9 @@ import re
 import pytest
 import yaml
 from click.testing import CliRunner
+from rich.console import Console
 
-from soup.cli import cli
+from soup.cli import base as cli_base, cli
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
 from soup.score.evaluator import Evaluator
 from soup.train import logs
@@ -122,8 +123,19 @@ def test_user_mistakes_are_one_line(runner, args, message):
 
 def test_demo_end_to_end_small(tmp_path, monkeypatch):
     monkeypatch.setattr(logs, "SummaryWriter", None)  # as after `pip install .`: no tensorboard extra
-    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--small"])
+    monkeypatch.setattr(cli_base, "console", Console(width=80, highlight=False))
+    monkeypatch.chdir(tmp_path)  # paths as short as a user's: `soup demo` writes under ./soup_demo
+    result = CliRunner().invoke(cli, ["demo", "--out", "demo", "--small"])
     assert result.exit_code == 0, result.output
+    # Issue 33: about two screens at 80 columns (366 lines before), no ingredient name wrapped over two
+    # lines, no bar or colour in output that is not a terminal, and the run ends on what it found.
+    lines = result.output.splitlines()
+    ids = [c.meta["id"] for c in find_checkpoints([tmp_path / "demo" / "checkpoints" / "sketch_soup"])]
+    assert len(lines) <= 100 and "\x1b[" not in result.output, result.output
+    assert [line for line in lines for id_ in ids if id_[:6] in line and id_ not in line] == []
+    found = next(i for i, line in enumerate(lines) if "what the demo found" in line)
+    assert len(lines) - found <= 8 and lines[found + 1].startswith("best ingredient: ")
+    assert lines[-1].startswith("wrote ") and "submission.csv" in lines[-1], lines[-8:]
     assert (tmp_path / "demo" / "submission.csv").read_text().startswith("Id,Category\n")
     # Issue 26: the picture the README promises, and TensorBoard's notice once for the demo's three trainings.
     assert (tmp_path / "demo" / "soups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -28,7 +28,7 @@ from soup.cook.selector import Selector
 from soup.cook.sweeps import leave_out_pruned
 from soup.data.outputs import check_output, data_roots
 from soup.score.compare import versus_best
-from soup.text import shown
+from soup.text import print_legend, shown
 
 def first_difference(a: Checkpoint, b: Checkpoint) -> tuple[str, bool] | None:
     """The first reason `a` and `b` cannot be averaged, and whether --force may override it."""
@@ -127,6 +127,7 @@ def cook(method: str, ingredients: list[Checkpoint], out: str | Path, select_on:
     select = selector(ingredients, select_on, data_root, device, bn_images, console) if select_on else None
     console.print(f"[bold]{method} soup[/] of {len(ingredients)} ingredient{'s' if len(ingredients) != 1 else ''}" +
                   (f", selected on {select_on}" if select else ", without data"))
+    print_legend([c.name for c in ingredients], console)  # the short ids the lines below name them by
     kitchen = Kitchen(ingredients[0], options, reset=select.reset if select else None)
     soup = fitted(spec.fn(ingredients, select, console, kitchen), select, console)
     # Whether held-out scores chose or fitted the weights (greedy, learned, an alpha sweep), making a
@@ -176,8 +177,6 @@ def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str |
         logits, targets = select.logits(soup.state_dict)
         result = scores(logits, targets)
         selection = {"split": select.split, "root": select.root, "chose": chose, **result}
-        console.print(f"  {method} soup: {result['top1']:.2%} on {select.split} (the selection set) with "
-                      f"{len(soup.members)} of {len(ingredients)} ingredients")
         if calibrate:
             extra["calibration"] = calibration_record(logits, targets, select.split)
             print_calibration(f"{method} soup", extra["calibration"], console)
@@ -195,5 +194,8 @@ def save_soup(method: str, soup: Soup, ingredients: list[Checkpoint], out: str |
         calibration=Calibration.parse(extra.get("calibration")), versus_best=Versus.parse(extra.get("versus_best")))
     path = save_checkpoint(out, soup.state_dict, record, replace=overwrite)
     record_soup(path, record, ingredients, console)
-    console.print(f"  wrote {shown(path)}")
+    # One line: where the soup is, and what its selection set scored (optimistic: that set chose it).
+    scored = (f": {selection['top1']:.2%} on {select.split} (the selection set), {len(soup.members)} of "
+              f"{len(ingredients)} ingredients" if selection else "")
+    console.print(f"  wrote {shown(path)}{scored}")
     return path

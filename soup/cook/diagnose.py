@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -21,7 +22,7 @@ from soup.cook.weights import rebuilt_starts, weighted_average
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, tensors_across
 from soup.models.records import BatchNormReset
-from soup.text import shown
+from soup.text import print_legend, short_names, shown
 
 
 def _layout_key(checkpoint: Checkpoint) -> tuple:
@@ -148,20 +149,22 @@ def loss_line(a: Checkpoint, b: Checkpoint, points: int = 5, split: str = "val",
 
 def print_inspection(report: dict, console: Console) -> None:
     backbones = {row["backbone"] for row in report["checkpoints"]}
-    table = Table(title="checkpoints")
+    labels = short_names(row["name"] for row in report["checkpoints"])  # a sweep's long names by index
+    table = Table(title="checkpoints", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     columns = ["#", "checkpoint", "kind"] + (["backbone"] if len(backbones) > 1 else []) + ["start", "‖Δ‖"]
     for column in columns:
         table.add_column(column, justify="right" if column in ("#", "‖Δ‖") else "left",
                          no_wrap=column not in ("checkpoint", "backbone"))
     for i, row in enumerate(report["checkpoints"]):
         norm = "?" if row["delta_norm"] is None else f"{row['delta_norm']:.4g}"
-        names = [row["name"], row["kind"]] + ([row["backbone"]] if len(backbones) > 1 else []) + [row["start"][:8]]
+        names = [labels[row["name"]], row["kind"]] + ([row["backbone"]] if len(backbones) > 1 else []) + [row["start"][:8]]
         table.add_row(str(i), *map(shown, names), norm)
     console.print(table)
     console.print("‖Δ‖: distance from the shared start θ₀ (the fine-tuning delta Δ = θ − θ₀)")
+    print_legend(labels, console)
     index = {row["path"]: i for i, row in enumerate(report["checkpoints"])}
     if report["pairs"]:
-        table = Table(title="pairs")
+        table = Table(title="pairs", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for column in ("a", "b", "start", "distance", "cos(Δa, Δb)", "verdict"):
             table.add_column(column, justify="left" if column in ("verdict", "start") else "right",
                              no_wrap=column != "verdict")

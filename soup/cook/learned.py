@@ -34,6 +34,7 @@ from soup.errors import SoupError
 from soup.fast.decoded import gather
 from soup.fast.prefix import to_device
 from soup.models.checkpoint import Checkpoint, tensors_across
+from soup.text import progress_bar
 
 
 # The hyperplane coefficients' default room beyond the convex hull: each in [-0.5, 1.5].
@@ -178,18 +179,21 @@ def fit_softmax(ingredients: list[Checkpoint], select: Selector, console: Consol
                   f"{k * columns} coefficients and β, {epochs} epochs on {select.split} through "
                   f"{fit.description}")
     steps = []
-    for epoch in range(epochs):
-        loss_sum, seen = 0.0, 0
-        for batch in fit.loader:
-            inputs, targets = fit.fetch(batch)
-            params = {**fixed, **mix_parameters(on_device, logits.softmax(dim=0), buffers)}
-            loss_sum += _step(fit, params, scale, targets, inputs, optimizer, device)
-            seen += len(targets)
-        mean = logits.detach().softmax(dim=0).mean(dim=1).cpu()
-        steps.append({"epoch": epoch + 1, "loss": loss_sum / seen, "coefficients": mean.tolist(),
-                      "logit_scale": scale.exp().item()})
-        console.print(f"  learned: epoch {epoch + 1}: loss {loss_sum / seen:.3f}, β {scale.exp().item():.3f}, "
-                      "coefficients " + " ".join(f"{c:.2f}" for c in mean.tolist()))
+    with progress_bar(console, "learned: epochs", epochs) as advance:
+        for epoch in range(epochs):
+            loss_sum, seen = 0.0, 0
+            for batch in fit.loader:
+                inputs, targets = fit.fetch(batch)
+                params = {**fixed, **mix_parameters(on_device, logits.softmax(dim=0), buffers)}
+                loss_sum += _step(fit, params, scale, targets, inputs, optimizer, device)
+                seen += len(targets)
+            mean = logits.detach().softmax(dim=0).mean(dim=1).cpu()
+            steps.append({"epoch": epoch + 1, "loss": loss_sum / seen, "coefficients": mean.tolist(),
+                          "logit_scale": scale.exp().item()})
+            advance()
+    # Every epoch's figures are in the soup's steps (`soup inspect` prints them).
+    console.print(f"  learned: loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f} over {epochs} epochs, β "
+                  f"{steps[-1]['logit_scale']:.3f}, coefficients " + " ".join(f"{c:.2f}" for c in steps[-1]["coefficients"]))
     with torch.no_grad():
         coefficients = logits.softmax(dim=0).cpu()
         mixed = mix_parameters(stacked, coefficients)
@@ -271,8 +275,8 @@ def fit_hyperplane(ingredients: list[Checkpoint], select: Selector, console: Con
     console.print(f"  learned (hyperplane): {k} coefficients in [{0 - bound:g}, {1 + bound:g}] summing to one and β, "
                   f"{options['rounds']} rounds over blocks of {size} on {select.split} through {fit.description}")
     steps = []
-    for round_ in range(options["rounds"]):
-        for block in blocks:
+    with progress_bar(console, "hyperplane: blocks", options["rounds"] * len(blocks)) as advance:
+        for round_, block in ((r, b) for r in range(options["rounds"]) for b in blocks):
             others = [i for i in range(k) if i not in block]
             base = _frozen_mix([ingredients[i] for i in others], coefficients[others].tolist(), differing, device)
             stacks = _read([ingredients[i] for i in block], differing, device)
@@ -291,8 +295,9 @@ def fit_hyperplane(ingredients: list[Checkpoint], select: Selector, console: Con
             coefficients[block] = project(c.detach().cpu().double(), total, -bound, 1 + bound)
             steps.append({"round": round_ + 1, "block": [ingredients[i].name for i in block], "loss": loss_sum / seen,
                           "coefficients": coefficients.tolist(), "logit_scale": scale.exp().item()})
-            console.print(f"  hyperplane: round {round_ + 1}, block {','.join(str(i + 1) for i in block)}: loss "
-                          f"{loss_sum / seen:.3f}, coefficients " + " ".join(f"{x:.2f}" for x in coefficients.tolist()))
+            advance()
+    console.print(f"  hyperplane: loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f} over {len(steps)} blocks, "
+                  "coefficients " + " ".join(f"{x:.2f}" for x in coefficients.tolist()))
     weights = coefficients.tolist()
     state = weighted_average(list(zip(ingredients, weights)))
     record = {"hyperplane": True, "bound": bound, "ingredients": weights, "logit_scale": scale.exp().item(),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from soup.cook.batchnorm import StatsReset
-from soup.cook.greedy import Greedy, guided_order, rank, try_candidate
+from soup.cook.greedy import Greedy, guided_order, rank, say_path, try_candidate
 from soup.cook.learned import DEFAULT_BOUND, check_epochs, check_options, fit_hyperplane, fit_softmax
 from soup.cook.registry import METHODS, Option, SoupMethod, settle_options, soup_method
 from soup.cook.selector import Selector
@@ -27,7 +27,7 @@ from soup.cook.weights import starting_weights, weighted_average
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, tensors_across
 from soup.models.metadata import INTEGER, MAPPING, NUMBER, NUMBER_MAP, declare_method_field
-from soup.text import shown
+from soup.text import progress_bar, short_names, shown
 
 __all__ = ["METHODS", "Kitchen", "Option", "Soup", "SoupMethod", "soup_method"]
 
@@ -86,8 +86,11 @@ def greedy_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
     ranked = rank(ingredients, select, console)
     soup = Greedy([ranked[0].checkpoint], ranked[0].top1, ranked[0].outcome)
     steps = [{"candidate": ranked[0].checkpoint.name, "top1": ranked[0].top1, "kept": True}]
-    console.print(f"  greedy: start from {shown(ranked[0].checkpoint.name)} ({ranked[0].top1:.2%})")
-    steps += [try_candidate(soup, item.checkpoint, select, console) for item in ranked[1:]]
+    with progress_bar(console, "greedy: trying candidates", len(ranked) - 1) as advance:
+        for item in ranked[1:]:
+            steps.append(try_candidate(soup, item.checkpoint, select))
+            advance()
+    say_path("greedy", soup, ranked[0], steps, select.split, console)
     return Soup(weighted_average(soup.members()), soup.members(), steps)
 
 
@@ -102,12 +105,15 @@ def topk_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
     ranked = rank(ingredients, select, console)
     # k = 1 is the best ingredient alone, already scored by the ranking: an average of one is itself.
     curve = [{"k": 1, "added": ranked[0].checkpoint.name, "top1": ranked[0].top1}]
-    for k in range(2, len(ranked) + 1):
-        top1 = select(weighted_average([(item.checkpoint, 1.0 / k) for item in ranked[:k]]))["top1"]
-        curve.append({"k": k, "added": ranked[k - 1].checkpoint.name, "top1": top1})
-        console.print(f"  topk: k={k} (+ {shown(ranked[k - 1].checkpoint.name)}): {top1:.2%} on {select.split}")
+    with progress_bar(console, "topk: scoring k = 2, 3, ...", len(ranked) - 1) as advance:
+        for k in range(2, len(ranked) + 1):
+            top1 = select(weighted_average([(item.checkpoint, 1.0 / k) for item in ranked[:k]]))["top1"]
+            curve.append({"k": k, "added": ranked[k - 1].checkpoint.name, "top1": top1})
+            advance()
     best = max(curve, key=lambda point: point["top1"])  # the first of equals: the smaller k
-    console.print(f"  topk: best k = {best['k']} of {len(ranked)} ({best['top1']:.2%} on {select.split})")
+    # The k best in the ranking's order (printed above): k adds the k-th.
+    console.print(f"  topk: k = 1 to {len(ranked)}: " + " ".join(f"{p['top1']:.2%}" for p in curve)
+                  + f"; best k = {best['k']}")
     members = [(item.checkpoint, 1.0 / best["k"]) for item in ranked[:best["k"]]]
     return Soup(weighted_average(members), members, curve, {"topk": {"k": best["k"]}})
 
@@ -127,15 +133,17 @@ def guided_soup(ingredients: list[Checkpoint], select: Selector, console: Consol
     first, targets = ranked[0], ranked[0].outcome.targets
     soup = Greedy([first.checkpoint], first.top1, first.outcome, scored=len(ranked))
     steps = [{"candidate": first.checkpoint.name, "top1": first.top1, "kept": True}]
-    console.print(f"  guided: start from {shown(first.checkpoint.name)} ({first.top1:.2%})")
     member_logits, pool, misses = [first.logits], ranked[1:], 0
-    while pool and misses < patience:
-        promise, item = guided_order(member_logits, pool, targets)[0]
-        pool = [other for other in pool if other is not item]
-        step = try_candidate(soup, item.checkpoint, select, console, "guided", {"ensemble_top1": promise})
-        steps.append(step)
-        member_logits += [item.logits] if step["kept"] else []
-        misses = 0 if step["kept"] else misses + 1
+    with progress_bar(console, "guided: trying candidates", len(pool)) as advance:
+        while pool and misses < patience:
+            promise, item = guided_order(member_logits, pool, targets)[0]
+            pool = [other for other in pool if other is not item]
+            step = try_candidate(soup, item.checkpoint, select, {"ensemble_top1": promise})
+            steps.append(step)
+            member_logits += [item.logits] if step["kept"] else []
+            misses = 0 if step["kept"] else misses + 1
+            advance()
+    say_path("guided", soup, first, steps, select.split, console)
     n, untried = len(ingredients), [item.checkpoint.name for item in pool]
     left = (f" ({len(untried)} candidate{'s' * (len(untried) != 1)} left untried after {patience} "
             f"rejection{'s' * (patience != 1)} in a row)" if untried else "")
@@ -201,7 +209,7 @@ def stock_soup(ingredients: list[Checkpoint], select: Selector | None, console: 
     moved = [key for key in ratios if cosines[key] > 0]
     mean_ratio = sum(ratios[key] for key in moved) / max(1, len(moved))
     console.print(f"  stock: {len(moved)} tensors moved from the start; mean ratio toward the average "
-                  f"{mean_ratio:.3f} (1 = uniform soup, 0 = start)")
+                  f"{mean_ratio:.3f} (1 = uniform, 0 = start)")
     extra = {"stock": {"mean_ratio": mean_ratio, "ratios": ratios, "cosines": cosines}}
     return Soup(state, [(c, 1.0 / k) for c in ingredients], [], extra)
 
@@ -277,18 +285,19 @@ def interpolate_soup(ingredients: list[Checkpoint], select: Selector | None, con
         return state
 
     steps, best = [], None
-    for alpha in alphas:
-        if select is None:
-            break
-        top1 = select(mix(alpha))["top1"]
-        steps.append({"alpha": alpha, "top1": top1})
-        console.print(f"  interpolate: alpha {alpha:g} ({shown(a_name)} -> {shown(b.name)}): {top1:.2%} "
-                      f"on {select.split}")
-        if best is None or top1 > best[1]:
-            best = (alpha, top1)
+    with progress_bar(console, "interpolate: scoring alphas", len(alphas) if select else 0) as advance:
+        for alpha in alphas if select is not None else []:
+            top1 = select(mix(alpha))["top1"]
+            steps.append({"alpha": alpha, "top1": top1})
+            if best is None or top1 > best[1]:
+                best = (alpha, top1)
+            advance()
     alpha = best[0] if best else alphas[0]
-    if len(alphas) > 1:
-        console.print(f"  interpolate: best alpha {alpha:g}")
+    if steps:
+        labels = short_names([a_name, b.name])
+        console.print(f"  interpolate ({shown(labels[a_name])} -> {shown(labels[b.name])}) on {select.split}: "
+                      + ", ".join(f"alpha {s['alpha']:g} {s['top1']:.2%}" for s in steps)
+                      + (f"; best alpha {alpha:g}" if len(alphas) > 1 else ""))
     members = [(b, alpha)] if a_name == "start" else [(a, 1 - alpha), (b, alpha)]
     extra = {"interpolation": {"a": a_name, "b": b.name, "alpha": alpha, "sweep": steps}}
     if a_name == "start":

@@ -13,8 +13,9 @@ from soup.judge.evaluate import evaluate_rows
 from soup.models.checkpoint import Checkpoint, atomic_path
 from soup.score.evaluator import Evaluator, Predictions
 from soup.score.stats import reliability
-from soup.text import printable, shown
+from soup.text import legend, printable, short_names, shown
 
+LEGEND_CHARS = 110  # characters of the id legend's fixed-width font a line under the left axes
 INSTALL_HINT = "soup plot needs matplotlib, a dependency of soup that is missing here: pip install matplotlib"
 
 
@@ -43,9 +44,12 @@ def draw(rows: list[dict], greedy: dict | None, path: str | Path, topk: dict | N
     ingredients = sorted((r for r in rows if r["kind"] == "ingredient"), key=lambda r: r["top1"])
     soups = [r for r in rows if r["kind"] not in ("ingredient", "ensemble")]
     ensemble = next((r for r in rows if r["kind"] == "ensemble"), None)
+    # A sweep's long names by their short ids (soup.text.short_names), the settings in a legend under the axes.
+    ids = short_names([r["name"] for r in rows] + [s["candidate"] for s in (greedy or {}).get("steps", [])]
+                      + [p["added"] for p in (topk or {}).get("steps", [])])
     figure = Figure(figsize=(11, 4.5), layout="constrained")
     left, right = figure.subplots(1, 2, width_ratios=[3, 2]) if greedy or topk else (figure.subplots(), None)
-    names = [_label(r["name"]) for r in ingredients] + [_label(r["name"]) for r in soups]
+    names = [_label(ids[r["name"]]) for r in ingredients] + [_label(r["name"]) for r in soups]
     left.plot(range(len(ingredients)), [r["top1"] for r in ingredients], "o-", color="tab:gray",
               label="ingredients (sorted)")
     for i, row in enumerate(soups):
@@ -53,14 +57,15 @@ def draw(rows: list[dict], greedy: dict | None, path: str | Path, topk: dict | N
                   label=_label(row["name"] if row["name"] == row["kind"] else f"{row['name']} ({row['kind']})"))
     if ensemble:
         left.axhline(ensemble["top1"], linestyle="--", color="black", label=_label(ensemble["name"]))
-    left.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    left.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+    _id_legend(left, ids)
     left.set_ylabel(f"top-1 on {split}")
     left.set_title(f"ingredients, soups and ensemble on {split}")
     left.legend(fontsize=7, loc="best")
     if greedy:
-        _greedy_path(right, greedy)
+        _greedy_path(right, greedy, ids)
     if topk:
-        _topk_curve(right, topk, label_ticks=not greedy)
+        _topk_curve(right, topk, ids, label_ticks=not greedy)
     if right is not None:
         right.set_ylabel(f"top-1 on {(greedy or topk)['split']} (selection set)")
         right.set_title(" and ".join(f"{what}: {_label(record['name'])}" for what, record in
@@ -76,7 +81,20 @@ def draw(rows: list[dict], greedy: dict | None, path: str | Path, topk: dict | N
     return series
 
 
-def _greedy_path(axes, greedy: dict) -> None:
+def _id_legend(axes, ids: dict[str, str]) -> None:
+    """Under the axes, what each short id stands for: a few entries a line, in a fixed-width font."""
+    heading, entries = legend(ids)
+    if not entries:
+        return
+    entries = [_label(entry) for entry in entries.values()]
+    width = max(len(entry) for entry in entries) + 3
+    per_line = max(1, LEGEND_CHARS // width)
+    lines = ["".join(entry.ljust(width) for entry in entries[i:i + per_line]).rstrip()
+             for i in range(0, len(entries), per_line)]
+    axes.set_xlabel("\n".join([_label(heading)] + lines), fontsize=7, family="monospace", loc="left")
+
+
+def _greedy_path(axes, greedy: dict, ids: dict[str, str]) -> None:
     steps = greedy["steps"]
     best, running = [], None
     for step in steps:
@@ -88,10 +106,10 @@ def _greedy_path(axes, greedy: dict) -> None:
         points = [(i, s["top1"]) for i, s in zip(x, steps) if s["kept"] == kept]
         axes.plot([p[0] for p in points], [p[1] for p in points], "o" if kept else "x", color=color,
                   linestyle="none", label=label)
-    axes.set_xticks(x, [_label(s["candidate"]) for s in steps], rotation=60, ha="right", fontsize=7)
+    axes.set_xticks(x, [_label(ids[s["candidate"]]) for s in steps], rotation=30, ha="right", fontsize=7)
 
 
-def _topk_curve(axes, topk: dict, label_ticks: bool) -> None:
+def _topk_curve(axes, topk: dict, ids: dict[str, str], label_ticks: bool) -> None:
     """Step k of greedy and k of top-k add the same ingredient (both rank alike), so they share an x axis."""
     curve = topk["steps"]
     chosen = max(curve, key=lambda point: point["top1"])  # the soup's own rule: ties go to the smaller k
@@ -100,8 +118,8 @@ def _topk_curve(axes, topk: dict, label_ticks: bool) -> None:
     axes.plot([chosen["k"]], [chosen["top1"]], marker="*", markersize=14, color="tab:blue", linestyle="none",
               label="top-k: chosen k")
     if label_ticks:
-        axes.set_xticks([p["k"] for p in curve], [_label(f"k={p['k']}: +{p['added']}") for p in curve], rotation=60,
-                        ha="right", fontsize=7)
+        axes.set_xticks([p["k"] for p in curve], [_label(f"k={p['k']}: +{ids[p['added']]}") for p in curve],
+                        rotation=30, ha="right", fontsize=7)
 
 
 def draw_reliability(evaluated: list[tuple[dict, Predictions]], path: str | Path) -> dict[str, list[float]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.measure import Measurement
 from rich.table import Table
 
@@ -23,7 +23,7 @@ from soup.score import stats
 from soup.score.calibrate import temperature_label
 from soup.score.compare import p_value, points
 from soup.score.evaluator import Predictions
-from soup.text import printable, shown
+from soup.text import print_legend, printable, short_names, shown
 
 # At a narrow console these columns are left out, first to last, until the table fits (docs/evaluating.md: soup eval);
 # checkpoint, top-1 and its interval, the difference and p always stay. The checkpoint name folds.
@@ -143,15 +143,17 @@ def eval_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def _table(rows: list[dict], columns: dict, title: str) -> Table:
+    labels = short_names(row["name"] for row in rows)  # a sweep's long names by index: no row wraps
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False)
-    table.add_column("checkpoint", overflow="fold", min_width=16)
+    # A label folds only when longer than 40: narrower, the figures' columns are left out first (DROP_ORDER).
+    table.add_column("checkpoint", overflow="fold", min_width=min(40, max([16] + [len(v) for v in labels.values()])))
     cells = [[printable(cell(row)) for _, cell in columns.values()] for row in rows]
     for j, (name, (justify, _)) in enumerate(columns.items()):
         # A figure is never cut or wrapped: its column is as wide as its widest cell, or left out.
         width = max([len(name)] + [len(line[j]) for line in cells])
         table.add_column(name, justify=justify, no_wrap=True, min_width=width)
     for row, line in zip(rows, cells):
-        label = " ".join(filter(None, (row["name"], temperature_label(row.get("temperature", 1.0)))))
+        label = " ".join(filter(None, (labels[row["name"]], temperature_label(row.get("temperature", 1.0)))))
         table.add_row(shown(label), *map(shown, line))
     return table
 
@@ -170,14 +172,16 @@ def print_eval_table(rows: list[dict], split: str, console: Console, title: str 
             table = _table(rows, columns, title or f"accuracy on {split}")
     console.print(table)
     _footnotes(rows, split, dropped, console)
+    print_legend([row["name"] for row in rows], console)
 
 
 def _footnotes(rows: list[dict], split: str, dropped: list[str], console: Console) -> None:
     compared = [r["compare"] for r in rows if r.get("compare")]
+    labels = short_names(row["name"] for row in rows)
     if any(r.get("top1_low") is not None for r in rows):
         console.print(f"95% CI: bootstrap over the {rows[0]['n']} images (resampled with a fixed seed).")
     if compared:
-        console.print(f"Δ pts: top-1 minus {shown(compared[0]['ref'])} on the same images, with its paired "
+        console.print(f"Δ pts: top-1 minus {shown(labels[compared[0]['ref']])} on the same images, with its paired "
                       "95% CI; p: exact McNemar test (small p: unlikely to be noise).")
     if any(c.get("unpaired") for c in compared):
         console.print("unpaired: this row read other images than the reference; no paired comparison.")
@@ -213,12 +217,17 @@ def add_per_class(evaluated: list[tuple[dict, Predictions]], k: int) -> tuple[di
     return row, row["per_class"]
 
 
-def ingredient_table(name: str, results: list[tuple[Ingredient, Path]]) -> Table:
+def ingredient_table(name: str, results: list[tuple[Ingredient, Path]]) -> RenderableType:
+    """Each ingredient's id (its sweep index and settings) and val accuracy; where the checkpoints are, once
+    below (a path per row would wrap every row at 80 columns)."""
+    folders = {path.parent.parent for _, path in results}
+    where = (f"checkpoints: {shown(folders.pop())}/<ingredient>/{shown(results[0][1].name)}"
+             if len(folders) == 1 and len({path.name for _, path in results}) == 1 else None)
     table = Table(title=f"{name}: ingredients")
-    for column in ("ingredient", "val acc", "checkpoint"):
+    for column in ("ingredient", "val acc") + (() if where else ("checkpoint",)):
         table.add_column(column, no_wrap=column != "checkpoint")
     for item, path in results:
         record = read_checkpoint(path).record
         at = f" (pruned at epoch {record.pruned.epoch})" if record.pruned else ""
-        table.add_row(shown(item.id), f"{record.val_acc:.2%}{at}", shown(path))
-    return table
+        table.add_row(shown(item.id), f"{record.val_acc:.2%}{at}", *(() if where else (shown(path),)))
+    return Group(table, where) if where else table

@@ -13,7 +13,7 @@ from soup.errors import SoupError, one_line
 from soup.models.checkpoint import Checkpoint
 from soup.score import stats
 from soup.score.evaluator import Evaluator, Predictions, predictions
-from soup.text import shown
+from soup.text import short_names, shown
 
 
 def difference(outcome: Predictions, ref: Predictions, resamples: int = stats.RESAMPLES,
@@ -54,6 +54,6 @@ def versus_best(state_dict: dict, best: Checkpoint, split: str, data_root, devic
         return None
     verdict = {"split": split, "ref": best.name, **difference(soup, ingredient)}
     console.print(f"  on {split}, which took no part in selection: soup {soup.correct.double().mean().item():.2%} vs "
-                  f"best ingredient {shown(best.name)} {ingredient.correct.double().mean().item():.2%}: "
+                  f"best ingredient {shown(short_names([best.name])[best.name])} {ingredient.correct.double().mean().item():.2%}: "
                   f"{describe_difference(verdict)}")
     return verdict

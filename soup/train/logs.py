@@ -178,3 +178,14 @@ def write_summary(folder: Path) -> Path:
         writer.writerows(spreadsheet_rows(rows))
         write_text_atomic(folder / SUMMARY_FILE, text.getvalue())
     return folder / SUMMARY_FILE
+
+
+def finished_line(history: list[dict], first_epoch: int, ingredient_id: str, console: Console) -> None:
+    """The one line a finished ingredient prints: its epochs' figures are in summary.csv and TensorBoard, and a
+    terminal showed them on its progress bar."""
+    last, seconds = history[-1], sum(h["seconds"] for h in history[first_epoch:])
+    ema = f" (EMA; raw weights {last['raw_val_top1']:.2%})" if "raw_val_top1" in last else ""
+    rate = sum(h["images_per_s"] for h in history) / len(history)
+    # Under 80 columns for ids up to ~40 characters (the demo's search draws ~35).
+    console.print(f"  {ingredient_id}: val {last['val_top1']:.2%}{ema}, {len(history)} epoch"
+                  f"{'s' * (len(history) != 1)}, {seconds:.0f} s, {rate:,.0f} img/s")

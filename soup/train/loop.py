@@ -39,11 +39,13 @@ from soup.models.inference import resolve_device
 from soup.models.precision import choose_autocast, explicit_attention, unfused_attention_modules
 from soup.models.records import Probe, Record, Start
 from soup.recipe.spec import Ingredient, Recipe, TrainConfig
+from soup.text import first_time
 from soup.train import logs, prune, schedule
 from soup.train.probe import KIND as PROBE, load_probe, probe_file, probe_ingredient
 from soup.train.state import (STATE_FILE, ingredient_lock, is_finished, remove_stale_temps,
                               resume_hint_on_interrupt, resume_state, save_state, seed_everything, write_metrics)
 
+HEARTBEAT_S = 300  # without a terminal (no bar), the least time between two epoch lines of one run
 CHECK_EVERY = 200  # steps between reads of the losses (NaN check, progress); each read waits for the device
 DIVERGED = re.compile(r"overflow|\bnan\b|\binf\b|non-finite", re.IGNORECASE)  # a step failing on its numbers
 
@@ -65,7 +67,8 @@ def lr_factor(recipe: Recipe, epoch: int) -> float:
 
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    TextColumn("{task.fields[status]}"), console=console, transient=True)
+                    TextColumn("{task.fields[status]}"), console=console, transient=True,
+                    disable=not console.is_terminal)  # elsewhere (a log file) it would leave blank lines
 
 
 @dataclass
@@ -96,6 +99,7 @@ class Run:
     history: list = dataclasses.field(default_factory=list)
     events: logs.Logs = dataclasses.field(default_factory=logs.Logs)  # its TensorBoard logs (soup.train.logs)
     first_epoch: int = 0
+    said_at: float = dataclasses.field(default_factory=time.monotonic)  # its last line (HEARTBEAT_S)
 
     @property
     def recipe(self) -> Recipe:
@@ -137,7 +141,8 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
         t = run.recipe.train
         with (resume_hint_on_interrupt(ingredient.id, saved_epochs), interrupt_on_signals(),
               _progress(console) as progress, logs.opened(run)):
-            epochs = progress.add_task("epochs", total=t.epochs, completed=run.first_epoch, status="")
+            epochs = progress.add_task(f"{ingredient.id.split('-')[0]} epochs", total=t.epochs,
+                                       completed=run.first_epoch, status="")
             for epoch in range(run.first_epoch, t.epochs):
                 if prune.stopped(run.history):
                     break  # a rung stopped it (and the state after that epoch was saved before a kill)
@@ -150,7 +155,10 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
                     save_state(run.state_path, run.model, run.optimizer, run.scaler, run.schedule, epoch + 1,
                                run.history, identity(run), {"ema": run.ema.state_dict()} if run.ema else None)
                 saved_epochs[0] = epoch + 1
-            return finish(run)
+            path = finish(run)
+            if not prune.stopped(run.history):  # a pruned run said why it stopped, at its rung
+                logs.finished_line(run.history, run.first_epoch, ingredient.id, console)
+            return path
 
 
 def ensure_probe(recipe: Recipe, out: str | Path, console: Console, use_cache: bool) -> dict | None:
@@ -189,10 +197,12 @@ def set_up(ingredient: Ingredient, run_dir: Path, console: Console, use_cache: b
     model, synced_bn = distributed.sync_batchnorm(model, device)
     counts = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
               "total_params": sum(p.numel() for p in model.parameters())}
-    console.print(f"[bold]{recipe.name}/{ingredient.id}[/]: {counts['trainable_params']:,} of "
-                  f"{counts['total_params']:,} parameters train ({frozen:,} of {backbone_total:,} backbone "
-                  f"parameters frozen); {len(train_set)} train / {len(val_set)} val images, {len(classes)} "
-                  f"classes, {device}")
+    # Said once per command for all the ingredients it holds (below, with the data path): their id comes on
+    # the line each prints when it finishes.
+    setup = (f"[bold]{recipe.name}[/]{' (probe)' if kind == PROBE else ''}: {counts['trainable_params']:,} of "
+             f"{counts['total_params']:,} parameters train ({frozen:,} of {backbone_total:,} backbone "
+             f"parameters frozen); {len(train_set)} train / {len(val_set)} val images, {len(classes)} "
+             f"classes, {device}")
 
     model.to(device)
     optimizer = make_optimizer(t, schedule.param_groups(model, t))
@@ -211,23 +221,27 @@ def set_up(ingredient: Ingredient, run_dir: Path, console: Console, use_cache: b
               unfused_attention_modules(model, device, amp_dtype),
               start_fingerprint, counts,
               probe and {"id": probe["id"], "val_acc": probe["val_acc"]})
-    describe(run, amp_why, rank_batch, synced_bn)
+    describe(run, setup, amp_why, rank_batch, synced_bn)
     return run
 
 
-def describe(run: Run, amp_why: str, rank_batch: int, synced_bn: bool) -> None:
-    w, t, console = distributed.world(), run.recipe.train, run.console
-    console.print(f"  data path: {run.pipeline.description}")
+def describe(run: Run, setup: str, amp_why: str, rank_batch: int, synced_bn: bool) -> None:
+    """How the run is set up, said once per command for every ingredient set up alike (a sweep of 16)."""
+    w, t = distributed.world(), run.recipe.train
+    lines = [setup, f"  data path: {run.pipeline.description}"]
     # The recipe's amp names a wish; say what this device makes of it, and why.
     precision = "fp32" if run.amp_dtype is None else f"{str(run.amp_dtype).removeprefix('torch.')} autocast"
     unfused = "; attention unfused in training steps (faster than the fused CPU kernel in bf16)" if run.unfused else ""
-    console.print(f"  precision: {precision}{' + grad scaler' if run.scaler.is_enabled() else ''} ({amp_why}){unfused}")
+    lines.append(f"  precision: {precision}{' + grad scaler' if run.scaler.is_enabled() else ''} ({amp_why}){unfused}")
     if w.distributed:
         bn = ("BatchNorm synchronised across ranks" if synced_bn else
               "BatchNorm statistics per rank (no SyncBatchNorm on CPU)"
               if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run.model.modules()) else "")
-        console.print(f"  data parallel: {w.size} processes x {rank_batch} images = global batch {t.batch_size}"
-                      f" ({distributed.backend()}){'; ' + bn if bn else ''}")
+        lines.append(f"  data parallel: {w.size} processes x {rank_batch} images = global batch {t.batch_size}"
+                     f" ({distributed.backend()}){'; ' + bn if bn else ''}")
+    if first_time("set up " + "\n".join(lines)):
+        for line in lines:
+            run.console.print(line)
 
 
 def identity(run: Run) -> dict:
@@ -240,7 +254,7 @@ def resume_run(run: Run) -> None:
     if run.ema is not None:
         run.ema.load_state_dict(state["ema"])
     run.history, run.first_epoch = state["history"], state["epoch"]
-    run.console.print(f"  resumed after epoch {run.first_epoch}")
+    run.console.print(f"  {run.ingredient.id}: resumed after epoch {run.first_epoch}")
 
 
 def train_step(run: Run, inputs: torch.Tensor, targets: torch.Tensor, generator) -> torch.Tensor:
@@ -343,9 +357,12 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict:
               "seconds": seconds}
     if raw is not None:
         record |= {"raw_val_top1": raw["top1"], "raw_val_top5": raw["top5"], "raw_val_loss": raw["loss"]}
-    ema = f" (EMA; raw weights {raw['top1']:.2%})" if raw is not None else ""
-    run.console.print(f"  epoch {epoch + 1}/{t.epochs}  lr {lr:.2g}  train loss {loss_sum / seen:.3f}  "
-                      f"val acc {val['top1']:.2%}{ema}  ({seen / seconds:,.0f} img/s)")
+    if not run.console.is_terminal and time.monotonic() - run.said_at >= HEARTBEAT_S:
+        # No bar in a log file: a long run still says how it goes (a short one says it when it finishes).
+        ema = f" (EMA; raw weights {raw['top1']:.2%})" if raw is not None else ""
+        run.console.print(f"  {run.ingredient.id}: epoch {epoch + 1}/{t.epochs}  lr {lr:.2g}  train loss "
+                          f"{loss_sum / seen:.3f}  val acc {val['top1']:.2%}{ema}  ({seen / seconds:,.0f} img/s)")
+        run.said_at = time.monotonic()
     return record
 
 

@@ -121,7 +121,8 @@ def at_rung(run, record: dict) -> dict:
     decision = distributed.from_main(decide(ingredient, run.run_dir, record, run.probe, run.start_fingerprint, warn)
                                      if main else None)
     if decision["pruned"]:
-        run.console.print(f"  [yellow]{Rung.parse(decision).describe()}[/]; the next draw takes its place")
+        run.console.print(f"  {run.ingredient.id}: [yellow]{Rung.parse(decision).describe()}[/]; the next draw takes "
+                          "its place")
     return {"rung": decision}
 
 
