@@ -12,12 +12,13 @@ from torch import nn
 from soup.fast.prefix import PrefixSplit, find_prefix, split_matches
 from soup.models.backbones import build_model, freeze_prefix
 from soup.models.checkpoint import read_checkpoint
-from soup.models.families import FAMILIES, family_of, find_family, wants_channels_last
-from soup.recipe.spec import ModelConfig, TrainConfig
+from soup.models.families import FAMILIES, data_defaults, family_of, find_family, wants_channels_last
+from soup.recipe.spec import ModelConfig, TrainConfig, load_recipe, read_recipe
 from soup.train.schedule import param_groups
 
 from conftest import CLASSES, plain_scores, run_study, tiny_recipe, tiny_swin_model, tiny_vit_model
 
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SWIN_UNITS = ["stage0.block0", "stage1.merge", "stage1.block0", "stage2.merge", "stage2.block0", "stage2.block1",
               "stage3.merge", "stage3.block0", "stage3.block1"]
 
@@ -126,3 +127,53 @@ def test_cli_trains_a_swinv2_through_the_prefix_cache_and_its_figures_are_the_sa
         assert (last["val_top1"], last["val_top5"], last["val_loss"]) == (
             plain_figures["top1"], plain_figures["top5"], plain_figures["loss"]), path
     assert json.loads(cached) == json.loads(plain)  # soup eval: through the cache or not, field for field
+
+
+# ------------------------------------------------------------------ data keys a recipe leaves to its model
+
+def write_recipe(tmp_path, model: dict, data: dict):
+    import yaml
+
+    path = tmp_path / f"r{len(list(tmp_path.glob('*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump({"name": "r", "data": {"root": str(tmp_path), **data}, "model": model}))
+    return path
+
+
+def test_data_keys_left_out_are_the_models_own_and_given_ones_stay(tmp_path):
+    swin = write_recipe(tmp_path, tiny_swin_model(), {})
+    recipe, said = read_recipe(swin, [], data_defaults)
+    assert (recipe.data.image_size, recipe.data.mean, recipe.data.std) == (32, IMAGENET_MEAN, IMAGENET_STD)
+    assert said == (f"data: image_size 32, mean {IMAGENET_MEAN}, std {IMAGENET_STD} from timm's pretrained config "
+                    "of swinv2_tiny_window8_256 (the recipe leaves them out)")
+    resnet = write_recipe(tmp_path, {"backbone": "timm:test_resnet"}, {"mean": [0.1, 0.2, 0.3]})
+    recipe, said = read_recipe(resnet, ["data.std=[0.3,0.3,0.3]"], data_defaults)
+    # timm's test_resnet is configured for 160 px and mean/std 0.5: what the recipe sets is kept
+    assert (recipe.data.image_size, recipe.data.mean, recipe.data.std) == (160, [0.1, 0.2, 0.3], [0.3, 0.3, 0.3])
+    assert said == "data: image_size 160 from timm's pretrained config of test_resnet (the recipe leaves it out)"
+    hub = write_recipe(tmp_path, {"backbone": "hub:facebookresearch/dinov2:dinov2_vitb14"}, {"image_size": 448})
+    recipe, said = read_recipe(hub, [], data_defaults)
+    assert (recipe.data.image_size, recipe.data.mean, recipe.data.std) == (448, IMAGENET_MEAN, IMAGENET_STD)
+    assert said.endswith("from DinoV2's documented preprocessing (the recipe leaves them out)")
+    complete = write_recipe(tmp_path, {"backbone": "timm:test_resnet"},
+                            {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
+    assert read_recipe(complete, [], data_defaults)[1] == ""
+    # Without the model's values (recipe_from_dict, checkpoints' recipes): soup's defaults, as before.
+    assert load_recipe(resnet).data.image_size == 224
+
+
+def test_soup_train_says_which_data_keys_it_took_from_the_model(small_sketch_root, tmp_path, monkeypatch):
+    import yaml
+    from click.testing import CliRunner
+
+    from soup.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_recipe(small_sketch_root)  # timm:test_resnet at 32 px, mean and std left out
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(cli, ["train", "r.yaml"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert ("data: mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5] from timm's pretrained config of test_resnet (the "
+            "recipe leaves them out)") in said
+    checkpoint = read_checkpoint(next((tmp_path / "checkpoints" / "tiny").glob("*/model.safetensors")))
+    assert checkpoint.recipe["data"]["mean"] == [0.5] * 3 and checkpoint.recipe["data"]["image_size"] == 32

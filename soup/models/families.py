@@ -17,10 +17,15 @@ Adding a family: one `Family` subclass here, listed in FAMILIES, plus a test (te
 
 from __future__ import annotations
 
+import timm
+from timm.data import resolve_data_config
 from timm.models import group_parameters
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from soup.errors import SoupError
+from soup.recipe.checks import parse_backbone
 
 
 def flatten(stack: nn.Module) -> list[nn.Module]:
@@ -213,3 +218,29 @@ def wants_channels_last(backbone: nn.Module) -> bool:
         return family.channels_last
     return any(isinstance(m, nn.Conv2d) for m in backbone.modules())
 
+
+
+# facebookresearch/dinov2's preprocessing as its README and hub examples give it: ImageNet's mean and std,
+# 224 px (16 x 16 patches of 14 px).
+DINOV2_DATA = {"image_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def data_defaults(backbone: str, kwargs: dict) -> tuple[dict, str]:
+    """({image_size, mean, std} the model expects, where they come from), or ({}, "") where soup knows none:
+    a timm model's pretrained config (timm.data.resolve_data_config; the image size is `kwargs`' img_size
+    when the recipe sets one), DinoV2's documented preprocessing for its hub entries."""
+    try:
+        kind, _, entry = parse_backbone(backbone)
+    except SoupError:
+        return {}, ""  # the recipe's own check says what is wrong with it
+    if kind == "hub":
+        return (dict(DINOV2_DATA), "DinoV2's documented preprocessing") if entry.startswith("dinov2_") else ({}, "")
+    cfg = timm.models.get_pretrained_cfg(entry) if timm.is_model(entry) else None
+    if cfg is None:
+        return {}, ""
+    resolved = resolve_data_config({}, pretrained_cfg=cfg.to_dict())
+    size = kwargs.get("img_size") if isinstance(kwargs, dict) else None
+    size = size[-1] if isinstance(size, (list, tuple)) and size else size
+    values = {"image_size": size if isinstance(size, int) else int(resolved["input_size"][-1]),
+              "mean": [float(v) for v in resolved["mean"]], "std": [float(v) for v in resolved["std"]]}
+    return values, f"timm's pretrained config of {entry}"
