@@ -34,8 +34,6 @@ def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
     """Fine-tune the ingredients of RECIPE (one per sweep combination)."""
     recipe, said = read_recipe(recipe_path, list(overrides), data_defaults)
     main = is_main()  # under torchrun, rank 0 alone prints
-    if said and main and not list_only:
-        base.console.print(said, markup=False)
     if list_only:
         for item in select_ingredients(recipe, ingredient):
             settings = printable(", ".join(f"{k}={v}" for k, v in item.settings.items())) or "(no sweep)"
@@ -44,6 +42,8 @@ def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
         return
     results = train_recipe(recipe, out, ingredient, base.console, resume=resume, use_cache=not no_cache)
     if main:
+        if said:  # after training: a bad --out or data folder stays one error line
+            base.console.print(said, markup=False)
         base.console.print(ingredient_table(recipe.name, results))
         # The whole sweep so far, other processes' ingredients included: the reasons compare with it.
         sweep = find_checkpoints([Path(out) / recipe.name], kinds={"ingredient"}, warn=warn)
