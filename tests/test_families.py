@@ -140,7 +140,7 @@ def write_recipe(tmp_path, model: dict, data: dict):
 
 
 def test_data_keys_left_out_are_the_models_own_and_given_ones_stay(tmp_path):
-    swin = write_recipe(tmp_path, tiny_swin_model(), {})
+    swin = write_recipe(tmp_path, {**tiny_swin_model(), "pretrained": True}, {})
     recipe, said = read_recipe(swin, [], data_defaults)
     assert (recipe.data.image_size, recipe.data.mean, recipe.data.std) == (32, IMAGENET_MEAN, IMAGENET_STD)
     assert said == (f"data: image_size 32, mean {IMAGENET_MEAN}, std {IMAGENET_STD} from timm's pretrained config "
@@ -157,19 +157,24 @@ def test_data_keys_left_out_are_the_models_own_and_given_ones_stay(tmp_path):
     complete = write_recipe(tmp_path, {"backbone": "timm:test_resnet"},
                             {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
     assert read_recipe(complete, [], data_defaults)[1] == ""
-    # Without the model's values (recipe_from_dict, checkpoints' recipes): soup's defaults, as before.
+    # Random weights have no preprocessing of their own; nor does a recipe read without the model's values
+    # (recipe_from_dict, checkpoints' recipes): soup's defaults, as before.
+    assert read_recipe(resnet, ["model.pretrained=false"], data_defaults)[0].data.image_size == 224
     assert load_recipe(resnet).data.image_size == 224
 
 
 def test_soup_train_says_which_data_keys_it_took_from_the_model(small_sketch_root, tmp_path, monkeypatch):
+    """Offline, as recipes/swinv2_base.yaml says: timm's pretrained weights from a local file."""
     import yaml
     from click.testing import CliRunner
+    from safetensors.torch import save_file
 
     from soup.cli import cli
 
     monkeypatch.chdir(tmp_path)
-    raw = tiny_recipe(small_sketch_root)  # timm:test_resnet at 32 px, mean and std left out
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    save_file(timm.create_model("test_resnet", pretrained=False).state_dict(), str(tmp_path / "w.safetensors"))
+    raw = tiny_recipe(small_sketch_root, model={"weights": str(tmp_path / "w.safetensors")})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))  # timm:test_resnet at 32 px, mean and std left out
     result = CliRunner().invoke(cli, ["train", "r.yaml"])
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())

@@ -218,7 +218,8 @@ def load_recipe(path: str | Path, overrides: list[str] | list[tuple[str, Any]] =
 def read_recipe(path: str | Path, overrides: list[str] | list[tuple[str, Any]] = (),
                 model_data: ModelData | None = None) -> tuple[Recipe, str]:
     """(the recipe, a line saying which data keys it took from its model, or ""). With `model_data`,
-    data.image_size, mean and std that neither the file nor an override sets are the model's own."""
+    data.image_size, mean and std that neither the file nor an override sets are the model's own, where
+    it starts from pretrained weights (model.pretrained or model.weights)."""
     path = Path(path)
     raw = read_recipe_file(path)
     raw = raw if raw is not None else {}
@@ -240,7 +241,8 @@ def _model_data(raw: dict, overrides: list[tuple[str, Any]], model_data: ModelDa
     if not isinstance(data, dict) or not isinstance(model, dict) or not isinstance(model.get("backbone"), str):
         return raw, ""
     missing = [key for key in MODEL_DATA_KEYS if key not in data]
-    if not missing:
+    # The values belong to the pretrained weights: a model initialised at random has none of its own.
+    if not missing or (model.get("pretrained", True) is not True and not model.get("weights")):
         return raw, ""
     values, source = model_data(model["backbone"], model.get("kwargs") or {})
     taken = {key: values[key] for key in missing if key in values}
