@@ -2,9 +2,10 @@
 
 A family names a backbone's blocks in order (its *units*: a frozen prefix may be cut after any of them),
 how the images reach the first unit (`stem`) and what follows the last one (`head`), its layer groups
-for layer-wise lr decay, the names it exports under and whether it wants NHWC on CUDA. soup.fast.prefix
-cuts the frozen prefix with it, soup.train.schedule groups learning rates with it, soup.fast.build asks
-it about channels_last and soup.judge.export about timm names.
+for layer-wise lr decay, the names it exports under, whether it wants NHWC on CUDA and the image size,
+mean and std its pretrained weights expect. soup.fast.prefix cuts the frozen prefix with it,
+soup.train.schedule groups learning rates with it, soup.fast.build asks it about channels_last,
+soup.judge.export about timm names and `soup train` about the data keys a recipe leaves out.
 
   timm      timm's VisionTransformer (DinoV2's timm port included): units are `blocks`
   dinov2    facebookresearch/dinov2's torch.hub DinoVisionTransformer: `blocks`, chunked or not
@@ -46,7 +47,6 @@ class Family:
     container = "blocks"  # the backbone's child holding the units
     post: tuple[str, ...] = ()  # the backbone's children that run after the units
     unused: tuple[str, ...] = ()  # parameters the forward never uses
-    cuts = True  # whether soup.fast.prefix may cut it (stem and head are known)
     channels_last = False  # NHWC on CUDA: transformers convolve once (the patch embedding), not per layer
 
     def matches(self, backbone: nn.Module) -> bool:
@@ -106,6 +106,9 @@ class HubDinoV2(Family):
     # Hub entry kwargs that configure DinoV2's own class and mean nothing to timm's.
     hub_only_kwargs = {"pretrained", "weights", "block_chunks", "interpolate_antialias", "interpolate_offset",
                        "init_values", "ffn_layer", "num_register_tokens", "patch_size"}
+    # Its preprocessing as facebookresearch/dinov2's README and hub examples give it: ImageNet's mean and
+    # std, 224 px (16 x 16 patches of 14 px).
+    data = {"image_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
     def matches(self, backbone):
         return all(hasattr(backbone, a) for a in ("prepare_tokens_with_masks", "blocks", "norm", "head"))
@@ -177,7 +180,6 @@ class Blocks(Family):
     model soup has no cut for): layer decay only."""
 
     name = "blocks"
-    cuts = False
 
     @staticmethod
     def stacks(backbone: nn.Module) -> list[nn.Module]:
@@ -220,11 +222,6 @@ def wants_channels_last(backbone: nn.Module) -> bool:
 
 
 
-# facebookresearch/dinov2's preprocessing as its README and hub examples give it: ImageNet's mean and std,
-# 224 px (16 x 16 patches of 14 px).
-DINOV2_DATA = {"image_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-
-
 def data_defaults(backbone: str, kwargs: dict) -> tuple[dict, str]:
     """({image_size, mean, std} the model expects, where they come from), or ({}, "") where soup knows none:
     a timm model's pretrained config (timm.data.resolve_data_config; the image size is `kwargs`' img_size
@@ -234,7 +231,9 @@ def data_defaults(backbone: str, kwargs: dict) -> tuple[dict, str]:
     except SoupError:
         return {}, ""  # the recipe's own check says what is wrong with it
     if kind == "hub":
-        return (dict(DINOV2_DATA), "DinoV2's documented preprocessing") if entry.startswith("dinov2_") else ({}, "")
+        if entry in HubDinoV2.exports:
+            return dict(HubDinoV2.data), "DinoV2's documented preprocessing"
+        return {}, ""
     cfg = timm.models.get_pretrained_cfg(entry) if timm.is_model(entry) else None
     if cfg is None:
         return {}, ""
