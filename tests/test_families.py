@@ -7,10 +7,15 @@ import json
 import pytest
 import timm
 import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import save_file
 from torch import nn
 
+from soup.cli import cli
+
 from soup.fast.prefix import PrefixSplit, find_prefix, split_matches
-from soup.models.backbones import build_model, freeze_prefix
+from soup.models.backbones import build_model, freeze_prefix, model_from_checkpoint
 from soup.models.checkpoint import read_checkpoint
 from soup.models.families import FAMILIES, data_defaults, family_of, find_family, wants_channels_last
 from soup.recipe.spec import ModelConfig, TrainConfig, load_recipe, read_recipe
@@ -127,12 +132,21 @@ def test_cli_trains_a_swinv2_through_the_prefix_cache_and_its_figures_are_the_sa
         assert (last["val_top1"], last["val_top5"], last["val_loss"]) == (
             plain_figures["top1"], plain_figures["top5"], plain_figures["loss"]), path
     assert json.loads(cached) == json.loads(plain)  # soup eval: through the cache or not, field for field
+    # soup export: the SwinV2 in timm's names (its classifier is head.fc), loaded back with the same logits.
+
+    result = CliRunner().invoke(cli, ["export", str(path), str(tmp_path / "exported")])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["architecture"] == "swinv2_tiny_window8_256" and config["pretrained_cfg"]["classifier"] == "head.fc"
+    back = timm.create_model(f"local-dir:{tmp_path / 'exported'}", pretrained=True).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(back(images), model_from_checkpoint(checkpoint)(images), atol=1e-5)
 
 
 # ------------------------------------------------------------------ data keys a recipe leaves to its model
 
 def write_recipe(tmp_path, model: dict, data: dict):
-    import yaml
 
     path = tmp_path / f"r{len(list(tmp_path.glob('*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump({"name": "r", "data": {"root": str(tmp_path), **data}, "model": model}))
@@ -165,12 +179,6 @@ def test_data_keys_left_out_are_the_models_own_and_given_ones_stay(tmp_path):
 
 def test_soup_train_says_which_data_keys_it_took_from_the_model(small_sketch_root, tmp_path, monkeypatch):
     """Offline, as recipes/swinv2_base.yaml says: timm's pretrained weights from a local file."""
-    import yaml
-    from click.testing import CliRunner
-    from safetensors.torch import save_file
-
-    from soup.cli import cli
-
     monkeypatch.chdir(tmp_path)
     save_file(timm.create_model("test_resnet", pretrained=False).state_dict(), str(tmp_path / "w.safetensors"))
     raw = tiny_recipe(small_sketch_root, model={"weights": str(tmp_path / "w.safetensors")})
