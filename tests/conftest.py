@@ -76,6 +76,15 @@ def tiny_vit_model(**extra) -> dict:
             "kwargs": {"img_size": 28, "depth": 4, "embed_dim": 32, "num_heads": 2}, **extra}
 
 
+def tiny_swin_model(**extra) -> dict:
+    """timm's SwinV2 (the course's second backbone), shrunk: 32 px, 4 stages of widths 16-128 with 1, 1, 2
+    and 2 blocks, windows of 4 patches; no drop-path, so a frozen prefix computes the same in train mode.
+    freeze 0.75 cuts inside the last stage, after its first block."""
+    kwargs = {"img_size": 32, "embed_dim": 16, "depths": [1, 1, 2, 2], "num_heads": [1, 1, 2, 2],
+              "window_size": 4, "drop_path_rate": 0.0, **extra.pop("kwargs", {})}
+    return {"backbone": "timm:swinv2_tiny_window8_256", "pretrained": False, "kwargs": kwargs, **extra}
+
+
 def vit_setup(root, augment: str = "none", **kwargs):
     """(recipe, model, train set, val set) for a 4-block DinoV2-architecture ViT at 28 px, freeze 0.75 (its
     first 2 blocks frozen), ready for soup.fast.build.build_pipeline; `kwargs` go to the model."""

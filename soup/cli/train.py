@@ -10,7 +10,8 @@ from soup.judge.report import ingredient_table
 from soup.judge.study import below_start, print_below_start
 from soup.models.checkpoint import find_checkpoints
 from soup.models.distributed import is_main
-from soup.recipe.spec import load_recipe
+from soup.models.families import data_defaults
+from soup.recipe.spec import read_recipe
 from soup.text import printable
 from soup.train.sweep import select_ingredients, train_recipe
 from soup.cli import base
@@ -31,7 +32,7 @@ from soup.cli.base import cli, read_more, warn
 @click.option("--no-cache", is_flag=True, help="Turn the fast data paths off (decode every image every epoch).")
 def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
     """Fine-tune the ingredients of RECIPE (one per sweep combination)."""
-    recipe = load_recipe(recipe_path, list(overrides))
+    recipe, said = read_recipe(recipe_path, list(overrides), data_defaults)
     main = is_main()  # under torchrun, rank 0 alone prints
     if list_only:
         for item in select_ingredients(recipe, ingredient):
@@ -41,6 +42,8 @@ def train(recipe_path, overrides, out, ingredient, list_only, resume, no_cache):
         return
     results = train_recipe(recipe, out, ingredient, base.console, resume=resume, use_cache=not no_cache)
     if main:
+        if said:  # after training: a bad --out or data folder stays one error line
+            base.console.print(said, markup=False)
         base.console.print(ingredient_table(recipe.name, results))
         # The whole sweep so far, other processes' ingredients included: the reasons compare with it.
         sweep = find_checkpoints([Path(out) / recipe.name], kinds={"ingredient"}, warn=warn)

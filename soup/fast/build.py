@@ -1,7 +1,8 @@
 """The pipeline builder: for each recipe and model, the fastest data path that is valid, else the plain
 one (soup.data.pipeline.plain_pipeline, always correct).
 
-  prefix cache    data.augment none, no mixup/cutmix, the frozen part a ViT block prefix that computes
+  prefix cache    data.augment none, no mixup/cutmix, the frozen part a block prefix of a backbone family
+                  soup can cut (ViT, DinoV2, SwinV2: soup.models.families) that computes
                   the same in train and eval mode: training runs the suffix on stored fp32 tokens
                   (what the full forward's frozen blocks compute; evaluation is exactly the full model's)
   decoded images  otherwise, for the course's image folders: images decoded and resized once; with
@@ -36,6 +37,7 @@ from soup.fast.prefix import SuffixModel, feature_config, find_prefix, prefix_fe
 from soup.fast.scorer import score_rows
 from soup.fast.store import CacheUnavailable, human
 from soup.models import distributed
+from soup.models.families import wants_channels_last
 from soup.recipe.spec import Recipe
 
 
@@ -133,8 +135,8 @@ def _prefix_pipeline(recipe: Recipe, split, model: nn.Module, folders: tuple, ro
                                     t.batch_size)
     return Pipeline(
         suffix, batches, _suffix_scores(suffix, val_f, rows[1], device, eval_batch), steps,
-        f"prefix cache: {split.k} blocks, {human(train_f.nbytes + val_f.nbytes)} on {where} ({fresh}); "
-        f"training runs {trained_part(split.k, len(split.blocks))}")
+        f"prefix cache: {split.cached_text()}, {human(train_f.nbytes + val_f.nbytes)} on {where} ({fresh}); "
+        f"training runs {split.rest_text()}")
 
 
 def _suffix_scores(suffix: SuffixModel, features, rows: torch.Tensor, device: torch.device,
@@ -152,8 +154,8 @@ def _decoded_pipeline(recipe: Recipe, model: nn.Module, folders: tuple, rows: tu
     augment = DeviceAugment(augment_name, size) if augment_name != "none" else None
     train_d = decoded_on(decoded_images(folders[0], stored, t.num_workers), device)
     val_d = decoded_images(folders[1], size, t.num_workers)  # moved to the device only if val needs images
-    convnet = device.type == "cuda" and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    if convnet:  # cuDNN's fast convolutions want NHWC; checkpoints stay contiguous (fp32_state)
+    convnet = device.type == "cuda" and wants_channels_last(model.backbone)
+    if convnet:  # checkpoints stay contiguous (fp32_state)
         model.to(memory_format=torch.channels_last)
     load = Normalizer(mean, std, device, channels_last=convnet)
     nbytes = train_d.nbytes + (val_d.nbytes if val_d.key != train_d.key else 0)
@@ -193,10 +195,4 @@ def _val_pass(recipe: Recipe, model: nn.Module, folder: Dataset, rows: torch.Ten
     if features is None:
         return None, ""
     return (_suffix_scores(SuffixModel(model, split), features, rows, device, eval_batch),
-            f"; val: prefix cache ({split.k} blocks, {human(features.nbytes)}), then "
-            f"{trained_part(split.k, len(split.blocks))}")
-
-
-def trained_part(k: int, depth: int) -> str:
-    """What runs in training after a cached prefix of k of `depth` blocks (all of them, as for a probe)."""
-    return "no block: the final norm + head" if k >= depth else f"blocks {k}-{depth - 1} + head"
+            f"; val: prefix cache ({split.cached_text()}, {human(features.nbytes)}), then {split.rest_text()}")

@@ -1,12 +1,13 @@
-"""The ViT prefix/suffix split and the prefix features: train only what is not frozen.
+"""The prefix/suffix split and the prefix features: train only what is not frozen.
 
-When the frozen part of a ViT is its patch embedding plus the first k blocks, `ViTSplit` cuts the
-backbone there: `prefix(images) -> tokens`, `suffix(tokens) -> features`. `prefix_features` computes
-the prefix's output tokens for every image once per (prefix weights, k, image store) and keeps them in
-fp32, the precision of the residual stream in the full forward (on the GPU when they fit, else in pinned
-CPU memory, else in a memory-mapped store), so that a figure scored through them is the full model's own. Training then
-runs only the suffix (`SuffixModel`) every epoch of every ingredient of a sweep, and evaluation (also
-greedy soup selection) runs only the suffix.
+When the frozen part of a backbone is its stem (patch embedding) plus its first k units (blocks; for a
+SwinV2 also its patch mergings), `PrefixSplit` cuts the backbone there, as its family
+(soup.models.families) describes it: `prefix(images) -> tokens`, `suffix(tokens) -> features`.
+`prefix_features` computes the prefix's output tokens for every image once per (prefix weights, k, image
+store) and keeps them in fp32, the precision of the residual stream in the full forward (on the GPU when
+they fit, else in pinned CPU memory, else in a memory-mapped store), so that a figure scored through them
+is the full model's own. Training then runs only the suffix (`SuffixModel`) every epoch of every
+ingredient of a sweep, and evaluation (also greedy soup selection) runs only the suffix.
 
 The prefix runs in eval mode when cached, so it is used only when running it shows that train and eval
 mode compute the same function (soup.fast.determinism: no dropout, drop-path, patch dropout or batch norm;
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -34,6 +34,7 @@ from soup.fast.decoded import Normalizer, decoded_images, decoded_key, move
 from soup.fast.determinism import mode, moves_state_in_train_mode, output_digest, probe_images, train_mode_difference
 from soup.fast.store import (CACHE_VERSION, available_ram, cache_dir, create_store, fits_on_device, hash_of,
                              open_store, remember)
+from soup.models.families import Family, family_of
 from soup.models.inference import eval_dtype
 from soup.models.views import apply_view, is_identity
 
@@ -42,58 +43,37 @@ from soup.models.views import apply_view, is_identity
 FEATURE_STORE_ENV = "SOUP_FEATURE_STORE"
 
 
-def _blocks(backbone: nn.Module) -> list[nn.Module]:
-    """The transformer blocks in order; DinoV2's chunked layout (BlockChunk lists padded with Identity)
-    flattened."""
-    flat = []
-    for block in backbone.blocks:
-        if isinstance(block, nn.ModuleList):
-            flat += [b for b in block if not isinstance(b, nn.Identity)]
-        else:
-            flat.append(block)
-    return flat
+class PrefixSplit(nn.Module):
+    """A backbone cut after unit k of its family (soup.models.families): `prefix(images) -> tokens` and
+    `suffix(tokens) -> features`, equal in composition to the backbone's forward (checked numerically
+    before use). A ViT's tokens are (N, T, D); a SwinV2's are NHWC maps (N, H, W, C)."""
 
-
-class ViTSplit(nn.Module):
-    """A ViT cut after block k: `prefix(images) -> tokens` and `suffix(tokens) -> features`, equal in
-    composition to the backbone's forward (checked numerically before use)."""
-
-    # Top-level parts after the blocks; everything else outside `blocks` runs before them.
-    POST = {"timm": ("norm", "fc_norm", "head_drop", "head", "attn_pool"), "dinov2": ("norm", "head")}
-    UNUSED = ("mask_token",)  # DinoV2's masked-token parameter: never used without masks
-
-    def __init__(self, backbone: nn.Module, kind: str, k: int):
+    def __init__(self, backbone: nn.Module, family: Family, k: int):
         super().__init__()
-        self.backbone, self.kind, self.k = backbone, kind, k
-        self.blocks = _blocks(backbone)
+        self.backbone, self.family, self.kind, self.k = backbone, family, family.name, k
+        self.blocks = family.units(backbone)
         self.probe = ""  # determinism.output_digest on the probe images (find_prefix sets it)
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.backbone
-        if self.kind == "timm":
-            x = b.norm_pre(b.patch_drop(b._pos_embed(b.patch_embed(x))))
-        else:
-            x = b.prepare_tokens_with_masks(x, None)
+        x = self.family.stem(self.backbone, x)
         for block in self.blocks[:self.k]:
             x = block(x)
         return x
 
     def suffix(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.backbone
         for block in self.blocks[self.k:]:
             x = block(x)
-        if self.kind == "timm":
-            return b.forward_head(b.norm(x))
-        return b.head(b.norm(x)[:, 0])
+        return self.family.head(self.backbone, x)
 
     def prefix_modules(self) -> list[nn.Module]:
-        post = self.POST[self.kind]
-        pre = [m for name, m in self.backbone.named_children() if name not in post and name != "blocks"]
+        skip = (*self.family.post, self.family.container)
+        pre = [m for name, m in self.backbone.named_children() if name not in skip]
         return pre + self.blocks[:self.k]
 
     def prefix_state(self) -> list[torch.Tensor]:
         """Every tensor the prefix computes with, in a fixed order (to fingerprint and compare)."""
-        tensors = [p for name, p in self.backbone.named_parameters(recurse=False) if name not in self.UNUSED]
+        unused = self.family.unused
+        tensors = [p for name, p in self.backbone.named_parameters(recurse=False) if name not in unused]
         tensors += [b for _, b in self.backbone.named_buffers(recurse=False)]
         for module in self.prefix_modules():
             tensors += list(module.parameters()) + list(module.buffers())
@@ -101,7 +81,8 @@ class ViTSplit(nn.Module):
 
     def prefix_names(self) -> list[str]:
         """State-dict names (relative to the backbone) of `prefix_state`, same order."""
-        names = [n for n, _ in self.backbone.named_parameters(recurse=False) if n not in self.UNUSED]
+        unused = self.family.unused
+        names = [n for n, _ in self.backbone.named_parameters(recurse=False) if n not in unused]
         names += [n for n, _ in self.backbone.named_buffers(recurse=False)]
         ids = {id(m): n for n, m in self.backbone.named_modules()}
         for module in self.prefix_modules():
@@ -110,28 +91,29 @@ class ViTSplit(nn.Module):
             names += [f"{prefix}.{n}" for n, _ in module.named_buffers()]
         return names
 
+    def cached_text(self) -> str:
+        """What the prefix caches, as printed ("2 blocks")."""
+        return self.family.cut_text(self.backbone, self.k)
 
-def vit_kind(backbone: nn.Module) -> str | None:
-    if isinstance(backbone, VisionTransformer) and isinstance(backbone.blocks, nn.Sequential):
-        return "timm"
-    if all(hasattr(backbone, a) for a in ("prepare_tokens_with_masks", "blocks", "norm", "head")):
-        return "dinov2"
-    return None
+    def rest_text(self) -> str:
+        """What runs after it ("blocks 2-3 + head")."""
+        return self.family.rest_text(self.backbone, self.k)
 
 
 def find_prefix(backbone: nn.Module, size: int | None = None,
-                eval_only: bool = False) -> tuple[ViTSplit | None, str]:
-    """The largest frozen block prefix of a ViT (from requires_grad flags) that computes the same in train
-    and eval mode on `size`-px probe images (default: the patch embedding's size), or (None, why not).
+                eval_only: bool = False) -> tuple[PrefixSplit | None, str]:
+    """The largest frozen unit prefix of a backbone family (from requires_grad flags) that computes the
+    same in train and eval mode on `size`-px probe images (default: the patch embedding's size), or (None, why not).
     With `eval_only` (features for scoring only, never for training) train mode may compute differently
     (dropout, drop-path), as long as a train-mode forward leaves the prefix's state alone: the features
     then stay valid while the model trains.
 
     A partly frozen block k runs in the suffix with its frozen tensors: still exact, just less cached."""
-    kind = vit_kind(backbone)
-    if kind is None:
-        return None, f"{type(backbone).__name__} is not a ViT"
-    split = ViTSplit(backbone, kind, 0)
+    family = family_of(backbone)
+    if family is None:
+        return None, (f"{type(backbone).__name__} is not a ViT nor a SwinV2 (the backbone families soup can "
+                      "cut: soup/models/families.py)")
+    split = PrefixSplit(backbone, family, 0)
     pre = [p for p in split.prefix_state() if isinstance(p, nn.Parameter)]
     if any(p.requires_grad for p in pre):
         return None, "the patch embedding trains"
@@ -160,7 +142,7 @@ def _embed_size(backbone: nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def prefix_fingerprint(split: ViTSplit) -> str:
+def prefix_fingerprint(split: PrefixSplit) -> str:
     digest = hashlib.sha256(f"{split.kind}:{split.k}".encode())
     for name, tensor in zip(split.prefix_names(), split.prefix_state()):
         t = tensor.detach().cpu().contiguous()
@@ -175,8 +157,8 @@ def prefix_fingerprint(split: ViTSplit) -> str:
 TOKEN_DTYPE = torch.float32
 
 
-def split_matches(split: ViTSplit, images: torch.Tensor) -> bool:
-    """suffix(prefix(x)) == backbone(x) in fp32: guards against a ViT variant whose forward does more
+def split_matches(split: PrefixSplit, images: torch.Tensor) -> bool:
+    """suffix(prefix(x)) == backbone(x) in fp32: guards against a variant whose forward does more
     than the split knows (then the cache is not used)."""
     with torch.no_grad(), mode([split.backbone], False), torch.autocast(images.device.type, enabled=False):
         full = split.backbone(images)
@@ -228,7 +210,7 @@ def feature_config(backbone: str, kwargs: dict) -> dict:
     return {"backbone": backbone, "kwargs": kwargs}
 
 
-def prefix_features(split: ViTSplit, folder: Dataset, transform: tuple, device: torch.device,
+def prefix_features(split: PrefixSplit, folder: Dataset, transform: tuple, device: torch.device,
                     batch_size: int, num_workers: int = 0, dkey: str | None = None,
                     rows: list[int] | None = None, config: dict | None = None,
                     view: str | None = None) -> PrefixFeatures | None:
@@ -317,7 +299,7 @@ def _all_tokens(run, n: int, batch_size: int, device: torch.device, key: str,
 class SuffixModel(nn.Module):
     """tokens -> logits through the trainable part only; shares its modules with the full model."""
 
-    def __init__(self, model: nn.Module, split: ViTSplit):
+    def __init__(self, model: nn.Module, split: PrefixSplit):
         super().__init__()
         self.split, self.head = split, model.head
 

@@ -80,7 +80,7 @@ class CachedScorer:
                 self.split, self.features = split, features
                 self.suffix = SuffixModel(model, split)
                 self.reference = [t.detach().clone() for t in split.prefix_state()]
-        self.description = (f"prefix cache: {split.k} blocks" if self.features is not None
+        self.description = (f"prefix cache: {split.cached_text()}" if self.features is not None
                             else "decoded-image cache")
 
     def prefix_unchanged(self) -> bool:

@@ -26,6 +26,7 @@ from soup.judge.report import add_statistics
 from soup.judge.staging import recover, replace_folder
 from soup.models.backbones import is_network_error, model_from_checkpoint
 from soup.models.checkpoint import Checkpoint, fp32_state
+from soup.models.families import HubDinoV2
 from soup.recipe.checks import parse_backbone
 from soup.recipe.spec import DataConfig, Recipe, recipe_from_dict
 from soup.score import stats
@@ -48,14 +49,10 @@ TOLERANCE = 1e-4  # on logits, relative to their largest magnitude: float reorde
 REPO_PART = r"(?=[A-Za-z0-9_])[A-Za-z0-9_.-]{1,96}(?<=[A-Za-z0-9_])"
 REPO_ID = re.compile(f"{REPO_PART}/{REPO_PART}", re.ASCII)
 
-# facebookresearch/dinov2 torch.hub entry points and the timm architectures holding the same network.
-HUB_ARCHITECTURES = {
-    f"dinov2_vit{size}14{reg}": f"vit_{name}_patch14{'_reg4' if reg else ''}_dinov2"
-    for size, name in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")) for reg in ("", "_reg")
-}
-# Hub entry kwargs that configure DinoV2's own class and mean nothing to timm's (they never reach config.json).
-HUB_ONLY_KWARGS = {"pretrained", "weights", "block_chunks", "interpolate_antialias", "interpolate_offset",
-                   "init_values", "ffn_layer", "num_register_tokens", "patch_size"}
+# The family table (soup.models.families): hub entry points -> timm architectures, and the hub entry kwargs that
+# configure DinoV2's own class and mean nothing to timm's (they never reach config.json).
+HUB_ARCHITECTURES = HubDinoV2.exports
+HUB_ONLY_KWARGS = HubDinoV2.hub_only_kwargs
 
 
 @dataclass

@@ -17,7 +17,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from soup.errors import SoupError
 from soup.recipe import search
@@ -205,14 +205,55 @@ def recipe_from_dict(raw: dict, overrides: list[tuple[str, Any]] = ()) -> Recipe
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | list[tuple[str, Any]] = ()) -> Recipe:
+# The data keys a recipe may leave to its model: (backbone, model.kwargs) -> ({key: value}, where from).
+MODEL_DATA_KEYS = ("image_size", "mean", "std")
+ModelData = Callable[[str, dict], tuple[dict, str]]
+
+
+def load_recipe(path: str | Path, overrides: list[str] | list[tuple[str, Any]] = (),
+                model_data: ModelData | None = None) -> Recipe:
+    return read_recipe(path, overrides, model_data)[0]
+
+
+def read_recipe(path: str | Path, overrides: list[str] | list[tuple[str, Any]] = (),
+                model_data: ModelData | None = None) -> tuple[Recipe, str]:
+    """(the recipe, a line saying which data keys it took from its model, or ""). With `model_data`,
+    data.image_size, mean and std that neither the file nor an override sets are the model's own, where
+    it starts from pretrained weights (model.pretrained or model.weights)."""
     path = Path(path)
     raw = read_recipe_file(path)
+    raw = raw if raw is not None else {}
     parsed = [parse_override(o) if isinstance(o, str) else o for o in overrides]
     try:
-        return recipe_from_dict(raw if raw is not None else {}, parsed)
+        raw, said = _model_data(raw, parsed, model_data) if model_data is not None else (raw, "")
+        return recipe_from_dict(raw, parsed), said
     except SoupError as err:
         raise SoupError(f"recipe {path}: {err}") from None
+
+
+def _model_data(raw: dict, overrides: list[tuple[str, Any]], model_data: ModelData) -> tuple[dict, str]:
+    """`raw` with the data keys it leaves out set to the model's values, and the line saying so. A recipe
+    too broken to tell is returned as it is: recipe_from_dict names what is wrong."""
+    tree = copy.deepcopy(raw)
+    for key, value in overrides:
+        set_path(tree, key, value)
+    data, model = tree.get("data"), tree.get("model")
+    if not isinstance(data, dict) or not isinstance(model, dict) or not isinstance(model.get("backbone"), str):
+        return raw, ""
+    missing = [key for key in MODEL_DATA_KEYS if key not in data]
+    # The values belong to the pretrained weights: a model initialised at random has none of its own.
+    if not missing or (model.get("pretrained", True) is not True and not model.get("weights")):
+        return raw, ""
+    values, source = model_data(model["backbone"], model.get("kwargs") or {})
+    taken = {key: values[key] for key in missing if key in values}
+    if not taken:
+        return raw, ""
+    filled = copy.deepcopy(raw)
+    if not isinstance(filled.get("data", {}), dict):
+        return raw, ""
+    filled["data"] = {**filled.get("data", {}), **taken}
+    shown = ", ".join(f"{key} {value}" for key, value in taken.items())
+    return filled, f"data: {shown} from {source} (the recipe leaves {'them' if len(taken) > 1 else 'it'} out)"
 
 
 @dataclass

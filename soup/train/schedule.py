@@ -11,11 +11,13 @@ Interface (the training loop's side; each piece is independent of the loop's sha
     (step + 1) / (W x steps_per_epoch) until that reaches 1, so the first step already moves.
   With layer decay every group keeps its own scale: the factor multiplies each group's lr (min_lr too).
 - `param_groups(model, train)`: the optimizer's parameter groups over the parameters that train (frozen
-  ones are left out). One group at `train.lr`; with `train.layer_decay` d, one group per layer of a ViT
-  with "lr" = train.lr x "lr_scale": block i (0-based) of `depth` at d^(depth - i), the patch/position
-  embeddings and everything else before the blocks at d^(depth + 1), the final norm and the head at 1.
-  The blocks are the backbone's one module named `blocks` (timm VisionTransformer, torch.hub DinoV2,
-  whose chunked layout is flattened; a wrapper around either is fine); any other backbone is a SoupError.
+  ones are left out). One group at `train.lr`; with `train.layer_decay` d, one group per layer with
+  "lr" = train.lr x "lr_scale": layer i (0-based) of `depth` at d^(depth - i), the patch/position
+  embeddings and everything else before the layers at d^(depth + 1), the final norm and the head at 1.
+  The layers are what the backbone's family (soup.models.families) says: a ViT's blocks (timm, torch.hub
+  DinoV2 with its chunks flattened, any one stack named `blocks`; a wrapper around one is fine), a
+  SwinV2's blocks with each stage's patch merging joined to its first block (timm's group_matcher);
+  any other backbone is a SoupError.
 - `EMA(model, decay)`: `update()` after each optimizer step; `swapped()` puts the averaged weights into
   the model for evaluation or saving and restores the trained ones after; `state_dict()` /
   `load_state_dict()` for resume.
@@ -32,6 +34,7 @@ from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from soup.errors import SoupError
+from soup.models.families import Blocks, Family, find_family
 from soup.recipe.spec import TrainConfig
 
 
@@ -58,38 +61,44 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig,
 
 # ------------------------------------------------------------------------------ layer-wise lr decay
 
+def _family(backbone: nn.Module) -> tuple[Family, nn.Module]:
+    found = find_family(backbone)
+    if found is None:
+        raise SoupError(f"train.layer_decay: the backbone ({type(backbone).__name__}) has "
+                        f"{len(Blocks.stacks(backbone))} stacks of blocks, not one, and no family soup knows "
+                        "(timm ViT, DinoV2, SwinV2: soup/models/families.py); set train.layer_decay: null for this "
+                        "backbone")
+    return found
+
+
+def layers_of(backbone: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+    """(name, parameters) of each layer between the stem and the head, as the backbone's family
+    (soup.models.families) groups them; a SoupError for a backbone no family describes."""
+    family, module = _family(backbone)
+    return family.layers(module)
+
+
 def vit_blocks(backbone: nn.Module) -> list[nn.Module]:
-    """The transformer blocks in order: the one ModuleList/Sequential named `blocks` below the backbone,
-    DinoV2's chunks (ModuleLists padded with Identity) flattened."""
-    found = [m for name, m in backbone.named_modules()
-             if name.rsplit(".", 1)[-1] == "blocks" and isinstance(m, (nn.ModuleList, nn.Sequential))]
-    if len(found) != 1:
-        raise SoupError(f"train.layer_decay: the backbone ({type(backbone).__name__}) has {len(found)} stacks of "
-                        "blocks, not one; layer-wise lr decay covers ViTs (timm VisionTransformer, DinoV2); set "
-                        "train.layer_decay: null for this backbone")
-    flat = []
-    for block in found[0]:
-        if isinstance(block, nn.ModuleList):
-            flat += [b for b in block if not isinstance(b, nn.Identity)]
-        else:
-            flat.append(block)
-    return flat
+    """The blocks in order of a backbone a family describes (DinoV2's chunks flattened)."""
+    family, module = _family(backbone)
+    return family.units(module)
 
 
-def layer_ids(model: nn.Module) -> tuple[dict[int, int], int]:
-    """({id(parameter): layer}, depth) for a `Classifier`: 0 before the blocks, i + 1 in block i, depth + 1
-    after them (final norm, pooling, and the classifier's head outside the backbone)."""
-    blocks = vit_blocks(model.backbone)
-    depth = len(blocks)
-    in_block = {id(p): i + 1 for i, block in enumerate(blocks) for p in block.parameters()}
+def layer_ids(model: nn.Module) -> tuple[dict[int, int], list[str]]:
+    """({id(parameter): layer}, names of the layers) for a `Classifier`: 0 before the family's layers,
+    i + 1 in layer i, depth + 1 after them (final norm, pooling, and the classifier's head outside the
+    backbone)."""
+    groups = layers_of(model.backbone)
+    depth = len(groups)
+    in_layer = {id(p): i + 1 for i, (_, params) in enumerate(groups) for p in params}
     layers, after = {}, False
     # Parameters come in registration order: a ViT registers its embeddings, then its blocks, then its norm.
     for p in model.backbone.parameters():
-        after = after or id(p) in in_block
-        layers[id(p)] = in_block.get(id(p), depth + 1 if after else 0)
+        after = after or id(p) in in_layer
+        layers[id(p)] = in_layer.get(id(p), depth + 1 if after else 0)
     for p in model.parameters():
         layers.setdefault(id(p), depth + 1)
-    return layers, depth
+    return layers, ["embed", *(name for name, _ in groups), "head"]
 
 
 def param_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
@@ -97,14 +106,14 @@ def param_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if train.layer_decay is None:
         return [{"params": trainable, "lr": train.lr, "lr_scale": 1.0, "name": "all"}]
-    layers, depth = layer_ids(model)
+    layers, names = layer_ids(model)
+    depth = len(names) - 2
     groups: dict[int, dict] = {}
     for p in trainable:
         layer = layers[id(p)]
         if layer not in groups:
             scale = train.layer_decay ** (depth + 1 - layer)
-            name = "embed" if layer == 0 else "head" if layer == depth + 1 else f"block{layer - 1}"
-            groups[layer] = {"params": [], "lr": train.lr * scale, "lr_scale": scale, "name": name}
+            groups[layer] = {"params": [], "lr": train.lr * scale, "lr_scale": scale, "name": names[layer]}
         groups[layer]["params"].append(p)
     return [groups[layer] for layer in sorted(groups)]
 
