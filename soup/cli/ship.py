@@ -1,4 +1,4 @@
-"""`soup submit` and `soup export`: parse and call soup.judge."""
+"""`soup submit` and `soup export`: parse and call soup.ship."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from soup.judge.export import export_checkpoint, push_folder
-from soup.judge.submit import check_submission_output, predict_submission, write_submission_pair
+from soup.ship.export import export_checkpoint, push_folder
+from soup.ship.submit import check_submission_output, predict_submission, write_submission_pair
 from soup.models.checkpoint import read_checkpoint
 from soup.models.views import parse_tta
 from soup.text import shown
