@@ -34,7 +34,8 @@ from soup.judge.evaluate import eval_rows, evaluate_rows
 from soup.judge.plot import draw
 from soup.judge.report import add_statistics, default_reference, print_eval_table
 from soup.ship.submit import predict_test, write_submission
-from soup.models.checkpoint import find_checkpoints, read_checkpoint, write_text_atomic
+from soup.models.checkpoint import find_checkpoints, read_checkpoint
+from soup.models.files import write_text_atomic
 from soup.recipe.spec import recipe_from_dict
 from soup.score.compare import describe_difference
 from soup.score.evaluator import Evaluator

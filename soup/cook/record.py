@@ -20,7 +20,8 @@ from pathlib import Path
 from rich.console import Console
 
 from soup.errors import SoupError
-from soup.models.checkpoint import Checkpoint, atomic_path
+from soup.models.checkpoint import Checkpoint
+from soup.models.files import atomic_path
 from soup.text import printable, shown
 from soup.train import logs
 

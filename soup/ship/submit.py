@@ -15,7 +15,8 @@ from soup.data.outputs import check_output, data_roots
 from soup.errors import SoupError
 from soup.judge.evaluate import ensemble_logits, tta_logits
 from soup.models.backbones import model_from_checkpoint
-from soup.models.checkpoint import Checkpoint, atomic_path, write_text_atomic
+from soup.models.checkpoint import Checkpoint
+from soup.models.files import atomic_path, write_text_atomic
 from soup.models.inference import finite_logits, make_loader, predict, resolve_device
 from soup.models.views import views_of
 from soup.recipe.spec import recipe_from_dict

@@ -25,7 +25,8 @@ from rich.console import Console
 
 from soup.errors import SoupError
 from soup.models import distributed
-from soup.models.checkpoint import INGREDIENT_FILE, STATE_FILE, read_checkpoint, write_text_atomic
+from soup.models.checkpoint import INGREDIENT_FILE, STATE_FILE, read_checkpoint
+from soup.models.files import write_text_atomic
 from soup.text import first_time
 from soup.train.state import open_lock_file
 

@@ -22,7 +22,8 @@ from typing import Callable
 
 from soup.errors import SoupError
 from soup.models import distributed
-from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, write_text_atomic
+from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint
+from soup.models.files import write_text_atomic
 from soup.recipe.spec import Ingredient, resumable
 from soup.text import shown
 

@@ -21,8 +21,8 @@ from rich.console import Console
 from torch import nn
 
 from soup.errors import Interrupted, SoupError
-from soup.models.checkpoint import (INGREDIENT_FILE, LOCK_FILE, STATE_FILE, TEMP_SUFFIX, atomic_path, read_checkpoint,
-                                   write_text_atomic)
+from soup.models.checkpoint import INGREDIENT_FILE, LOCK_FILE, STATE_FILE, read_checkpoint
+from soup.models.files import TEMP_SUFFIX, atomic_path, write_text_atomic
 from soup.recipe.spec import Ingredient, recipe_from_dict, resumable
 
 METRICS_FILE = "metrics.json"
