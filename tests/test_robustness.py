@@ -22,10 +22,11 @@ from soup.data.folders import load_rgb
 from soup.errors import SoupError
 from soup.models.checkpoint import read_checkpoint, save_checkpoint
 from soup.models.files import write_text_atomic
+from soup.models.runs import STATE_FILE
 from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.train.loop import train_ingredient
 from soup.train.sweep import train_recipe
-from soup.train.state import STATE_FILE, ingredient_lock
+from soup.train.state import ingredient_lock
 
 from conftest import state_close, tiny_recipe, tiny_vit_model
 

@@ -23,9 +23,6 @@ from soup.models.metadata import check_metadata
 
 FORMAT = "soup/1"
 METADATA_KEY = "soup"
-INGREDIENT_FILE = "model.safetensors"
-STATE_FILE = "state.pt"  # an unfinished ingredient's training state (soup.train.state)
-LOCK_FILE = ".lock"  # held while a process trains the ingredient
 
 
 def fp32_state(state_dict: dict) -> dict[str, torch.Tensor]:

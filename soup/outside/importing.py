@@ -26,7 +26,8 @@ from soup.data.folders import class_list
 from soup.data.outputs import check_output
 from soup.errors import SoupError
 from soup.models.backbones import KWARG_ERRORS, build_model, check_hub_trusted, fingerprint
-from soup.models.checkpoint import INGREDIENT_FILE, is_soup_checkpoint, save_checkpoint
+from soup.models.checkpoint import is_soup_checkpoint, save_checkpoint
+from soup.models.runs import INGREDIENT_FILE
 from soup.outside.checks import check_model_kwargs, checked_tensors
 from soup.outside.layouts import Fitted, fit, source_key, timm_classifier
 from soup.outside.offline import check_pretrained

@@ -34,14 +34,15 @@ from soup.errors import SoupError, interrupt_on_signals
 from soup.fast.build import build_pipeline
 from soup.models import distributed
 from soup.models.backbones import build_model, fingerprint, freeze_prefix, train_mode
-from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint
+from soup.models.checkpoint import read_checkpoint, save_checkpoint
 from soup.models.inference import resolve_device
 from soup.models.precision import choose_autocast, explicit_attention, unfused_attention_modules
+from soup.models.runs import INGREDIENT_FILE, STATE_FILE
 from soup.recipe.spec import Ingredient, Recipe, TrainConfig
 from soup.train import logs, prune, schedule
 from soup.train.probe import KIND as PROBE, load_probe, probe_file, probe_ingredient
-from soup.train.state import (STATE_FILE, ingredient_lock, is_finished, remove_stale_temps,
-                              resume_hint_on_interrupt, resume_state, save_state, seed_everything, write_metrics)
+from soup.train.state import (ingredient_lock, is_finished, remove_stale_temps, resume_hint_on_interrupt, resume_state,
+                              save_state, seed_everything, write_metrics)
 
 CHECK_EVERY = 200  # steps between reads of the losses (NaN check, progress); each read waits for the device
 DIVERGED = re.compile(r"overflow|\bnan\b|\binf\b|non-finite", re.IGNORECASE)  # a step failing on its numbers

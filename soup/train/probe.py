@@ -23,7 +23,8 @@ from torch import nn
 
 from soup.errors import SoupError
 from soup.models.backbones import fingerprint
-from soup.models.checkpoint import INGREDIENT_FILE, Checkpoint, read_checkpoint
+from soup.models.checkpoint import Checkpoint, read_checkpoint
+from soup.models.runs import INGREDIENT_FILE
 from soup.recipe.spec import Ingredient, Recipe, TrainConfig, resumable
 
 KIND = "probe"

@@ -12,7 +12,8 @@ from soup.data.folders import class_list
 from soup.errors import SoupError
 from soup.models import distributed
 from soup.models.inference import resolve_device
-from soup.models.checkpoint import INGREDIENT_FILE, STATE_FILE, find_checkpoints, read_checkpoint
+from soup.models.checkpoint import find_checkpoints, read_checkpoint
+from soup.models.runs import INGREDIENT_FILE, STATE_FILE
 from soup.recipe.spec import Ingredient, Recipe, expand_sweep, finished_wanted
 from soup.train import logs
 from soup.train.loop import train_ingredient
