@@ -36,6 +36,7 @@ from soup.judge.report import add_statistics, default_reference, print_eval_tabl
 from soup.ship.submit import predict_test, write_submission
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
 from soup.models.files import write_text_atomic
+from soup.models.runs import OUT_DIR, default_soup_file
 from soup.recipe.spec import recipe_from_dict
 from soup.score.compare import describe_difference
 from soup.score.evaluator import Evaluator
@@ -101,7 +102,7 @@ def _run_demo(out: Path, console: Console, small: bool) -> dict:
         generate_sketches(pretrain_root, CLASSES, size.pretrain_per_class, 5, 0, seed=1)
         generate_sketches(target_root, CLASSES, size.train_per_class, size.val_per_class, 40, seed=2,
                           distorted=True)
-    ckpts = out / "checkpoints"
+    ckpts = out / OUT_DIR
     pretrain = recipe_from_dict(_recipe("pretrain", pretrain_root, size.pretrain_epochs))
     [(_, start)] = train_recipe(pretrain, ckpts, console=console, resume=True)
 
@@ -113,11 +114,11 @@ def _run_demo(out: Path, console: Console, small: bool) -> dict:
 
     console.rule("3. soups, selected on the held-out slice of train")
     # A rerun cooks its soups again (overwrite: they are the demo's own outputs, never an ingredient).
-    soups = {method: cook(method, ingredients, ckpts / "soups" / f"{method}.safetensors", "holdout",
+    soups = {method: cook(method, ingredients, default_soup_file(method, ckpts), "holdout",
                           console=console, overwrite=True) for method in METHODS if method != "interpolate"}
     # WiSE-FT from the starting weights (with the trained head) to the greedy soup, alpha chosen on holdout.
     soups["interpolate"] = cook("interpolate", [read_checkpoint(soups["greedy"])],
-                                ckpts / "soups" / "interpolate.safetensors", "holdout", console=console,
+                                default_soup_file("interpolate", ckpts), "holdout", console=console,
                                 options={"alpha": "0:1:0.25"}, overwrite=True)
 
     console.rule("4. ingredients vs soups")

@@ -28,13 +28,13 @@ RUNGS_DIR = "rungs"
 SOUPS_DIR = "soups"
 
 
-def run_dir(out: str | Path, recipe_name: str, ingredient_id: str) -> Path:
+def ingredient_dir(out: str | Path, recipe_name: str, ingredient_id: str) -> Path:
     """The ingredient folder of draw `ingredient_id` of recipe `recipe_name` under `out`."""
     return Path(out) / recipe_name / ingredient_id
 
 
 def ingredient_file(out: str | Path, recipe_name: str, ingredient_id: str) -> Path:
-    return run_dir(out, recipe_name, ingredient_id) / INGREDIENT_FILE
+    return ingredient_dir(out, recipe_name, ingredient_id) / INGREDIENT_FILE
 
 
 def rung_folder(recipe_dir: Path, epoch: int) -> Path:
