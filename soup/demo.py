@@ -131,8 +131,9 @@ def _run_demo(out: Path, console: Console, small: bool) -> dict:
         print_eval_table(tables[split], split, console, title=f"accuracy {title}")
     _verdict(tables["val"], console)
     picture = _plot(tables["val"], read_checkpoint(soups["greedy"]), out / "soups.png", console)
-    ids, categories = predict_test(read_checkpoint(soups["greedy"]))
-    submission = write_submission(out / "submission.csv", ids, categories)
+    greedy = read_checkpoint(soups["greedy"])
+    ids, categories = predict_test(greedy)
+    submission = write_submission(out / "submission.csv", ids, categories, greedy.classes)
     console.print(f"wrote {submission}: {len(ids)} predictions from the greedy soup")
 
     console.rule("5. soups need a shared start")
