@@ -39,8 +39,10 @@ from soup.errors import SoupError
 from soup.judge.evaluate import eval_rows, evaluate_rows
 from soup.judge.plot import draw
 from soup.judge.report import add_statistics, default_reference, print_eval_table, top1_interval
-from soup.judge.submit import predict_test, write_submission
-from soup.models.checkpoint import find_checkpoints, read_checkpoint, write_text_atomic
+from soup.ship.submit import predict_test, write_submission
+from soup.models.checkpoint import find_checkpoints, read_checkpoint
+from soup.models.files import write_text_atomic
+from soup.models.runs import OUT_DIR, default_soup_file
 from soup.recipe.spec import recipe_from_dict
 from soup.score.compare import describe_difference, p_value
 from soup.score.evaluator import Evaluator
@@ -106,7 +108,7 @@ def _run_demo(out: Path, console: Console, small: bool) -> dict:
         generate_sketches(pretrain_root, CLASSES, size.pretrain_per_class, 5, 0, seed=1)
         generate_sketches(target_root, CLASSES, size.train_per_class, size.val_per_class, 40, seed=2,
                           distorted=True)
-    ckpts = out / "checkpoints"
+    ckpts = out / OUT_DIR
     pretrain = recipe_from_dict(_recipe("pretrain", pretrain_root, size.pretrain_epochs))
     [(_, start)] = train_recipe(pretrain, ckpts, console=console, resume=True)
 
@@ -122,12 +124,12 @@ def _run_demo(out: Path, console: Console, small: bool) -> dict:
     # `soup cook`'s own lines for the greedy soup; the others in one table after it.
     quiet = Console(quiet=True)
     with console.status("cooking the other soups"):
-        soups = {method: cook(method, ingredients, ckpts / "soups" / f"{method}.safetensors", "holdout",
+        soups = {method: cook(method, ingredients, default_soup_file(method, ckpts), "holdout",
                               console=console if method == "greedy" else quiet, overwrite=True)
                  for method in candidate_methods()}
         # WiSE-FT from the starting weights (with the trained head) to the greedy soup, alpha chosen on holdout.
         soups["interpolate"] = cook("interpolate", [read_checkpoint(soups["greedy"])],
-                                    ckpts / "soups" / "interpolate.safetensors", "holdout", console=quiet,
+                                    default_soup_file("interpolate", ckpts), "holdout", console=quiet,
                                     options={"alpha": "0:1:0.25"}, overwrite=True)
     _soup_table(soups, console)
 
@@ -141,8 +143,9 @@ def _run_demo(out: Path, console: Console, small: bool) -> dict:
     # honest table is val's (`soup eval --split holdout` prints the other, and the demo returns it).
     print_eval_table(tables["val"], "val", console, title="accuracy on val: never used for training or selection")
     picture = _plot(tables["val"], read_checkpoint(soups["greedy"]), out / "soups.png", console)
-    ids, categories = predict_test(read_checkpoint(soups["greedy"]))
-    submission = write_submission(out / "submission.csv", ids, categories)
+    greedy = read_checkpoint(soups["greedy"])
+    ids, categories = predict_test(greedy)
+    submission = write_submission(out / "submission.csv", ids, categories, greedy.classes)
 
     console.rule("5. soups need a shared start")
     stranger_recipe = _recipe("stranger", target_root, size.epochs, init_seed=7)

@@ -26,10 +26,12 @@ import soup.train.state
 import soup.train.loop
 from soup.cli import cli
 from soup.errors import SoupError
-from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint, write_text_atomic
+from soup.models.checkpoint import read_checkpoint, save_checkpoint
+from soup.models.files import write_text_atomic
+from soup.models.runs import INGREDIENT_FILE, METRICS_FILE, STATE_FILE
 from soup.recipe.spec import expand_sweep, load_recipe, recipe_from_dict
 from soup.train.loop import train_ingredient
-from soup.train.state import METRICS_FILE, METRICS_KEYS, STATE_FILE, ingredient_lock, save_state
+from soup.train.state import METRICS_KEYS, ingredient_lock, save_state
 
 from conftest import run_files, tiny_recipe
 

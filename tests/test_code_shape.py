@@ -21,12 +21,12 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 # The console script installs its signal handlers before it imports the CLI (and with it torch).
 LAZY_IMPORTS_ALLOWED = {"soup.__main__"}
-# The stages, in the order data flows through them: recipe -> train -> checkpoint -> cook -> eval/submit.
+# The stages, in the order data flows through them: recipe -> train -> checkpoint -> cook -> eval -> submit/export.
 # A stage imports only from the stages before it, never from one after it. soup.errors and soup.text (how
 # errors and outside names are printed) are below them all;
 # the entry points (soup.cli and its command modules, soup.demo, soup.__main__, the package itself) sit above
 # them all.
-STAGES = ["recipe", "models", "data", "fast", "train", "outside", "score", "cook", "judge"]
+STAGES = ["recipe", "models", "data", "fast", "train", "outside", "score", "cook", "judge", "ship"]
 BELOW_STAGES = {"soup.errors", "soup.text"}
 ABOVE_STAGES = {"soup", "soup.cli", "soup.demo", "soup.__main__"}
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-import soup.judge.export as export_module
+import soup.ship.export as export_module
 from soup.cli import cli
 from soup.data.folders import load_split
 from soup.models.backbones import model_from_checkpoint, trusting_hubs

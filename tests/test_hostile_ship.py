@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import soup.judge.export as export_module
+import soup.ship.export as export_module
 from soup.cli import cli
 from soup.errors import SoupError
 from soup.models.checkpoint import read_checkpoint, rewrite_metadata
@@ -47,7 +47,7 @@ def export_files(folder: Path) -> dict:
 
 KILLED_EXPORT = """
 import os, signal, sys
-import soup.judge.export as export
+import soup.ship.export as export
 point, exchange = sys.argv[1], sys.argv[2]
 def kill(*args):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -55,7 +55,7 @@ if point == "writing config.json":  # no hook: the weights are written, the conf
     writers = export._writers
     export._writers = lambda e: {**writers(e), "config.json": kill}
 else:
-    import soup.judge.staging as staging
+    import soup.ship.staging as staging
     staging._reached = lambda where: kill() if where == point else None
     if exchange == "no-exchange":
         staging._exchange = lambda a, b: False
@@ -201,7 +201,7 @@ class Killed(BaseException):
 
 def kill_at_the_csv(monkeypatch, args):
     """`soup ARGS` stopped where the provenance is written and the CSV not yet."""
-    import soup.judge.submit as submit_module
+    import soup.ship.submit as submit_module
 
     def killed(path, data):
         raise Killed

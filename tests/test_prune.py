@@ -23,7 +23,7 @@ from soup.cli import cli
 from soup.models.checkpoint import read_checkpoint
 from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.train import logs
-from soup.train.prune import rung_file
+from soup.models.runs import rung_file
 
 from conftest import one_error_line, plain_top1, run_study, state_close, tiny_recipe
 

@@ -15,15 +15,18 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import soup.models.checkpoint
+import soup.models.files
 from soup.cli import cli
 from soup.cook.cooking import cook
 from soup.data.folders import load_rgb
 from soup.errors import SoupError
-from soup.models.checkpoint import read_checkpoint, save_checkpoint, write_text_atomic
+from soup.models.checkpoint import read_checkpoint, save_checkpoint
+from soup.models.files import write_text_atomic
+from soup.models.runs import STATE_FILE
 from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.train.loop import train_ingredient
 from soup.train.sweep import train_recipe
-from soup.train.state import STATE_FILE, ingredient_lock
+from soup.train.state import ingredient_lock
 
 from conftest import state_close, tiny_recipe, tiny_vit_model
 
@@ -120,7 +123,7 @@ def test_read_only_folder_is_one_clear_error(tmp_path, monkeypatch):
     if os.access(folder, os.W_OK):  # root ignores permission bits: make the kernel's answer explicit
         def read_only(*args, **kwargs):
             raise PermissionError(errno.EACCES, "Permission denied")
-        monkeypatch.setattr(soup.models.checkpoint.tempfile, "mkstemp", read_only)
+        monkeypatch.setattr(soup.models.files.tempfile, "mkstemp", read_only)
     try:
         with pytest.raises(SoupError, match="cannot write .*submission.csv: Permission denied"):
             write_text_atomic(folder / "submission.csv", "new\n")

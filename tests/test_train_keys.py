@@ -17,11 +17,12 @@ from soup.data.pipeline import Pipeline
 from soup.errors import SoupError
 from soup.models.backbones import build_model, fingerprint
 from soup.models.checkpoint import find_checkpoints, read_checkpoint, rewrite_metadata
+from soup.models.runs import STATE_FILE
 from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.train import schedule
 from soup.train.loop import set_up, train_ingredient
 from soup.train.sweep import train_recipe
-from soup.train.state import STATE_FILE, resume_state, save_state
+from soup.train.state import resume_state, save_state
 
 from conftest import tiny_recipe, tiny_vit_model
 

@@ -12,6 +12,7 @@ from soup.errors import SoupError, interrupt_on_signals, one_line
 from soup.models.backbones import trusting_hubs
 from soup.models.distributed import RankError, is_main
 from soup.models.checkpoint import find_checkpoints
+from soup.models.runs import OUT_DIR
 from soup.text import one_notice_each, shown
 
 console = Console(highlight=False)
@@ -77,7 +78,7 @@ def warn(message: str) -> None:
 
 def named_or_default(paths, kinds: set[str] | None = None):
     """The checkpoints named, or by default those under checkpoints/ (of `kinds` only, if given)."""
-    checkpoints = find_checkpoints(list(paths) or ["checkpoints"], kinds=None if paths else kinds, warn=warn)
+    checkpoints = find_checkpoints(list(paths) or [OUT_DIR], kinds=None if paths else kinds, warn=warn)
     if not checkpoints:
         raise SoupError("no checkpoints found; train with `soup train RECIPE` or name checkpoint files")
     return checkpoints

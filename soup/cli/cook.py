@@ -19,6 +19,7 @@ from soup.errors import SoupError
 from soup.judge.plot import plot_checkpoints
 from soup.judge.verdict import BestVerdict
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
+from soup.models.runs import OUT_DIR, default_soup_file
 from soup.cli import base
 from soup.cli.base import cli, read_more, trust_hub_option, warn
 
@@ -123,14 +124,14 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
             raise SoupError(f"--bn-images {bn_images} and {flag} contradict each other: {flag} measures no BatchNorm "
                             "statistics, on any number of images; drop one of them")
     bn_images = None if no_bn_reset else check_images(bn_images)
-    found = find_checkpoints(list(paths) or ["checkpoints"], kinds={"ingredient"} if not paths else None, warn=warn)
-    _report_sweeps(found, list(paths) or [Path("checkpoints")])
+    found = find_checkpoints(list(paths) or [OUT_DIR], kinds={"ingredient"} if not paths else None, warn=warn)
+    _report_sweeps(found, list(paths) or [Path(OUT_DIR)])
     given = {name for name in ("method", *method_options) if source(name) is not click.core.ParameterSource.DEFAULT}
     options = {name: value for name, value in method_options.items() if name in given}
     if best:
         check_best_request("method" in given, options)
         method = "best"
-    output = output or Path("checkpoints") / "soups" / f"{method}.safetensors"
+    output = output or default_soup_file(method)
     png = (output.parent / plot_path if plot_path == "soups.png" else Path(plot_path)) if plot_path else None
     if png:  # a picture is redrawn freely, but never over a checkpoint: checked before cooking
         check_output(png, list(paths), overwrite=True, what="picture", roots=data_roots(found, data_root))

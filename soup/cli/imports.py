@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from soup.models.runs import OUT_DIR
 from soup.outside.importing import import_checkpoints
 from soup.outside.settings import parse_given
 from soup.text import shown
@@ -27,7 +28,7 @@ from soup.cli.base import cli, read_more, trust_hub_option
 @click.option("--ema", is_flag=True, help="Take the EMA weights (timm's state_dict_ema) instead of the trained ones.")
 @click.option("--strip-prefix", default=None, metavar="P",
               help="Strip this prefix from every tensor name (default: found, e.g. a Lightning module's `model.`).")
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("checkpoints"),
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path(OUT_DIR),
               show_default=True, help="Folder the ingredients go under, as OUT/NAME/NN-SOURCE/model.safetensors.")
 @click.option("--name", default="imported", show_default=True, help="The ingredients' recipe name (a folder).")
 @trust_hub_option

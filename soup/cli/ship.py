@@ -1,4 +1,4 @@
-"""`soup submit` and `soup export`: parse and call soup.judge."""
+"""`soup submit` and `soup export`: parse and call soup.ship."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from soup.judge.export import export_checkpoint, push_folder
-from soup.judge.submit import check_submission_output, predict_submission, write_submission_pair
+from soup.ship.export import export_checkpoint, push_folder
+from soup.ship.submit import (DEFAULT_FORMAT, FORMATS, check_submission_output, predict_submission,
+                              submission_writer, write_submission_pair)
 from soup.models.checkpoint import read_checkpoint
 from soup.models.views import parse_tta
 from soup.text import shown
@@ -25,16 +26,19 @@ from soup.cli.base import TTA_OPTION, cli, read_more, trust_hub_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing submission (never a checkpoint).")
 @click.option("--ensemble", is_flag=True, help="Average several checkpoints (architectures may differ, classes "
               "may not); the members are listed in <output>.json.")
+@click.option("--format", "fmt", metavar="NAME", default=DEFAULT_FORMAT, show_default=True,
+              help=f"Submission format: {', '.join(FORMATS)} (see docs/shipping.md).")
 @TTA_OPTION
-def submit(checkpoint_paths, data_root, output, overwrite, ensemble, tta):
-    """Write Id,Category predictions for the test images."""
+def submit(checkpoint_paths, data_root, output, overwrite, ensemble, tta, fmt):
+    """Write Id,Category predictions for the test images (or another --format)."""
+    submission_writer(fmt)  # an unknown format stops the command before any work
     tta = parse_tta(tta)
     checkpoints = [read_checkpoint(p) for p in checkpoint_paths]
     found = check_submission_output(output, checkpoints, overwrite, data_root)
     if found:
         base.console.print(f"note: {shown(found)}; both are written again")
     ids, categories, provenance = predict_submission(checkpoints, data_root, ensemble, tta)
-    sidecar = write_submission_pair(output, ids, categories, provenance)
+    sidecar = write_submission_pair(output, ids, categories, provenance, checkpoints[0].classes, fmt)
     what = f"the ensemble ({provenance['combined']}) of {len(checkpoints)} checkpoints" if ensemble else "1 checkpoint"
     base.console.print(f"wrote {shown(output)}: {len(ids)} predictions from {what}; provenance in {shown(sidecar)}")
 

@@ -11,6 +11,7 @@ from soup.judge.study import below_start, print_below_start
 from soup.models.checkpoint import find_checkpoints
 from soup.models.distributed import is_main
 from soup.models.families import data_defaults
+from soup.models.runs import OUT_DIR
 from soup.recipe.spec import read_recipe
 from soup.text import printable
 from soup.train.sweep import select_ingredients, train_recipe
@@ -22,7 +23,7 @@ from soup.cli.base import cli, read_more, warn
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set train.epochs=2 (repeatable).")
-@click.option("--out", default="checkpoints", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default=OUT_DIR, show_default=True, type=click.Path(file_okay=False),
               help="Folder for run output: <out>/<name>/<ingredient-id>/.")
 @click.option("--ingredient", type=int, default=None, metavar="K",
               help="Train only the K-th sweep combination (for schedulers running them in parallel).")

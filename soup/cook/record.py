@@ -20,13 +20,13 @@ from pathlib import Path
 from rich.console import Console
 
 from soup.errors import SoupError
-from soup.models.checkpoint import Checkpoint, atomic_path
+from soup.models.checkpoint import Checkpoint
+from soup.models.files import atomic_path
+from soup.models.runs import SOUPS_EVENTS, SOUPS_FILE
 from soup.models.records import Record
 from soup.text import printable, shown
 from soup.train import logs
 
-SOUPS_FILE = "soups.csv"
-SOUPS_EVENTS = "soups"  # the event files' folder in the recipe folder: a run of its own in TensorBoard
 COLUMNS = ("time", "method", "soup", "members", "weights", "split", "selection_top1", "selection_nll", "steps")
 
 

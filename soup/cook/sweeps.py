@@ -7,13 +7,13 @@ whole sweep (`sweep_ids`), so one finished ingredient is enough to know what the
 
 from __future__ import annotations
 
-import fcntl
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
-from soup.models.checkpoint import INGREDIENT_FILE, LOCK_FILE, STATE_FILE, Checkpoint
+from soup.models.checkpoint import Checkpoint
+from soup.models.runs import INGREDIENT_FILE, LOCK_FILE, STATE_FILE, lock_held
 from soup.text import shown
 
 
@@ -33,20 +33,6 @@ class SweepStatus:
     @property
     def complete(self) -> bool:
         return not (self.missing or self.running or self.unfinished)
-
-
-def _lock_held(run_dir: Path) -> bool:
-    """Whether a `soup train` process holds this ingredient's lock now (it keeps it while training)."""
-    try:
-        with open(run_dir / LOCK_FILE) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                return True
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            return False
-    except OSError:
-        return False
 
 
 def sweep_status(ingredients: list[Checkpoint], folders: list[Path]) -> list[SweepStatus]:
@@ -74,7 +60,7 @@ def sweep_status(ingredients: list[Checkpoint], folders: list[Path]) -> list[Swe
         if (run_dir / INGREDIENT_FILE).exists():
             continue
         item, ingredient_id = status(run_dir.parent.name), run_dir.name
-        if _lock_held(run_dir):
+        if lock_held(run_dir):
             item.running.append(ingredient_id)
         elif (run_dir / STATE_FILE).exists():
             item.unfinished.append(ingredient_id)

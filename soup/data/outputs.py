@@ -10,8 +10,8 @@ from pathlib import Path
 
 from soup.data.folders import IMAGE_SUFFIXES, SPLIT_FOLDERS, TEST_FOLDER
 from soup.errors import SoupError
-from soup.models.checkpoint import (INGREDIENT_FILE, LOCK_FILE, STATE_FILE, Checkpoint, is_soup_checkpoint,
-                                   read_checkpoint)
+from soup.models.checkpoint import Checkpoint, is_soup_checkpoint, read_checkpoint
+from soup.models.runs import INGREDIENT_FILE, LOCK_FILE, STATE_FILE
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 PICTURE_SUFFIX = ".png"  # what soup plot writes, and so may redraw

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from soup.models.checkpoint import atomic_path
+from soup.models.files import atomic_path
 
 CACHE_VERSION = 1
 MAGIC = b"SOUPCACHE1\n"
@@ -51,7 +51,7 @@ class CacheUnavailable(Exception):
 
 
 EDGE_BYTES = 64 << 10  # content check: this much from each end of an image file
-TEMP_PATTERNS = (".decoded-*.tmp", ".prefix-*.tmp")  # soup.models.checkpoint.atomic_path's names for the stores
+TEMP_PATTERNS = (".decoded-*.tmp", ".prefix-*.tmp")  # soup.models.files.atomic_path's names for the stores
 TEMP_GRACE_S = 60.0  # a temporary file younger than this may not be locked by its writer yet
 
 

@@ -21,7 +21,8 @@ from soup.judge import plot
 from soup.judge.evaluate import evaluate_rows
 from soup.judge.report import (SOUPLESS, add_per_class, add_statistics, default_reference, eval_cells,
                                top1_interval)
-from soup.models.checkpoint import Checkpoint, write_text_atomic
+from soup.models.checkpoint import Checkpoint
+from soup.models.files import write_text_atomic
 from soup.recipe.search import describe
 from soup.score import stats
 from soup.score.evaluator import Evaluator

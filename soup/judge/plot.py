@@ -10,7 +10,8 @@ from rich.console import Console
 
 from soup.errors import SoupError
 from soup.judge.evaluate import evaluate_rows
-from soup.models.checkpoint import Checkpoint, atomic_path
+from soup.models.checkpoint import Checkpoint
+from soup.models.files import atomic_path
 from soup.score.evaluator import Evaluator, Predictions
 from soup.score.stats import reliability
 from soup.text import legend, printable, short_names, shown

@@ -27,7 +27,8 @@ from soup.data.folders import class_list
 from soup.data.outputs import check_output
 from soup.errors import SoupError
 from soup.models.backbones import KWARG_ERRORS, build_model, check_hub_trusted, fingerprint
-from soup.models.checkpoint import INGREDIENT_FILE, is_soup_checkpoint, save_checkpoint
+from soup.models.checkpoint import is_soup_checkpoint, save_checkpoint
+from soup.models.runs import OUT_DIR, ingredient_file
 from soup.outside.checks import check_model_kwargs, checked_tensors
 from soup.outside.layouts import Fitted, fit, source_key, timm_classifier
 from soup.outside.offline import check_pretrained
@@ -147,7 +148,7 @@ def _plan(sources: list[Source], target: Target, classes: list[str], out: Path, 
                                        lambda key: source_key(fitted, key, target.classifier))
         reordered = _in_root_order(fitted, source, classes)
         ingredient_id = f"{index:02d}-{_slug(source.given.name)}"
-        path = out / name / ingredient_id / INGREDIENT_FILE
+        path = ingredient_file(out, name, ingredient_id)
         refuse_link(path)
         if path.exists() or path.parent.exists() and any(path.parent.iterdir()):
             raise SoupError(f"{path.parent} exists already; import under another --name or -o, or remove it")
@@ -227,7 +228,7 @@ def _meta(item: Planned, recipe: dict, backbone: str, classes: list[str], start_
 
 
 def import_checkpoints(paths: list[Path], data_root: Path, model: str | None = None, start: str | None = None,
-                       ema: bool = False, strip: str | None = None, out: Path = Path("checkpoints"),
+                       ema: bool = False, strip: str | None = None, out: Path = Path(OUT_DIR),
                        name: str = "imported", console: Console | None = None,
                        given: Given | None = None) -> list[Path]:
     """Read, check and fit every source, rebuild the start, then write the ingredients (and the start)."""

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from soup.errors import SoupError
-from soup.models.checkpoint import atomic_path
+from soup.models.files import atomic_path
 
 
 def refuse_link(path: Path) -> None:

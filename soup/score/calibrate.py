@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from soup.errors import SoupError
-from soup.models.checkpoint import Checkpoint, read_checkpoint, rewritable, rewrite_metadata
+from soup.models.checkpoint import Checkpoint, read_checkpoint, rewrite_metadata
+from soup.models.files import rewritable
 from soup.models.records import TEMPERATURE_BOUNDS
 from soup.score.stats import confidences, expected_calibration_error, nll
 from soup.text import shown

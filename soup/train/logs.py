@@ -25,7 +25,9 @@ from rich.console import Console
 
 from soup.errors import SoupError
 from soup.models import distributed
-from soup.models.checkpoint import INGREDIENT_FILE, STATE_FILE, read_checkpoint, write_text_atomic
+from soup.models.checkpoint import read_checkpoint
+from soup.models.files import write_text_atomic
+from soup.models.runs import INGREDIENT_FILE, LOGS_LOCK, STATE_FILE, SUMMARY_FILE
 from soup.models.records import Record
 from soup.text import first_time
 from soup.train.state import open_lock_file
@@ -36,8 +38,6 @@ except ImportError:  # the optional extra: without it the event files are off, t
     SummaryWriter = None
 
 INSTALL = "pip install 'soup[tensorboard]'"
-SUMMARY_FILE = "summary.csv"
-LOGS_LOCK = ".logs.lock"  # not the ingredient lock's name: a recipe folder is no ingredient folder
 FIGURES = ("status", "val_acc", "raw_val_acc", "epochs", "seconds", "images_per_s")
 # An epoch record's figures -> their tags (raw_*: the trained weights' own, when the checkpoint holds an EMA).
 EPOCH_TAGS = {"train_loss": "train/loss", "val_top1": "val/top1", "val_top5": "val/top5", "val_loss": "val/nll",

@@ -34,16 +34,17 @@ from soup.errors import SoupError, interrupt_on_signals
 from soup.fast.build import build_pipeline
 from soup.models import distributed
 from soup.models.backbones import build_model, fingerprint, freeze_prefix, train_mode
-from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, save_checkpoint
+from soup.models.checkpoint import read_checkpoint, save_checkpoint
 from soup.models.inference import resolve_device
 from soup.models.precision import choose_autocast, explicit_attention, unfused_attention_modules
 from soup.models.records import Probe, Record, Start
+from soup.models.runs import INGREDIENT_FILE, OUT_DIR, STATE_FILE, ingredient_dir
 from soup.recipe.spec import Ingredient, Recipe, TrainConfig
 from soup.text import first_time
 from soup.train import logs, prune, schedule
 from soup.train.probe import KIND as PROBE, load_probe, probe_file, probe_ingredient
-from soup.train.state import (STATE_FILE, ingredient_lock, is_finished, remove_stale_temps,
-                              resume_hint_on_interrupt, resume_state, save_state, seed_everything, write_metrics)
+from soup.train.state import (ingredient_lock, is_finished, remove_stale_temps, resume_hint_on_interrupt, resume_state,
+                              save_state, seed_everything, write_metrics)
 
 HEARTBEAT_S = 300  # without a terminal (no bar), the least time between two epoch lines of one run
 CHECK_EVERY = 200  # steps between reads of the losses (NaN check, progress); each read waits for the device
@@ -110,7 +111,7 @@ class Run:
         return self.run_dir / STATE_FILE
 
 
-def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", console: Console | None = None,
+def train_ingredient(ingredient: Ingredient, out: str | Path = OUT_DIR, console: Console | None = None,
                      resume: bool = False, use_cache: bool = True, kind: str = "ingredient") -> Path:
     """Fine-tune one ingredient; returns the path of its checkpoint.
 
@@ -124,7 +125,7 @@ def train_ingredient(ingredient: Ingredient, out: str | Path = "checkpoints", co
     if not w.main:
         console = Console(quiet=True)  # N processes, one voice: rank 0's
     probe = ensure_probe(ingredient.recipe, out, console, use_cache)
-    run_dir = Path(out) / ingredient.recipe.name / ingredient.id
+    run_dir = ingredient_dir(out, ingredient.recipe.name, ingredient.id)
     # Lock first, then look: a process that looked first could see "unfinished", build its model while
     # another one finishes, then take the lock and train again over that checkpoint. Rank 0 holds the lock
     # for the whole group: the other ranks would find it taken. A probe shared by parallel ingredient

@@ -23,7 +23,8 @@ from torch import nn
 
 from soup.errors import SoupError
 from soup.models.backbones import fingerprint
-from soup.models.checkpoint import INGREDIENT_FILE, Checkpoint, read_checkpoint
+from soup.models.checkpoint import Checkpoint, read_checkpoint
+from soup.models.runs import INGREDIENT_FILE, ingredient_file
 from soup.recipe.spec import Ingredient, Recipe, TrainConfig, resumable
 
 KIND = "probe"
@@ -53,7 +54,7 @@ def probe_ingredient(recipe: Recipe) -> Ingredient | None:
 def probe_file(recipe: Recipe, out: str | Path) -> Path | None:
     """Where `recipe`'s probe checkpoint lives under `out` (None without `model.probe`)."""
     item = probe_ingredient(recipe)
-    return None if item is None else Path(out) / recipe.name / item.id / INGREDIENT_FILE
+    return None if item is None else ingredient_file(out, recipe.name, item.id)
 
 
 def load_probe(model: nn.Module, path: Path, start: str | None = None) -> nn.Module:

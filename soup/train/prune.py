@@ -22,17 +22,14 @@ from typing import Callable
 
 from soup.errors import SoupError
 from soup.models import distributed
-from soup.models.checkpoint import INGREDIENT_FILE, read_checkpoint, write_text_atomic
+from soup.models.checkpoint import read_checkpoint
+from soup.models.files import write_text_atomic
+from soup.models.runs import INGREDIENT_FILE, rung_file, rung_folder
 from soup.models.records import Rung, first_pruned
 from soup.recipe.spec import Ingredient, resumable
 from soup.text import shown
 
-RUNGS_DIR = "rungs"
 MIN_PEERS = 3  # the median of fewer draws is too noisy to stop one on
-
-
-def rung_file(recipe_dir: Path, epoch: int, ingredient_id: str) -> Path:
-    return recipe_dir / RUNGS_DIR / f"epoch-{epoch}" / f"{ingredient_id}.json"
 
 
 def _read(path: Path) -> dict | None:
@@ -49,7 +46,7 @@ def peer_scores(recipe_dir: Path, epoch: int, ingredient_id: str, start: str,
     """The val top-1 of the other draws of this sweep (the same start) that reached rung `epoch`. A rung file
     is only a file: a peer with a checkpoint has its figure checked against that checkpoint's val history,
     which wins where they differ (one warning names them all)."""
-    folder = recipe_dir / RUNGS_DIR / f"epoch-{epoch}"
+    folder = rung_folder(recipe_dir, epoch)
     scores, disagree = [], []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         data = _read(path)

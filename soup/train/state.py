@@ -21,12 +21,12 @@ from rich.console import Console
 from torch import nn
 
 from soup.errors import Interrupted, SoupError
-from soup.models.checkpoint import (INGREDIENT_FILE, LOCK_FILE, STATE_FILE, TEMP_SUFFIX, atomic_path, read_checkpoint,
-                                   write_text_atomic)
+from soup.models.checkpoint import read_checkpoint
+from soup.models.files import TEMP_SUFFIX, atomic_path, write_text_atomic
+from soup.models.runs import INGREDIENT_FILE, LOCK_FILE, METRICS_FILE, STATE_FILE
 from soup.models.records import Record
 from soup.recipe.spec import Ingredient, recipe_from_dict, resumable
 
-METRICS_FILE = "metrics.json"
 # What metrics.json shows of a checkpoint's metadata, followed by the facts of the run (its record's `run`).
 METRICS_KEYS = ("name", "id", "settings", "seed", "backbone", "start_fingerprint", "val_acc", "raw_val_acc",
                 "probe", "pruned", "val_history")

@@ -12,7 +12,8 @@ from soup.data.folders import class_list
 from soup.errors import SoupError
 from soup.models import distributed
 from soup.models.inference import resolve_device
-from soup.models.checkpoint import INGREDIENT_FILE, STATE_FILE, find_checkpoints, read_checkpoint
+from soup.models.checkpoint import find_checkpoints, read_checkpoint
+from soup.models.runs import INGREDIENT_FILE, OUT_DIR, STATE_FILE, ingredient_dir
 from soup.models.records import Record
 from soup.recipe.spec import Ingredient, Recipe, expand_sweep, finished_wanted
 from soup.train import logs
@@ -29,7 +30,7 @@ def select_ingredients(recipe: Recipe, index: int | None) -> list[Ingredient]:
     return [ingredients[index]]
 
 
-def train_recipe(recipe: Recipe, out: str | Path = "checkpoints", index: int | None = None,
+def train_recipe(recipe: Recipe, out: str | Path = OUT_DIR, index: int | None = None,
                  console: Console | None = None, resume: bool = False,
                  use_cache: bool = True) -> list[tuple[Ingredient, Path]]:
     """Train the ingredients of a recipe's sweep in order (or just the `index`-th); returns their checkpoints.
@@ -61,7 +62,7 @@ def train_recipe(recipe: Recipe, out: str | Path = "checkpoints", index: int | N
 def needed_draw(recipe: Recipe, ingredient: Ingredient, out: str | Path, wanted: int, console: Console) -> bool:
     """Whether draw K of a pruned search still has to train: not when it never started and the shared folder
     already holds `wanted` finished ingredients of this sweep (other array tasks trained them)."""
-    run_dir = Path(out) / recipe.name / ingredient.id
+    run_dir = ingredient_dir(out, recipe.name, ingredient.id)
     if (run_dir / INGREDIENT_FILE).exists() or (run_dir / STATE_FILE).exists():
         return True
     ids = {item.id for item in expand_sweep(recipe)}

@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 from soup.data.folders import SPLIT_FOLDERS
 from soup.data.outputs import data_roots, ingredient_folder_of
 from soup.errors import SoupError, one_line
-from soup.judge.card import model_card
+from soup.ship.card import model_card
 from soup.judge.evaluate import evaluate_rows, selection_split
 from soup.judge.report import add_statistics
-from soup.judge.staging import recover, replace_folder
+from soup.ship.staging import recover, replace_folder
 from soup.models.backbones import is_network_error, model_from_checkpoint
 from soup.models.checkpoint import Checkpoint, fp32_state
 from soup.models.families import HubDinoV2
@@ -263,7 +263,7 @@ def _writers(export: Export) -> dict:
 
 
 def write_export(export: Export, folder: str | Path) -> list[str]:
-    """DIR holding the export whole, replaced in one step (soup.judge.staging): a new, empty or --overwrite
+    """DIR holding the export whole, replaced in one step (soup.ship.staging): a new, empty or --overwrite
     folder alike, every other file in it kept. What leftovers of an interrupted export were put right."""
     return replace_folder(folder, _writers(export))
 

@@ -1,4 +1,6 @@
-"""Submission: `Id,Category` predictions for every test image, as the course's Kaggle page expects."""
+"""Submission: predictions for every test image in a format the competition expects; by default `Id,Category`
+rows, as the course's Kaggle page wants. A format is one writer in FORMATS (name -> writer): adding one is a
+function decorated with `@submission_format("name")`, its test and a line in docs/shipping.md."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -15,7 +18,8 @@ from soup.data.outputs import check_output, data_roots
 from soup.errors import SoupError
 from soup.judge.evaluate import ensemble_logits, tta_logits
 from soup.models.backbones import model_from_checkpoint
-from soup.models.checkpoint import Checkpoint, atomic_path, write_text_atomic
+from soup.models.checkpoint import Checkpoint
+from soup.models.files import atomic_path, write_text_atomic
 from soup.models.inference import finite_logits, make_loader, predict, resolve_device
 from soup.models.views import views_of
 from soup.recipe.spec import recipe_from_dict
@@ -140,9 +144,32 @@ def pair_problem(submission: str | Path) -> str | None:
     return None
 
 
-def submission_bytes(ids: list[str], categories: list[int]) -> bytes:
-    """The CSV: UTF-8, whatever the locale; an id from a file name that is not valid UTF-8 keeps that name's
-    bytes (the surrogates os.fsdecode made of them turn back into the same bytes)."""
+# A writer turns (test image ids, predicted class indices, the class names) into the file's bytes.
+Writer = Callable[[list[str], list[int], list[str]], bytes]
+FORMATS: dict[str, Writer] = {}
+DEFAULT_FORMAT = "csv"
+
+
+def submission_format(name: str) -> Callable[[Writer], Writer]:
+    """Register a writer under `name` (what `soup submit --format` takes)."""
+    def register(writer: Writer) -> Writer:
+        FORMATS[name] = writer
+        return writer
+    return register
+
+
+def submission_writer(name: str) -> Writer:
+    """The writer of format `name`; an unknown name is one line listing the formats there are."""
+    if name not in FORMATS:
+        raise SoupError(f"--format {name!r} is not a submission format; choose one of: {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+@submission_format(DEFAULT_FORMAT)
+def id_category_csv(ids: list[str], categories: list[int], classes: list[str]) -> bytes:
+    """The CSV Kaggle takes: `Id,Category` rows, the category a class index. UTF-8, whatever the locale; an id
+    from a file name that is not valid UTF-8 keeps that name's bytes (the surrogates os.fsdecode made of them
+    turn back into the same bytes)."""
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     writer.writerow(["Id", "Category"])
@@ -150,17 +177,20 @@ def submission_bytes(ids: list[str], categories: list[int]) -> bytes:
     return text.getvalue().encode("utf-8", errors="surrogateescape")
 
 
-def write_submission(path: str | Path, ids: list[str], categories: list[int]) -> Path:
-    """The CSV alone (the demo's; `soup submit` writes it with its provenance: `write_submission_pair`)."""
-    _write_csv(path, submission_bytes(ids, categories))
+def write_submission(path: str | Path, ids: list[str], categories: list[int], classes: list[str],
+                     fmt: str = DEFAULT_FORMAT) -> Path:
+    """The submission alone (the demo's; `soup submit` writes it with its provenance: `write_submission_pair`)."""
+    _write_csv(path, submission_writer(fmt)(ids, categories, classes))
     return Path(path)
 
 
-def write_submission_pair(path: str | Path, ids: list[str], categories: list[int], provenance: dict) -> Path:
-    """The provenance `<submission>.json`, naming the sha256 of the CSV, then the CSV: each replaced
-    atomically, and after a kill between them `pair_problem` finds the mismatch. The CSV itself stays
-    exactly the Id,Category rows Kaggle expects. Returns the provenance's path."""
-    data = submission_bytes(ids, categories)
+def write_submission_pair(path: str | Path, ids: list[str], categories: list[int], provenance: dict,
+                          classes: list[str], fmt: str = DEFAULT_FORMAT) -> Path:
+    """The provenance `<submission>.json`, naming the format and the sha256 of the submission, then the
+    submission in format `fmt`: each replaced atomically, and after a kill between them `pair_problem` finds
+    the mismatch. The submission itself stays exactly what the format writes. Returns the provenance's path."""
+    data = submission_writer(fmt)(ids, categories, classes)
+    provenance = {**provenance, "format": fmt}
     sidecar = provenance_path(path)
     write_text_atomic(sidecar, json.dumps({**provenance, "csv_sha256": hashlib.sha256(data).hexdigest()},
                                           indent=2) + "\n")

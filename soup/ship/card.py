@@ -179,7 +179,7 @@ def _figures_line(figures: dict | None) -> list[str]:
 
 def model_card(checkpoint: Checkpoint, config: dict, repo_id: str | None = None, figures: dict | None = None) -> str:
     """README.md for the exported folder (Hugging Face reads its front matter). `figures`: `soup eval`'s
-    top-1 and interval on a split (soup.judge.export.card_figures), None when the data was not at hand."""
+    top-1 and interval on a split (soup.ship.export.card_figures), None when the data was not at hand."""
     recipe_yaml = yaml.safe_dump(checkpoint.recipe, sort_keys=False, allow_unicode=False)
     fence = _fence(recipe_yaml)
     pretrained = config["pretrained_cfg"]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from soup.errors import SoupError
-from soup.models.checkpoint import TEMP_SUFFIX, current_umask, fsync_file, fsync_folder, write_failure
+from soup.models.files import TEMP_SUFFIX, current_umask, fsync_file, fsync_folder, write_failure
 
 STAGING_SUFFIX = TEMP_SUFFIX  # .DIR.<random>.tmp: the new folder being filled (mkdtemp's 8 random characters)
 AWAY_SUFFIX = ".old"  # .DIR.<random>.old: the previous folder moved away, where the file system cannot exchange
