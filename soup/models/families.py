@@ -5,7 +5,7 @@ how the images reach the first unit (`stem`) and what follows the last one (`hea
 for layer-wise lr decay, the names it exports under, whether it wants NHWC on CUDA and the image size,
 mean and std its pretrained weights expect. soup.fast.prefix cuts the frozen prefix with it,
 soup.train.schedule groups learning rates with it, soup.fast.build asks it about channels_last,
-soup.judge.export about timm names and `soup train` about the data keys a recipe leaves out.
+soup.ship.export about timm names and `soup train` about the data keys a recipe leaves out.
 
   timm      timm's VisionTransformer (DinoV2's timm port included): units are `blocks`
   dinov2    facebookresearch/dinov2's torch.hub DinoVisionTransformer: `blocks`, chunked or not
