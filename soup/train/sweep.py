@@ -83,6 +83,9 @@ def compute_line(metas: list[dict], wanted: int, drawn: int) -> str:
     short = (f"; only {len(finished)} of the {wanted} wanted: every one of search.max_trials ({drawn}) was tried, "
              "raise it or narrow the space") if len(finished) < wanted else ""
     ratio = f", {trained / unpruned:.2f}x the {unpruned}" if unpruned else ""
+    # The start rule judges the final epoch too (soup.train.prune): such a draw trained to the end, saving nothing.
+    at_end = sum(m["pruned"]["epoch"] == m["recipe"]["train"]["epochs"] for m in pruned)
+    end = f"; {at_end} of them ended below the start at their final epoch" if at_end else ""
     return (f"search: {len(finished)} finished, {len(pruned)} pruned of {len(metas)} draws tried{short}; "
             f"compute: {trained} epochs trained{ratio} that {len(finished)} finished draws take unpruned; stopping "
-            f"the {len(pruned)} pruned draws at their rung saved {saved} epochs")
+            f"the {len(pruned)} pruned draws at their rung saved {saved} epochs{end}")
