@@ -54,8 +54,9 @@ def _method_options(fn):
               help="--learned --hyperplane: each coefficient in [-B, 1+B] (default 0.5).")
 @click.option("--patience", type=click.IntRange(min=1), default=None, metavar="N",
               help="--guided: stop after N candidates in a row are left out (3 by default).")
-@click.option("--best", is_flag=True, help="Cook every method that fits, keep the best on the selection set "
-              "(default output checkpoints/soups/best.safetensors) and compare them all on val.")
+@click.option("--best", is_flag=True, help="Compare every method that fits on data none of them selected on "
+              "(each half of the selection set chooses for the other), then cook the winner on all of it (default "
+              "output checkpoints/soups/best.safetensors).")
 @click.option("--plot", "plot_path", is_flag=False, flag_value="soups.png", default=None, metavar="[PNG]",
               help="Also write a picture of ingredients, greedy path and soups (default: soups.png beside "
               "the soup).")
@@ -85,10 +86,10 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     if png:  # a picture is redrawn freely, but never over a checkpoint: checked before cooking
         check_output(png, list(paths), overwrite=True, what="picture", roots=data_roots(ingredients, data_root))
     if best:
-        verdict = BestVerdict(ingredients, data_root)
+        verdict = BestVerdict()
         path = cook_best(ingredients, output, None if no_eval else select_on, data_root, force, base.console,
                          calibrate=calibrate, overwrite=overwrite, on_candidate=verdict, bn_images=bn_images)
-        verdict.report(read_checkpoint(path).meta["best"]["winner"], select_on, base.console)
+        verdict.report(read_checkpoint(path).meta["best"]["winner"], base.console)
     else:
         path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, base.console,
                          options=options, calibrate=calibrate, overwrite=overwrite, bn_images=bn_images)
