@@ -63,37 +63,20 @@ def rebuilt(members: list, by_name: dict, soup) -> dict:
     return with_bn_reset(soup, mixed)
 
 
-def test_cross_fitting_picks_another_method_than_the_split_the_methods_selected_on(pool, monkeypatch):
-    ingredients = [read_checkpoint(p) for p in sorted((pool / "checkpoints" / "tiny").glob("*/model.safetensors"))]
-    by_name = {c.name: c for c in ingredients}
-    # The old protocol, by hand: each method cooked on all of val, compared on all of val (its selection set).
-    same = {}
-    for method in METHODS:
-        cook(pool, monkeypatch, f"--{method}", "-o", f"soups/{method}.safetensors")
-        same[method] = plain_scores(read_checkpoint(pool / "soups" / f"{method}.safetensors"))["top1"]
-    same_pick = max(METHODS, key=lambda m: same[m])  # ties: the earlier method
-
-    result = cook(pool, monkeypatch, "--best", "-o", "soups/best.safetensors")
-    said = " ".join(result.output.split())
-    best = read_checkpoint(pool / "soups" / "best.safetensors")
-    record = best.meta["best"]
-    halves = record["compared_on"]
-    first, second = halves["first"], halves["second"]
-    predicted, targets = plain_predicted(ingredients[0], ingredients[0].state_dict())
-    # Two disjoint halves covering val, stratified: each class split as evenly as it can be.
-    assert sorted(first + second) == list(range(len(targets))) and abs(len(first) - len(second)) <= 1
-    for label in range(len(CLASSES)):
-        assert abs(sum(targets[first] == label).item() - sum(targets[second] == label).item()) <= 1
-    assert (f"comparing 6 methods on val cross-fitted (each half chooses for the other: {len(first)} + "
-            f"{len(second)} images, seed 0, stratified by class)") in said
-
+def cross_fitted_by_hand(work: Path, record: dict, ingredients: list, targets: torch.Tensor) -> dict:
+    """Each method's cross-fitted top-1 from its recorded folds: every fold's soup rebuilt from the members
+    it chose and evaluated plainly on the part it is scored on; each fold's count checked on the way."""
+    by_name, parts = {c.name: c for c in ingredients}, record["compared_on"]["parts"]
+    best = read_checkpoint(work / "soups" / "best.safetensors")
+    names = ["val half 1", "val half 2"] if len(parts) == 2 else [f"val part {i + 1} of {len(parts)}" for i in
+                                                                   range(len(parts))]
     crossed = {}
     for method in METHODS:
         correct = 0
-        for fold, (scored, name) in zip(record["folds"][method], ((second, "val half 2"), (first, "val half 1"))):
+        for fold, scored, name in zip(record["folds"][method], parts, names, strict=True):
             assert fold["scored_on"] == name and fold["images"] == len(scored)
-            if method == "stock":  # it chooses nothing: each half's soup is the one stock soup
-                state = read_checkpoint(pool / "soups" / "stock.safetensors").state_dict()
+            if method == "stock":  # it chooses nothing: each fold's soup is the one stock soup
+                state = read_checkpoint(work / "soups" / "stock.safetensors").state_dict()
             else:
                 state = rebuilt(fold["members"], by_name, best)
             hits = (plain_predicted(ingredients[0], state)[0][scored] == targets[scored]).sum().item()
@@ -101,6 +84,33 @@ def test_cross_fitting_picks_another_method_than_the_split_the_methods_selected_
             correct += hits
         crossed[method] = correct / len(targets)
         assert record["candidates"][method] == pytest.approx(crossed[method], abs=1e-12), method
+    return crossed
+
+
+def test_cross_fitting_picks_another_method_than_the_split_the_methods_selected_on(pool, monkeypatch):
+    ingredients = [read_checkpoint(p) for p in sorted((pool / "checkpoints" / "tiny").glob("*/model.safetensors"))]
+    # The old protocol, by hand: each method cooked on all of val, compared on all of val (its selection set).
+    same = {}
+    for method in METHODS:
+        cook(pool, monkeypatch, f"--{method}", "-o", f"soups/{method}.safetensors")
+        same[method] = plain_scores(read_checkpoint(pool / "soups" / f"{method}.safetensors"))["top1"]
+    same_pick = max(METHODS, key=lambda m: same[m])  # ties: the earlier method
+
+    result = cook(pool, monkeypatch, "--best", "-o", "soups/best.safetensors")  # two halves: the default
+    said = " ".join(result.output.split())
+    best = read_checkpoint(pool / "soups" / "best.safetensors")
+    record = best.meta["best"]
+    first, second = record["compared_on"]["parts"]
+    _, targets = plain_predicted(ingredients[0], ingredients[0].state_dict())
+    # Two disjoint halves covering val, stratified: each class split as evenly as it can be.
+    assert sorted(first + second) == list(range(len(targets))) and abs(len(first) - len(second)) <= 1
+    for label in range(len(CLASSES)):
+        assert abs(sum(targets[first] == label).item() - sum(targets[second] == label).item()) <= 1
+    assert (f"comparing 6 methods on val cross-fitted (each half chooses for the other: {len(first)} + "
+            f"{len(second)} images, seed 0, stratified by class)") in said
+
+    crossed = cross_fitted_by_hand(pool, record, ingredients, targets)
+    for method in METHODS:
         assert f"{method} {crossed[method]:.2%}" in said
     cross_pick = max(METHODS, key=lambda m: crossed[m])
     assert record["winner"] == cross_pick != same_pick, (same, crossed)
@@ -121,6 +131,28 @@ def test_cross_fitting_picks_another_method_than_the_split_the_methods_selected_
     assert f"the ingredient val picks ingredient 1 {picked.double().mean().item():.2%}" in said
 
 
+def test_best_cross_fits_on_k_parts_with_folds(pool, monkeypatch):
+    """--folds 3: three stratified parts, each scored by the soup cooked on the other two."""
+    ingredients = [read_checkpoint(p) for p in sorted((pool / "checkpoints" / "tiny").glob("*/model.safetensors"))]
+    for method in ("stock",):  # the by-hand check reads the one stock soup (it chooses nothing)
+        cook(pool, monkeypatch, f"--{method}", "-o", f"soups/{method}.safetensors", "--overwrite")
+    result = cook(pool, monkeypatch, "--best", "--folds", "3", "-o", "soups/best.safetensors", "--overwrite")
+    record = read_checkpoint(pool / "soups" / "best.safetensors").meta["best"]
+    parts = record["compared_on"]["parts"]
+    _, targets = plain_predicted(ingredients[0], ingredients[0].state_dict())
+    assert len(parts) == 3 and sorted(sum(parts, [])) == list(range(len(targets)))
+    for label in range(len(CLASSES)):
+        counts = [sum(targets[part] == label).item() for part in parts]
+        assert max(counts) - min(counts) <= 1
+    for fold, part in zip(record["folds"]["greedy"], range(3)):
+        assert fold["chosen_on"] == f"val but part {part + 1}"
+    crossed = cross_fitted_by_hand(pool, record, ingredients, targets)
+    assert record["winner"] == max(METHODS, key=lambda m: crossed[m])
+    sizes = " + ".join(str(len(p)) for p in parts)
+    assert (f"val cross-fitted (each of 3 parts scored by what the others chose: {sizes} images, seed 0, "
+            "stratified by class)") in " ".join(result.output.split())
+
+
 def test_best_refuses_a_split_too_small_to_halve(tmp_path):
     generate_sketches(tmp_path / "data", CLASSES[:1], train_per_class=4, val_per_class=1, test_images=1,
                       image_size=32, seed=0)
@@ -130,6 +162,6 @@ def test_best_refuses_a_split_too_small_to_halve(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path)
         result = CliRunner().invoke(cli, ["cook", "--best", "-o", "best.safetensors"])
-    one_error_line(result, "--best compares methods by cross-fitting on two halves of val, which holds 1 image; "
+    one_error_line(result, "--best compares methods by cross-fitting on 2 parts of val, which holds 1 image; "
                            "it needs at least 2")
     assert not (tmp_path / "best.safetensors").exists()

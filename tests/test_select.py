@@ -190,7 +190,11 @@ def test_best_notes_a_method_that_cannot_run_and_refuses_mixed_flags(pantry, tmp
     assert "best: stock skipped: the stock soup needs at least two ingredients" in " ".join(result.output.split())
     assert set(read_checkpoint(out).meta["best"]["skipped"]) == {"stock"}
     for extra, said in ((["--greedy"], "drop the method flag"), (["--patience", "2"], "drop --patience"),
-                        (["--no-eval"], "drop --no-eval")):
+                        (["--no-eval"], "drop --no-eval"), (["--folds", "1"], "--folds 1: expected 2 to 10 parts"),
+                        (["--folds", "3", "--greedy"], "drop the method flag")):
         result = run(["cook", "--best", *extra, str(pantry[0].path), "-o", str(tmp_path / "x.safetensors")],
                      monkeypatch)
         assert result.exit_code == 2 and said in result.output and "Traceback" not in result.output, result.output
+    result = run(["cook", "--greedy", "--folds", "3", str(pantry[0].path), "-o", str(tmp_path / "y.safetensors")],
+                 monkeypatch)
+    assert result.exit_code == 2 and "--folds goes with --best" in result.output, result.output

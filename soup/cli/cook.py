@@ -9,10 +9,12 @@ import click
 from soup.cook import sweeps
 from soup.cook.batchnorm import DEFAULT_IMAGES, check_images
 from soup.cook.best import check_best_request, cook_best
+from soup.cook.crossfit import DEFAULT_FOLDS
 from soup.cook.cooking import cook as cook_soup
 from soup.cook.methods import METHODS
 from soup.cook.sweeps import sweep_status
 from soup.data.outputs import check_output, data_roots
+from soup.errors import SoupError
 from soup.judge.plot import plot_checkpoints
 from soup.judge.verdict import BestVerdict
 from soup.models.checkpoint import find_checkpoints, read_checkpoint
@@ -57,6 +59,9 @@ def _method_options(fn):
 @click.option("--best", is_flag=True, help="Compare every method that fits on data none of them selected on "
               "(each half of the selection set chooses for the other), then cook the winner on all of it (default "
               "output checkpoints/soups/best.safetensors).")
+@click.option("--folds", type=int, default=None, metavar="K",
+              help="--best: cross-fit on K parts of the selection set, each scored by what the others chose "
+              f"(default {DEFAULT_FOLDS}: two halves).")
 @click.option("--plot", "plot_path", is_flag=False, flag_value="soups.png", default=None, metavar="[PNG]",
               help="Also write a picture of ingredients, greedy path and soups (default: soups.png beside "
               "the soup).")
@@ -67,7 +72,7 @@ def _method_options(fn):
               "are re-estimated before it is scored or written; models without BatchNorm skip it.")
 @click.option("--no-bn-reset", is_flag=True, help="Keep the members' averaged BatchNorm statistics instead.")
 def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, alpha, per_layer, hyperplane, bound,
-         patience, best, plot_path, calibrate, bn_images, no_bn_reset):
+         patience, best, folds, plot_path, calibrate, bn_images, no_bn_reset):
     """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
@@ -81,6 +86,8 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
         check_best_request(click.get_current_context().get_parameter_source("method")
                            is not click.core.ParameterSource.DEFAULT, options)
         method = "best"
+    elif folds is not None:
+        raise SoupError("--folds goes with --best (the parts its methods are compared on); add --best or drop --folds")
     output = output or Path("checkpoints") / "soups" / f"{method}.safetensors"
     png = (output.parent / plot_path if plot_path == "soups.png" else Path(plot_path)) if plot_path else None
     if png:  # a picture is redrawn freely, but never over a checkpoint: checked before cooking
@@ -88,7 +95,8 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     if best:
         verdict = BestVerdict()
         path = cook_best(ingredients, output, None if no_eval else select_on, data_root, force, base.console,
-                         calibrate=calibrate, overwrite=overwrite, on_candidate=verdict, bn_images=bn_images)
+                         calibrate=calibrate, overwrite=overwrite, on_candidate=verdict, bn_images=bn_images,
+                         k=DEFAULT_FOLDS if folds is None else folds)
         verdict.report(read_checkpoint(path).meta["best"]["winner"], base.console)
     else:
         path = cook_soup(method, ingredients, output, None if no_eval else select_on, data_root, force, base.console,

@@ -14,11 +14,13 @@ from rich.console import Console
 
 from soup.cook.batchnorm import DEFAULT_IMAGES, check_images
 from soup.cook.cooking import check_ingredients, fitted, save_soup, selector
-from soup.cook.crossfit import Compared, cross_fitted, fold_selectors, halves, references, where
+from soup.cook.crossfit import DEFAULT_FOLDS, Compared, cross_fitted, fold_selectors, folds, references, where
 from soup.cook.methods import METHODS, Kitchen
 from soup.errors import SoupError, one_line
 from soup.models.checkpoint import Checkpoint
 from soup.text import shown
+
+MAX_FOLDS = 10  # each part costs one more cook of every method
 
 
 def check_best_request(method_given: bool, options: dict) -> None:
@@ -39,8 +41,9 @@ def candidate_methods() -> list[str]:
 def cook_best(ingredients: list[Checkpoint], out: str | Path, select_on: str | None = "val",
               data_root: str | Path | None = None, force: bool = False, console: Console | None = None,
               device: torch.device | None = None, calibrate: bool = False, overwrite: bool = False,
-              on_candidate: Callable[[Compared], None] | None = None, bn_images: int | None = DEFAULT_IMAGES) -> Path:
-    """Compare every candidate method with its defaults by cross-fitting on two halves of `select_on`
+              on_candidate: Callable[[Compared], None] | None = None, bn_images: int | None = DEFAULT_IMAGES,
+              k: int = DEFAULT_FOLDS) -> Path:
+    """Compare every candidate method with its defaults by cross-fitting on `k` parts of `select_on`
     (soup.cook.crossfit), then cook the winner (ties: the earlier method) on the whole of it and write it.
     A method that cannot run here (stock without a rebuildable start, one ingredient) is skipped with a
     one-line note. `on_candidate` sees every row of the comparison: each method's, then the ingredient the
@@ -48,6 +51,8 @@ def cook_best(ingredients: list[Checkpoint], out: str | Path, select_on: str | N
     console = console or Console()
     if select_on is None:
         raise SoupError("--best picks the winner on held-out data; drop --no-eval")
+    if not 2 <= k <= MAX_FOLDS:
+        raise SoupError(f"--folds {k}: expected 2 to {MAX_FOLDS} parts (each method cooks once per part)")
     check_images(bn_images)
     check_ingredients(ingredients, out, False, data_root, force, console, overwrite)
     select = selector(ingredients, select_on, data_root, device, bn_images, console)
@@ -55,7 +60,7 @@ def cook_best(ingredients: list[Checkpoint], out: str | Path, select_on: str | N
     for checkpoint in ingredients:
         logits, targets = select.logits(checkpoint.state_dict())
         ingredient_logits.append(logits)
-    split = halves(targets, select_on)
+    split = folds(targets, select_on, k)
     console.print(f"[bold]best[/]: comparing {len(candidate_methods())} methods on {where(split)}")
     rows, kitchens, skipped = compare(ingredients, select, split, targets, console)
     if not rows:
@@ -78,7 +83,7 @@ def cook_best(ingredients: list[Checkpoint], out: str | Path, select_on: str | N
 
 def compare(ingredients: list[Checkpoint], select, split, targets: list[int],
             console: Console) -> tuple[list[Compared], dict[str, Kitchen], dict[str, str]]:
-    """Every candidate method cross-fitted on the halves (their own steps unprinted): the rows, each
+    """Every candidate method cross-fitted on the parts (their own steps unprinted): the rows, each
     method's kitchen (its starting weights, rebuilt once) and the methods skipped with why."""
     selectors, quiet = fold_selectors(select, split), Console(quiet=True)
     rows, kitchens, skipped = [], {}, {}
