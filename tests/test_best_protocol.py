@@ -1,7 +1,8 @@
 """`soup cook --best` compares methods on data none of them selected on (issue 33, section 5): every method
-cooks on one half of val and is scored on the other, both ways round. Against a hand computation: on a tiny
-pool with 4 val images a class, picking on the split the methods selected on chooses one method and
-cross-fitting another; every figure is recomputed by a plain evaluation of weights rebuilt from the files."""
+cooks on all parts of val but one and is scored on that one, for each part (4 by default). Against a hand
+computation: on a tiny pool with 4 val images a class, picking on the split the methods selected on chooses
+one method and cross-fitting on two halves another; every figure is recomputed by a plain evaluation of
+weights rebuilt from the files."""
 
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def test_cross_fitting_picks_another_method_than_the_split_the_methods_selected_
         same[method] = plain_scores(read_checkpoint(pool / "soups" / f"{method}.safetensors"))["top1"]
     same_pick = max(METHODS, key=lambda m: same[m])  # ties: the earlier method
 
-    result = cook(pool, monkeypatch, "--best", "-o", "soups/best.safetensors")  # two halves: the default
+    result = cook(pool, monkeypatch, "--best", "--folds", "2", "-o", "soups/best.safetensors")
     said = " ".join(result.output.split())
     best = read_checkpoint(pool / "soups" / "best.safetensors")
     record = best.meta["best"]
@@ -153,7 +154,7 @@ def test_best_cross_fits_on_k_parts_with_folds(pool, monkeypatch):
             "stratified by class)") in " ".join(result.output.split())
 
 
-def test_best_refuses_a_split_too_small_to_halve(tmp_path):
+def test_best_refuses_a_split_too_small_to_cut(tmp_path):
     generate_sketches(tmp_path / "data", CLASSES[:1], train_per_class=4, val_per_class=1, test_images=1,
                       image_size=32, seed=0)
     recipe = recipe_from_dict(tiny_recipe(tmp_path / "data", sweep={"train.seed": [0, 1]}))
@@ -162,6 +163,6 @@ def test_best_refuses_a_split_too_small_to_halve(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path)
         result = CliRunner().invoke(cli, ["cook", "--best", "-o", "best.safetensors"])
-    one_error_line(result, "--best compares methods by cross-fitting on 2 parts of val, which holds 1 image; "
-                           "it needs at least 2")
+    one_error_line(result, "--best compares methods by cross-fitting on 4 parts of val, which holds 1 image; "
+                           "it needs at least 4 (or fewer --folds)")
     assert not (tmp_path / "best.safetensors").exists()

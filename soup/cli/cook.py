@@ -61,7 +61,7 @@ def _method_options(fn):
               "output checkpoints/soups/best.safetensors).")
 @click.option("--folds", type=int, default=None, metavar="K",
               help="--best: cross-fit on K parts of the selection set, each scored by what the others chose "
-              f"(default {DEFAULT_FOLDS}: two halves).")
+              f"(default {DEFAULT_FOLDS}; 2: two halves).")
 @click.option("--plot", "plot_path", is_flag=False, flag_value="soups.png", default=None, metavar="[PNG]",
               help="Also write a picture of ingredients, greedy path and soups (default: soups.png beside "
               "the soup).")
