@@ -166,3 +166,17 @@ def test_best_refuses_a_split_too_small_to_cut(tmp_path):
     one_error_line(result, "--best compares methods by cross-fitting on 4 parts of val, which holds 1 image; "
                            "it needs at least 4 (or fewer --folds)")
     assert not (tmp_path / "best.safetensors").exists()
+
+
+def test_best_protocol_benchmark_at_a_tiny_size(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import best_protocol
+    tiny = ["--studies", "1", "--classes", "4", "--train-per-class", "6", "--test-per-class", "4", "--trials", "3",
+            "--epochs", "2", "--pretrain-epochs", "1", "--pretrain-per-class", "6", "--image-size", "32", "--page",
+            "32", "--folds", "2", "--work", str(tmp_path)]
+    [row] = best_protocol.main(tiny)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert row["same split"] == max(row["val"], key=lambda m: row["val"][m]) and row[2]["winner"] in row["test"]
+    gain = (row[2]["test"] - row["picked"]) * 100
+    assert f"2-fold picks {row[2]['winner']} ({gain:+.2f})" in printed
+    assert f"2-fold cross-fit {gain:+.2f} (picks {row[2]['winner']})" in printed
