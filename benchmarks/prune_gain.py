@@ -75,7 +75,12 @@ def measure(name: str, out: Path, root: Path, test_root: Path, console: Console)
     """One sweep's figures: finished draws, those at or above the start, epochs, and test outcomes."""
     everything = find_checkpoints([out / name], kinds={"ingredient"})
     finished = [c for c in everything if not c.meta.get("pruned")]
-    start = finished[0].meta["probe"]["val_acc"]
+    start = everything[0].meta["probe"]["val_acc"]
+    counts = {"draws": len(everything), "finished": len(finished), "start": start,
+              "above": sum(c.meta["val_acc"] >= start for c in finished),
+              "epochs": sum(len(c.meta["val_history"]) for c in everything)}
+    if not finished:  # the start rule judges the final epoch too: every draw may end pruned
+        return {**counts, "picked": None, "greedy": None, "greedy_members": 0, "ensemble": None}
     val, test = Evaluator("val", root), Evaluator("val", test_root)
     val_scores = [val(c)["top1"] for c in finished]
     test_logits = [test.logits(c) for c in finished]
@@ -85,9 +90,7 @@ def measure(name: str, out: Path, root: Path, test_root: Path, console: Console)
     soup_path = out / "soups" / f"{name}-greedy.safetensors"
     cook("greedy", finished, soup_path, "val", root, console=console, overwrite=True)
     soup = read_checkpoint(soup_path)
-    return {"draws": len(everything), "finished": len(finished), "start": start,
-            "above": sum(c.meta["val_acc"] >= start for c in finished),
-            "epochs": sum(len(c.meta["val_history"]) for c in everything),
+    return {**counts,
             "picked": predictions(*test_logits[best], classes),
             "greedy": predictions(*test.logits(soup), soup.classes),
             "greedy_members": len(soup.meta["members"]),
@@ -116,10 +119,14 @@ def report(studies: list[dict], epochs: int) -> None:
           f"{'picked test':>11} {'greedy Δ':>9} {'95% CI':>16} {'ensemble Δ':>10} {'95% CI':>16}  per study (greedy, ensemble)")
     unpruned_rate = None
     for mode in MODES:
-        rows = [s[mode] for s in studies]
-        above, finished = sum(r["above"] for r in rows), sum(r["finished"] for r in rows)
-        rate = sum(r["epochs"] for r in rows) / finished
+        counted = [s[mode] for s in studies]
+        above, finished = sum(r["above"] for r in counted), sum(r["finished"] for r in counted)
+        if not finished:
+            print(f"{mode:<9} {'0 of 0':>16}  no finished draw: {sum(r['epochs'] for r in counted)} epochs trained")
+            continue
+        rate = sum(r["epochs"] for r in counted) / finished
         unpruned_rate = unpruned_rate or rate
+        rows = [r for r in counted if r["finished"]]
         picked = pooled([r["picked"] for r in rows])
         line = (f"{mode:<9} {f'{above} of {finished}':>16} {rate:>15.2f} {rate / unpruned_rate:>10.2f}x "
                 f"{picked.correct.double().mean().item():>11.2%}")

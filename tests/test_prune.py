@@ -90,6 +90,43 @@ def test_a_pruned_search_finishes_exactly_trials_draws_each_at_or_above_its_star
                                                         for i, m in found.items()}
 
 
+def late_fall_recipe(root):
+    """Draws that tie their start at the rung and half of which end below it: epoch 1 at lr 1e-6 with the
+    BatchNorm statistics frozen leaves the probed start's predictions as they were; from epoch 2 the draws
+    with lr_drop_factor 10000 train at lr 0.01, far too high for AdamW here."""
+    return tiny_recipe(root, model={**PROBE, "freeze_bn": True},
+                       train={"epochs": 3, "log": "none", "lr": 1e-6, "lr_drop_epoch": 2},
+                       search={"trials": 2, "seed": 0, "max_trials": 6, "prune": {"rule": "start", "at": 1},
+                               "space": {"train.lr_drop_factor": {"choice": [1, 10000]}}})
+
+
+def test_a_draw_that_passes_its_rung_and_ends_below_the_start_counts_as_pruned_and_is_replaced(sketch_root,
+                                                                                                tmp_path):
+    [output] = run_study(tmp_path, late_fall_recipe(sketch_root))
+    found = metas(tmp_path)
+    start = next(iter(found.values()))["probe"]["val_acc"]
+    finished = {i: m for i, m in found.items() if not m["pruned"]}
+    late = {i: m for i, m in found.items() if m["pruned"]}
+    assert len(finished) == 2 and all(m["val_acc"] >= start for m in finished.values()), output
+    assert late and len(found) == len(finished) + len(late)  # each fallen draw was replaced by the next
+    for ingredient_id, meta in late.items():
+        first, *_, last = meta["val_history"]
+        assert first["rung"] == {"epoch": 1, "val_top1": first["val_top1"], "threshold": start, "rule": "start",
+                                 "pruned": False, "peers": None} and first["val_top1"] >= start
+        decision = meta["pruned"]
+        assert decision == last["rung"] and decision["epoch"] == 3 == len(meta["val_history"])
+        assert decision["val_top1"] == meta["val_acc"] < start and decision["threshold"] == start
+        recorded = json.loads(rung_file(tmp_path / "checkpoints" / "tiny", 3, ingredient_id).read_text())
+        assert recorded["decision"] == decision
+        path = tmp_path / "checkpoints" / "tiny" / ingredient_id / "model.safetensors"
+        assert plain_top1(read_checkpoint(path)) == meta["val_acc"]
+    assert (f"{len(late)} pruned of {len(found)} draws tried" in " ".join(output.split())
+            and f"{len(late)} of them ended below the start at their final epoch" in " ".join(output.split()))
+    with open(tmp_path / "checkpoints" / "tiny" / "summary.csv") as f:
+        assert {row["id"]: row["status"] for row in csv.DictReader(f)} == {
+            i: "pruned" if i in late else "finished" for i in found}
+
+
 def test_a_finished_draw_trains_the_same_weights_as_without_pruning(pruned_study, sketch_root, tmp_path):
     work, _ = pruned_study
     found = metas(work)
@@ -217,6 +254,39 @@ def test_kill_at_a_rung_then_resume_gives_the_same_decisions_and_weights(sketch_
         assert decision["peers"] >= 3
 
 
+@pytest.mark.parametrize("point", ["rung file", "state"])
+def test_a_kill_at_the_final_epochs_decision_resumes_to_the_same_sweep(sketch_root, tmp_path, monkeypatch, point):
+    recipe = late_fall_recipe(sketch_root)
+    (tmp_path / "whole").mkdir()
+    run_study(tmp_path / "whole", recipe)
+    expected = metas(tmp_path / "whole")
+    target = min(i for i, m in expected.items() if m["pruned"])
+    assert expected[target]["pruned"]["epoch"] == 3
+    work = tmp_path / "killed"
+    work.mkdir()
+    (work / "r.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(work)
+    decision_file = rung_file(work / "checkpoints" / "tiny", 3, target)
+    if point == "rung file":
+        fired = kill_after(monkeypatch, soup.train.prune, "write_text_atomic", lambda path, *_: path.resolve() == decision_file)
+    else:
+        fired = kill_after(monkeypatch, soup.train.loop, "save_state",
+                           lambda path, *rest: path.parent.name == target and rest[4] == 3)
+    killed = CliRunner().invoke(cli, ["train", "r.yaml"])
+    assert isinstance(killed.exception, Killed) and fired, killed.output
+    written = decision_file.stat().st_mtime_ns
+    monkeypatch.undo()
+    monkeypatch.chdir(work)
+    resumed = CliRunner().invoke(cli, ["train", "r.yaml", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert decision_file.stat().st_mtime_ns == written
+    got = metas(work)
+    assert list(got) == list(expected)
+    for ingredient_id, meta in expected.items():
+        assert got[ingredient_id]["pruned"] == meta["pruned"], ingredient_id
+        assert timeless(got[ingredient_id]["val_history"]) == timeless(meta["val_history"]), ingredient_id
+
+
 KILL_AT_RUNG = """
 import os, signal, sys
 from pathlib import Path
@@ -291,13 +361,18 @@ def test_prune_gain_benchmark_at_a_tiny_size(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     unpruned, pruned = study["unpruned"], study["pruned"]
     assert unpruned["draws"] == unpruned["finished"] == 2 and unpruned["epochs"] == 6
-    assert pruned["finished"] <= 2 and pruned["draws"] <= 4
-    # Finished draws train 3 epochs, pruned ones stop at the rung after 1.
-    assert pruned["epochs"] == 3 * pruned["finished"] + (pruned["draws"] - pruned["finished"])
+    assert pruned["finished"] <= 2 and pruned["draws"] <= 4 and pruned["above"] == pruned["finished"]
+    # Finished draws train 3 epochs; pruned ones stop at the rung after 1, or end below the start at epoch 3.
+    at_end = (pruned["epochs"] - 3 * pruned["finished"] - (pruned["draws"] - pruned["finished"])) / 2
+    assert at_end == int(at_end) and 0 <= at_end <= pruned["draws"] - pruned["finished"]
     assert re.search(rf"^unpruned +{unpruned['above']} of 2 +3\.00 +1\.00x", printed, re.M), printed
-    rate = pruned["epochs"] / pruned["finished"]
-    assert re.search(rf"^pruned +{pruned['above']} of {pruned['finished']} +{rate:.2f} +{rate / 3:.2f}x", printed,
-                     re.M), printed
+    if pruned["finished"]:
+        rate = pruned["epochs"] / pruned["finished"]
+        assert re.search(rf"^pruned +{pruned['above']} of {pruned['finished']} +{rate:.2f} +{rate / 3:.2f}x",
+                         printed, re.M), printed
+    else:
+        assert re.search(rf"^pruned +0 of 0 +no finished draw: {pruned['epochs']} epochs trained", printed,
+                         re.M), printed
 
 
 def test_summary_says_running_for_a_draw_with_a_state_and_no_checkpoint(pruned_study, tmp_path):

@@ -10,6 +10,7 @@ import click
 from soup.cook import sweeps
 from soup.cook.batchnorm import DEFAULT_IMAGES, check_images
 from soup.cook.best import check_best_request, cook_best
+from soup.cook.crossfit import DEFAULT_FOLDS
 from soup.cook.cooking import cook as cook_soup
 from soup.cook.methods import METHODS
 from soup.cook.registry import Option, SoupMethod
@@ -102,8 +103,12 @@ class MethodsCommand(click.Command):
 @click.option("--no-eval", is_flag=True, help="Average without data (uniform, stock, interpolate with one alpha).")
 @click.option("--force", is_flag=True, help="Allow ingredients with different starting weights.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing soup file (never an input or an ingredient).")
-@click.option("--best", is_flag=True, help="Cook every method that fits, keep the best on the selection set "
-              "(default output checkpoints/soups/best.safetensors) and compare them all on val.")
+@click.option("--best", is_flag=True, help="Compare every method that fits on data none of them selected on "
+              "(each part of the selection set is scored by soups the other parts chose), then cook the winner on all "
+              "of it (default output checkpoints/soups/best.safetensors).")
+@click.option("--folds", type=int, default=None, metavar="K",
+              help="--best: cross-fit on K parts of the selection set, each scored by what the others chose "
+              f"(default {DEFAULT_FOLDS}; 2: two halves).")
 @click.option("--plot", "plot_path", is_flag=False, flag_value="soups.png", default=None, metavar="[PNG]",
               help="Also write a picture of ingredients, greedy path and soups (default: soups.png beside "
               "the soup).")
@@ -113,8 +118,8 @@ class MethodsCommand(click.Command):
               help="Train images (at least 2; a fixed, seeded subset) on which each mixed weight set's BatchNorm statistics "
               "are re-estimated before it is scored or written; models without BatchNorm skip it.")
 @click.option("--no-bn-reset", is_flag=True, help="Keep the members' averaged BatchNorm statistics instead.")
-def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, best, plot_path, calibrate, bn_images,
-         no_bn_reset, **method_options):
+def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite, best, folds, plot_path, calibrate,
+         bn_images, no_bn_reset, **method_options):
     """Cook a soup of compatible checkpoints (default: every ingredient under checkpoints/).
 
     --interpolate takes B (interpolated from the starting weights) or A B as its checkpoints."""
@@ -131,15 +136,17 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     if best:
         check_best_request("method" in given, options)
         method = "best"
+    elif folds is not None:
+        raise SoupError("--folds goes with --best (the parts its methods are compared on); add --best or drop --folds")
     output = output or default_soup_file(method)
     png = (output.parent / plot_path if plot_path == "soups.png" else Path(plot_path)) if plot_path else None
     if png:  # a picture is redrawn freely, but never over a checkpoint: checked before cooking
         check_output(png, list(paths), overwrite=True, what="picture", roots=data_roots(found, data_root))
     if best:
-        verdict = BestVerdict(found, data_root)
+        verdict = BestVerdict()
         path = cook_best(found, output, None if no_eval else select_on, data_root, force, base.console,
                          calibrate=calibrate, overwrite=overwrite, on_candidate=verdict, bn_images=bn_images,
-                         named=list(paths))
+                         k=DEFAULT_FOLDS if folds is None else folds, named=list(paths))
     else:
         path = cook_soup(method, found, output, None if no_eval else select_on, data_root, force, base.console,
                          options=options, calibrate=calibrate, overwrite=overwrite, bn_images=bn_images,
@@ -149,8 +156,7 @@ def cook(method, paths, output, data_root, select_on, no_eval, force, overwrite,
     record = read_checkpoint(path).record
     cooked = [c for c in found if c.name in (record.method.candidates or [])]  # cook() leaves pruned draws out
     if best:
-        verdict.ingredients = cooked
-        verdict.report(record.method.get("best")["winner"], select_on, base.console)
+        verdict.report(record.method.get("best")["winner"], base.console)
     if png:
         soups = [c for c in find_checkpoints([path.parent], warn=warn) if c.kind != "ingredient"]
         plot_checkpoints([c for c in cooked if c.kind == "ingredient"] + soups, png, select_on, data_root,

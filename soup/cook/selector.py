@@ -24,11 +24,13 @@ class Selector:
     def __init__(self, template: Checkpoint, split: str = "val", root: str | Path | None = None,
                  device: torch.device | None = None, batch_size: int = 128, num_workers: int = 0,
                  use_cache: bool = True, members: list[Checkpoint] | None = None, bn_images: int | None = None,
-                 console: Console | None = None, reset: StatsReset | None = None):
+                 console: Console | None = None, reset: StatsReset | None = None, subset: list[int] | None = None,
+                 label: str | None = None):
         """`members` with `bn_images`: re-estimate BatchNorm statistics no member supplies as they are on
-        that many train images (None: keep them as mixed); `reset`: share another selector's."""
-        self.template, self.split = template, split
-        self.evaluator = Evaluator(split, root, device, batch_size, num_workers, use_cache)
+        that many train images (None: keep them as mixed); `reset`: share another selector's. `subset`: the
+        positions in the split of the only images it scores, and `label` what the methods call them."""
+        self.template, self.split = template, label or split
+        self.evaluator = Evaluator(split, root, device, batch_size, num_workers, use_cache, subset)
         self.device = self.evaluator.device
         data = self.evaluator.data_for(template)
         self.root, self.loader = str(data.root), data.loader

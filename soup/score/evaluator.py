@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from soup.data.folders import load_split
 from soup.errors import SoupError
@@ -39,8 +39,10 @@ class Evaluator:
     """Evaluates checkpoints on one split, building each data pipeline once."""
 
     def __init__(self, split: str = "val", root: str | Path | None = None, device: torch.device | None = None,
-                 batch_size: int = 128, num_workers: int = 0, use_cache: bool = True):
-        self.split, self.root = split, root
+                 batch_size: int = 128, num_workers: int = 0, use_cache: bool = True, subset: list[int] | None = None):
+        """`subset`: positions in the split of the only images scored, in that order (e.g. one half of val
+        that `soup cook --best` cross-fits on); None: the whole split."""
+        self.split, self.root, self.subset = split, root, subset
         self.device = device or resolve_device()
         self.batch_size, self.num_workers = batch_size, num_workers
         self.use_cache = use_cache
@@ -55,6 +57,8 @@ class Evaluator:
                tuple(checkpoint.classes))
         if key not in self._data:
             dataset = load_split(cfg, self.split, root=root, classes=checkpoint.classes)
+            if self.subset is not None:
+                dataset = Subset(dataset, self.subset)
             self._data[key] = SplitData(make_loader(dataset, self.batch_size, self.num_workers, self.device),
                                         self.split, root)
         return self._data[key]

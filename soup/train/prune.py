@@ -1,6 +1,8 @@
 """Pruning a search (`search.prune`): at each rung epoch, after that epoch's val pass, a draw stops when its
 val top-1 is below its probed start's (`start`) or below the median of its peers' at that rung (`median`,
 once at least MIN_PEERS other draws reached it), and the sweep driver (soup.train.sweep) draws the next one.
+Under the `start` rule the final epoch is judged too: a draw that ends below its start counts as pruned (its
+decision recorded as at a rung, with the final epoch) and is replaced, so every finished draw is at or above it.
 
 Every decision is a file, `<out>/<name>/rungs/epoch-<E>/<id>.json`, written atomically once (val top-1,
 threshold, rule, pruned or not) before the epoch's state is saved. The `median` rule reads its peers' files
@@ -108,7 +110,7 @@ def at_rung(run, record: dict) -> dict:
     """What the epoch's record of `run` (soup.train.loop.Run) gains at a rung ({"rung": decision}); nothing
     off the rungs or without pruning. Rank 0 decides (it alone writes files) and tells the other ranks."""
     ingredient = run.ingredient
-    if ingredient.prune is None or record["epoch"] not in ingredient.prune.rungs:
+    if ingredient.prune is None or record["epoch"] not in judged_epochs(ingredient):
         return {}
     main = distributed.world().main
 
@@ -121,6 +123,14 @@ def at_rung(run, record: dict) -> dict:
         run.console.print(f"  {run.ingredient.id}: [yellow]{Rung.parse(decision).describe()}[/]; the next draw takes "
                           "its place")
     return {"rung": decision}
+
+
+def judged_epochs(ingredient: Ingredient) -> list[int]:
+    """The epochs a draw is judged at: its rungs, and under the `start` rule its final epoch too, so that a
+    draw that passed its rungs and then fell below the start does not finish as if it kept the promise."""
+    prune = ingredient.prune
+    final = [ingredient.recipe.train.epochs] if prune.rule == "start" else []
+    return sorted(set(prune.rungs + final))
 
 
 def stopped(history: list[dict]) -> Rung | None:

@@ -85,6 +85,9 @@ def compute_line(records: list[Record], wanted: int, drawn: int) -> str:
     short = (f"; only {len(finished)} of the {wanted} wanted: every one of search.max_trials ({drawn}) was tried, "
              "raise it or narrow the space") if len(finished) < wanted else ""
     ratio = f", {trained / unpruned:.2f}x the {unpruned}" if unpruned else ""
+    # The start rule judges the final epoch too (soup.train.prune): such a draw trained to the end, saving nothing.
+    at_end = sum(r.pruned.epoch == r.recipe["train"]["epochs"] for r in pruned)
+    end = f"; {at_end} of them ended below the start at their final epoch" if at_end else ""
     return (f"search: {len(finished)} finished, {len(pruned)} pruned of {len(records)} draws tried{short}; "
             f"compute: {trained} epochs trained{ratio} that {len(finished)} finished draws take unpruned; stopping "
-            f"the {len(pruned)} pruned draws at their rung saved {saved} epochs")
+            f"the {len(pruned)} pruned draws at their rung saved {saved} epochs{end}")
