@@ -122,7 +122,7 @@ def test_cross_fitting_picks_another_method_than_the_split_the_methods_selected_
     assert state_close(best.state_dict(), alone.state_dict())
     top1 = plain_scores(best)["top1"]
     assert best.meta["selection"]["top1"] == top1
-    assert f"best soup: {top1:.2%} on val (the selection set)" in said
+    assert f": {top1:.2%} on val (the selection set)" in said  # the "wrote" line of best.safetensors
     # The ingredient val picks is cross-fitted too: the best on one half predicts the other.
     picked = torch.zeros(len(targets), dtype=torch.bool)
     for chosen, scored in ((first, second), (second, first)):

@@ -39,13 +39,15 @@ def test_wise_ft_from_a_probed_start_to_a_soup_in_the_default_layout(probed_work
     a_side = {k: (b[k] if k.startswith("head.") else start[k]) for k in b}
     sweep = wise.meta["interpolation"]["sweep"]
     assert [s["alpha"] for s in sweep] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    said = " ".join(result.output.split())
+    assert "interpolate (start -> uniform) on val: alpha 0 " in said
     for step in sweep:
         alpha = step["alpha"]
         by_hand = {k: ((1 - alpha) * a_side[k].double() + alpha * b[k].double()).float() for k in b}
         assert all(torch.allclose(by_hand[k], weighted_average([(a_side, 1 - alpha), (b, alpha)])[k], atol=1e-6)
                    for k in b)
         assert step["top1"] == plain_top1(soup, by_hand), alpha  # the printed figure, recomputed plainly
-        assert f"alpha {alpha:g} (start -> uniform): {step['top1']:.2%} on val" in result.output
+        assert f"alpha {alpha:g} {step['top1']:.2%}" in said  # one line: "(start -> uniform) on val: alpha 0 ..."
     alpha = wise.meta["interpolation"]["alpha"]
     assert alpha == max(sweep, key=lambda s: s["top1"])["alpha"]
     weights = wise.state_dict()

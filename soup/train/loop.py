@@ -1,8 +1,8 @@
 """Training: one ingredient per resolved recipe, read top to bottom (a whole sweep: soup.train.sweep).
 
-`train_ingredient` sets a run up (data, model, optimizer, data path), resumes it if asked, trains epoch
-by epoch and finishes (checkpoint, metrics.json, state removed); the lock and DDP are context managers
-around it. Every epoch the full training state is saved atomically (`state.pt`, soup.train.state), so a killed
+`train_ingredient` sets a run up (data, model, optimizer and lr schedule from soup.train.schedule, data
+path), resumes it if asked, trains epoch by epoch and finishes (checkpoint, metrics.json, state removed);
+the lock and DDP are context managers around it. Every epoch the full training state is saved atomically (`state.pt`, soup.train.state), so a killed
 run resumes where it was (`soup train --resume`) and ends with the same weights as an uninterrupted one:
 the data order and the mixup draws of each epoch depend only on (seed, rank, epoch), and RNG states
 travel with the state. The lr follows soup.train.schedule per optimizer step; label smoothing, mixup/cutmix
@@ -39,7 +39,7 @@ from soup.models.inference import resolve_device
 from soup.models.precision import choose_autocast, explicit_attention, unfused_attention_modules
 from soup.models.records import Probe, Record, Start
 from soup.models.runs import INGREDIENT_FILE, OUT_DIR, STATE_FILE, ingredient_dir
-from soup.recipe.spec import Ingredient, Recipe, TrainConfig
+from soup.recipe.spec import Ingredient, Recipe
 from soup.text import first_time
 from soup.train import logs, prune, schedule
 from soup.train.probe import KIND as PROBE, load_probe, probe_file, probe_ingredient
@@ -49,15 +49,6 @@ from soup.train.state import (ingredient_lock, is_finished, remove_stale_temps, 
 HEARTBEAT_S = 300  # without a terminal (no bar), the least time between two epoch lines of one run
 CHECK_EVERY = 200  # steps between reads of the losses (NaN check, progress); each read waits for the device
 DIVERGED = re.compile(r"overflow|\bnan\b|\binf\b|non-finite", re.IGNORECASE)  # a step failing on its numbers
-
-
-def make_optimizer(t: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    params = [p for g in groups for p in g["params"]]
-    # One fused kernel per step instead of a loop over tensors; only where every tensor is on a GPU.
-    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, **fused)
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, **fused)
 
 
 def lr_factor(recipe: Recipe, epoch: int) -> float:
@@ -206,7 +197,7 @@ def set_up(ingredient: Ingredient, run_dir: Path, console: Console, use_cache: b
              f"classes, {device}")
 
     model.to(device)
-    optimizer = make_optimizer(t, schedule.param_groups(model, t))
+    optimizer = schedule.make_optimizer(t, schedule.param_groups(model, t))
     amp_dtype, amp_why = choose_autocast(t.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # Each rank's pipeline batches its share of the global batch; checkpoints keep the recipe as written.
