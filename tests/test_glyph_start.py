@@ -20,9 +20,11 @@ from soup.cli import cli
 from soup.data.glyphs import generate_glyphs, glyph_templates
 from soup.errors import SoupError
 from soup.models.checkpoint import find_checkpoints
+from soup.models.starts import GLYPH_START, glyph_start
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "soup" / "assets" / "glyph_vit.safetensors"
+assert GLYPH_START == ASSET
 TINY = ["--classes", "6", "--per-class", "8", "--val-per-class", "2", "--image-size", "16", "--patch-size", "4",
         "--width", "16", "--depth", "1", "--heads", "2", "--epochs", "2", "--batch-size", "16", "--threads", "1"]
 
@@ -113,11 +115,12 @@ def test_the_shipped_start_reaches_the_accuracy_it_records(script):
 
 
 def test_soup_fine_tunes_from_the_shipped_start(small_sketch_root, tmp_path):
+    start = glyph_start()
     record, _ = _shipped()
+    assert (start.weights, start.kwargs, start.sha256) == (ASSET, record["kwargs"], record["sha256"])
     recipe = {"name": "from_start",
-              "data": {"root": str(small_sketch_root), "image_size": record["data"]["image_size"]},
-              "model": {"backbone": record["backbone"], "pretrained": False, "weights": str(ASSET),
-                        "kwargs": record["kwargs"], "freeze": 0.5, "probe": {"epochs": 1, "lr": 1.0e-3}},
+              "data": {"root": str(small_sketch_root), "image_size": start.image_size},
+              "model": start.model_section(freeze=0.5, probe={"epochs": 1, "lr": 1.0e-3}),
               "train": {"epochs": 1, "batch_size": 8, "optimizer": "adamw", "lr": 1.0e-4, "amp": "off",
                         "num_workers": 0, "device": "cpu", "log": "none"}}
     path = tmp_path / "recipe.yaml"
