@@ -102,9 +102,9 @@ def _ingredients(out: Path, size: Size, console: Console) -> tuple[list, Path]:
     """Steps 1-2: the fine-tuning data, then a pruned random search from the probed shipped start."""
     start = glyph_start()
     console.rule("1. the shipped start and a shifted domain")
-    console.print(f"start: the glyph ViT soup ships (DinoV2's architecture, {start.image_size} px, pretrained "
-                  f"on 600 procedural glyph classes, {start.val_top1:.1%} top-1 on them); fine-tuned on "
-                  f"{len(CLASSES)} sketch shapes on smudged pages it never saw, {size.train_per_class} a class")
+    console.print(f"start: the glyph ViT soup ships (DinoV2's architecture, {start.image_size} px), pretrained on "
+                  f"600 procedural glyph classes; tuned on {len(CLASSES)} sketch shapes it never saw, "
+                  f"{size.train_per_class} a class")
     target_root = out / "data"
     if not (target_root / "val_images").is_dir():
         generate_sketches(target_root, CLASSES, size.train_per_class, size.val_per_class, 40, seed=2,
@@ -175,8 +175,11 @@ def _stranger(ingredient, target_root: Path, size: Size, ckpts: Path, console: C
     console.rule("5. soups need a shared start")
     # Two epochs: enough to leave its random start, and the demo's time goes to the ingredients.
     recipe = _recipe("stranger", target_root, replace(size, epochs=2), weights=None, init_seed=7)
-    [(_, stranger)] = train_recipe(recipe_from_dict(recipe), ckpts, console=console, resume=True)
+    # Its set-up lines would repeat the ingredients' (same data path): one line says what it is.
+    [(_, stranger)] = train_recipe(recipe_from_dict(recipe), ckpts, console=Console(quiet=True), resume=True)
     pair = [ingredient, read_checkpoint(stranger)]
+    console.print(f"stranger/00: the same ViT from a random init, fine-tuned {recipe['train']['epochs']} epochs on "
+                  f"the same pages: val {pair[1].meta['val_acc']:.2%}")
     print_inspection(pair_geometry(pair), console)
     try:
         cook("uniform", pair, ckpts / "stranger" / "refused.safetensors", None, console=console)
