@@ -142,6 +142,11 @@ def test_demo_end_to_end_small(tmp_path, monkeypatch):
     assert "no picture" not in result.output
     assert result.output.count("TensorBoard is not installed") == 1, result.output
     assert "refused, as it should be" in result.output
+    # Issue 33: the mission's path, the shipped ViT's frozen prefix cached for the ingredients and the regime said.
+    said = " ".join(result.output.split())
+    assert "data path: prefix cache: 4 blocks" in said and "training runs blocks 4-5 + head" in said, said
+    assert "the glyph ViT soup ships" in said and "600 procedural glyph classes" in said
+    assert "probed start probe-" in said and said.count("probed start probe-") == 1
     greedy = read_checkpoint(tmp_path / "demo" / "checkpoints" / "soups" / "greedy.safetensors")
     ingredient_scores = [s["top1"] for s in greedy.meta["steps"]]
     assert greedy.meta["selection"]["split"] == "holdout"

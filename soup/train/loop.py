@@ -162,8 +162,9 @@ def ensure_probe(recipe: Recipe, out: str | Path, console: Console, use_cache: b
     trained_before = probe_file(recipe, out).exists()
     path = train_ingredient(item, out, console, resume=True, use_cache=use_cache, kind=PROBE)
     acc = read_checkpoint(path).record.val_acc
-    console.print(f"  probed start {item.id}: frozen backbone + linear head, val acc {acc:.2%}"
-                  f"{' (trained earlier, reused)' if trained_before else ''}")
+    if first_time(f"probed start {item.id}"):  # once per command: a search's draws share one probe
+        console.print(f"  probed start {item.id}: frozen backbone + linear head, val acc {acc:.2%}"
+                      f"{' (trained earlier, reused)' if trained_before else ''}")
     return {"id": item.id, "path": path, "val_acc": acc}
 
 
