@@ -3,5 +3,5 @@ atomically with their metadata (checkpoint; its weights checked finite as they a
 typed as records, parsed once at read and dumped once at write (records), checked field by field where it
 is read (metadata), and running a model: the device's precision and
 autocast (precision), torchrun ranks (distributed), batched prediction and its scores
-(inference, metrics).
+(inference, metrics); the start soup ships, pretrained by the project (starts).
 """
