@@ -237,10 +237,9 @@ def summary(index: int, split: dict, finished: int) -> None:
             f"start (probe) {top1(start):.2%}" if start is not None else "no probe",
             f"finished draws {finished} of {split['drawn']} drawn, {split['above_start']} at or above the start on test"
             if start is not None else f"finished draws {finished}"]
-    for name in ("greedy", best, "ensemble"):
+    for label, name in (("greedy", "greedy"), (f"best soup {best}", best), ("ensemble", "ensemble")):
         d = difference(split[name]["outcome"], base)
-        said.append(f"{name if name != best else 'best soup ' + name} {d['diff'] * 100:+.2f} "
-                    f"[{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}]")
+        said.append(f"{label} {d['diff'] * 100:+.2f} [{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}]")
     print("  " + "; ".join(said), flush=True)
 
 
