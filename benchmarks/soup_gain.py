@@ -5,6 +5,15 @@ on val, over whole studies repeated with different seeds.
     python benchmarks/soup_gain.py --studies 1      # one study, a quick look
     python benchmarks/soup_gain.py --backbone timm:test_resnet   # BatchNorm: every method with and without
                                                                  # the BatchNorm reset, in one run
+    python benchmarks/soup_gain.py --backbone glyph-vit --train-per-class 40 --epochs 20 --freeze 0.5 \
+        --page 40 --prune-at 10 --best-folds 2 4     # the shipped start (issue 33): ~7 minutes a study
+
+With `--backbone glyph-vit` step 2 below is replaced: the start is the file soup ships (docs/start.md), a
+ViT pretrained on stroke characters the sketches never show, fine-tuned with start_worth.py's recipe
+(LP-FT, crop_hflip, AdamW with a cosine; chosen on another draw of the sketches) and a search over lr,
+weight decay, label smoothing and seed, pruned by the start rule with --prune-at. `--best-folds` adds the
+soup each way of choosing among methods picks (issue 33 section 5): the best on the val every method
+selected on, and `soup cook --best` cross-fitted on K parts of val.
 
 Each study, seeded by its index:
 1. Data made hard enough that ingredients disagree, and not the tests' data: the 16 sketch shapes on
