@@ -5,6 +5,15 @@ on val, over whole studies repeated with different seeds.
     python benchmarks/soup_gain.py --studies 1      # one study, a quick look
     python benchmarks/soup_gain.py --backbone timm:test_resnet   # BatchNorm: every method with and without
                                                                  # the BatchNorm reset, in one run
+    python benchmarks/soup_gain.py --backbone glyph-vit --train-per-class 40 --epochs 20 --freeze 0.5 \
+        --page 40 --prune-at 10 --best-folds 2 4     # the shipped start (issue 33): ~7 minutes a study
+
+With `--backbone glyph-vit` step 2 below is replaced: the start is the file soup ships (docs/start.md), a
+ViT pretrained on stroke characters the sketches never show, fine-tuned with start_worth.py's recipe
+(LP-FT, crop_hflip, AdamW with a cosine; chosen on another draw of the sketches) and a search over lr,
+weight decay, label smoothing and seed, pruned by the start rule with --prune-at. `--best-folds` adds the
+soup each way of choosing among methods picks (issue 33 section 5): the best on the val every method
+selected on, and `soup cook --best` cross-fitted on K parts of val.
 
 Each study, seeded by its index:
 1. Data made hard enough that ingredients disagree, and not the tests' data: the 16 sketch shapes on
@@ -47,7 +56,7 @@ from rich.console import Console  # noqa: E402
 
 import soup.cook.batchnorm  # noqa: E402
 from soup.cook.batchnorm import DEFAULT_IMAGES  # noqa: E402
-from soup.cook.best import candidate_methods  # noqa: E402
+from soup.cook.best import candidate_methods, cook_best  # noqa: E402
 from soup.cook.cooking import cook  # noqa: E402
 from soup.data.sketches import generate_sketches  # noqa: E402
 from soup.judge.evaluate import ensemble_logits  # noqa: E402
@@ -56,7 +65,18 @@ from soup.models.precision import cpu_flags_line  # noqa: E402
 from soup.recipe.spec import recipe_from_dict  # noqa: E402
 from soup.score.compare import difference  # noqa: E402
 from soup.score.evaluator import Evaluator, predictions  # noqa: E402
+from soup.models.starts import glyph_start  # noqa: E402
+from soup.train.probe import probe_file  # noqa: E402
 from soup.train.sweep import train_recipe  # noqa: E402
+
+GLYPH_VIT = "glyph-vit"  # the shipped start (soup/assets/glyph_vit.safetensors, docs/start.md)
+# At the shipped start the augmentation is start_worth.py's choice (crop_hflip); the draws differ in lr,
+# weight decay, label smoothing and seed.
+GLYPH_SPACE = {
+    "train.weight_decay": {"choice": [0.0, 0.01, 0.05]},
+    "train.label_smoothing": {"uniform": [0.0, 0.2]},
+    "train.seed": {"randint": [0, 999]},
+}
 
 # Method variants beside each registered method's defaults: name -> (method, options).
 VARIANTS: dict[str, tuple[str, dict]] = {"hyperplane": ("learned", {"hyperplane": True}),
@@ -82,6 +102,34 @@ def train_section(epochs: int, lr: float) -> dict:
             "lr_drop_epoch": max(2, epochs - 1), "amp": "off", "num_workers": 0}
 
 
+def study_recipe(args, index: int, root: Path, pre_root: Path, out: Path, console: Console):
+    """The study's search recipe. From today's weak start: a start pretrained here on clean pages of the
+    same shapes. From the shipped glyph ViT (`--backbone glyph-vit`): that file, with the fine-tuning recipe
+    benchmarks/start_worth.py chose on another draw of the sketches (LP-FT, cosine, crop_hflip, label
+    smoothing), and the start rule pruning draws that end below the probed start."""
+    if args.backbone == GLYPH_VIT:
+        start = glyph_start()
+        model = start.model_section(freeze=args.freeze, probe={"epochs": 50, "lr": 3e-3, "optimizer": "adamw"})
+        train = {**train_section(args.epochs, 3e-3), "schedule": "cosine", "warmup_epochs": 1,
+                 "label_smoothing": 0.1}
+        del train["lr_drop_epoch"]
+        search = {"space": {"train.lr": {"loguniform": list(args.lr)}, **GLYPH_SPACE}}
+        if args.prune_at:
+            search |= {"prune": {"rule": "start", "at": args.prune_at}, "max_trials": args.trials + args.refills}
+        data = {"root": str(root), "image_size": start.image_size, "augment": "crop_hflip"}
+    else:
+        pretrain = {"name": "pretrain", "data": {"root": str(pre_root), "image_size": args.image_size},
+                    "model": model_section(args), "train": train_section(args.pretrain_epochs, 2e-3)}
+        [(_, weights)] = train_recipe(recipe_from_dict(pretrain), out, console=console, resume=True)
+        model = model_section(args, weights=str(weights), freeze=args.freeze,
+                              probe={"epochs": 4, "lr": 1e-2, "optimizer": "adamw"})
+        train = train_section(args.epochs, 1e-3)
+        search = {"space": {"train.lr": {"loguniform": list(args.lr)}, **SPACE}}
+        data = {"root": str(root), "image_size": args.image_size}
+    return recipe_from_dict({"name": "study", "data": data, "model": model, "train": train,
+                             "search": {"trials": args.trials, "seed": index, **search}})
+
+
 def study(args, index: int, work: Path, console: Console) -> dict:
     """One whole study; returns per test split, per method its test predictions, cooking time and scorings."""
     root, pre_root = work / "data", work / "pretrain"
@@ -91,23 +139,17 @@ def study(args, index: int, work: Path, console: Console) -> dict:
         if not (test_roots[split] / "val_images").is_dir():  # a kept --work folder already holds it
             generate_sketches(test_roots[split], args.classes, 1, args.test_per_class, 1, args.page,
                               seed=seed + index, distorted=True)
-    if not (pre_root / "val_images").is_dir():
+    if not (root / "val_images").is_dir():
         generate_sketches(root, args.classes, args.train_per_class, args.val_per_class, 1, args.page,
                           seed=100 + index, distorted=True)
+    if args.backbone != GLYPH_VIT and not (pre_root / "val_images").is_dir():
         # The start: clean pages of the same shapes, as a pretrained backbone has seen clean images.
         generate_sketches(pre_root, args.classes, args.pretrain_per_class, 5, 0, args.page, seed=200 + index)
     out = work / "checkpoints"
-    pretrain = {"name": "pretrain", "data": {"root": str(pre_root), "image_size": args.image_size},
-                "model": model_section(args), "train": train_section(args.pretrain_epochs, 2e-3)}
-    [(_, start)] = train_recipe(recipe_from_dict(pretrain), out, console=console, resume=True)
-    recipe = {"name": "study", "data": {"root": str(root), "image_size": args.image_size},
-              "model": model_section(args, weights=str(start), freeze=args.freeze,
-                                     probe={"epochs": 4, "lr": 1e-2, "optimizer": "adamw"}),
-              "train": train_section(args.epochs, 1e-3),
-              "search": {"trials": args.trials, "seed": index,
-                         "space": {"train.lr": {"loguniform": list(args.lr)}, **SPACE}}}
-    train_recipe(recipe_from_dict(recipe), out, console=console, resume=True)
-    ingredients = find_checkpoints([out / "study"], kinds={"ingredient"})
+    recipe = study_recipe(args, index, root, pre_root, out, console)
+    train_recipe(recipe, out, console=console, resume=True)
+    drawn = find_checkpoints([out / "study"], kinds={"ingredient"})
+    ingredients = [c for c in drawn if c.record.pruned is None]  # as `soup cook` leaves pruned draws out
 
     tests = {split: Evaluator("val", test_root) for split, test_root in test_roots.items()}
     val = Evaluator("val", root)
@@ -117,7 +159,8 @@ def study(args, index: int, work: Path, console: Console) -> dict:
           + " ".join(f"{v:.1%}" for v in val_scores), flush=True)
     best = max(range(len(ingredients)), key=lambda i: (val_scores[i], -i))
     picked = ingredients[best]
-    results = {split: {"picked_name": picked.name} for split in tests}
+    results = {split: {"picked_name": picked.name, "drawn": len(drawn), "start_name": probe_name(recipe, out)}
+               for split in tests}
     for split, test in tests.items():
         # Each ingredient's test logits once: the picked one's figures and the ensemble both read them.
         test_logits = [test.logits(c) for c in ingredients]
@@ -125,9 +168,17 @@ def study(args, index: int, work: Path, console: Console) -> dict:
         logits, _ = ensemble_logits([(c, member_logits) for c, (member_logits, _) in zip(ingredients, test_logits)])
         results[split]["ensemble"] = {"outcome": predictions(logits, test_logits[0][1], picked.classes),
                                       "seconds": 0.0, "scored": None}
-    methods = {name: (name, {}) for name in candidate_methods()} | VARIANTS
+        start = probe_path(recipe, out)
+        results[split]["start"] = None if start is None else predictions(*test.logits(read_checkpoint(start)),
+                                                                          picked.classes)
+        results[split]["above_start"] = (
+            None if start is None else
+            sum(predictions(*lg, picked.classes).correct.double().mean().item()
+                >= results[split]["start"].correct.double().mean().item() for lg in test_logits))
+    glyph = args.backbone == GLYPH_VIT  # no BatchNorm: the reset changes nothing; variants skipped for time
+    methods = {name: (name, {}) for name in candidate_methods()} | ({} if glyph else VARIANTS)
     for name, (method, options) in methods.items():
-        for reset in (True, False):
+        for reset in ((True,) if glyph else (True, False)):
             row = name if reset else f"{name}, no BN reset"
             path = out / "soups" / f"{row}.safetensors"
             started = time.perf_counter()
@@ -146,7 +197,59 @@ def study(args, index: int, work: Path, console: Console) -> dict:
                 results[split][row] = {"outcome": predictions(*test.logits(cooked), cooked.classes),
                                        "seconds": seconds, "scored": scored,
                                        "members": len(cooked.meta.get("members", []))}
+    protocols(args, ingredients, root, out, tests, results, console)
+    summary(index, results["fresh"], len(ingredients))
     return results
+
+
+def protocols(args, ingredients: list, root: Path, out: Path, tests: dict, results: dict, console) -> None:
+    """Issue 33 section 5 on this benchmark's test splits: the method whose soup scores best on the val it
+    selected on ("same split"), and `soup cook --best` cross-fitted on K parts of val (--best-folds)."""
+    cooked = [n for n in results["fresh"] if n in candidate_methods()]
+    if not args.best_folds or not cooked:
+        return
+    val_of = {n: read_checkpoint(out / "soups" / f"{n}.safetensors").meta["selection"]["top1"] for n in cooked}
+    same = max(cooked, key=lambda n: val_of[n])  # ties: the earlier method
+    for split in tests:
+        results[split]["protocols"] = {"same split": (same, results[split][same]["outcome"])}
+    for k in args.best_folds:
+        path = cook_best(ingredients, out / "soups" / f"best-{k}.safetensors", "val", root, console=console,
+                         overwrite=True, k=k)
+        best = read_checkpoint(path)
+        for split, test in tests.items():
+            results[split]["protocols"][f"--best, {k} folds"] = (
+                best.meta["best"]["winner"], predictions(*test.logits(best), best.classes))
+
+
+def probe_path(recipe, out: Path) -> Path | None:
+    path = probe_file(recipe, out)
+    return path if path is not None and path.is_file() else None
+
+
+def probe_name(recipe, out: Path) -> str:
+    path = probe_path(recipe, out)
+    return "no probe" if path is None else path.name
+
+
+def top1(outcome) -> float:
+    return outcome.correct.double().mean().item()
+
+
+def summary(index: int, split: dict, finished: int) -> None:
+    """One study's headline on the fresh test split: gains over the val-picked ingredient, paired intervals."""
+    base = split["picked"]["outcome"]
+    soups = [n for n in split if isinstance(split[n], dict) and "outcome" in split[n]
+             and n not in ("picked", "ensemble") and split[n]["outcome"] is not None]
+    best = max(soups, key=lambda n: top1(split[n]["outcome"]))
+    start = split.get("start")
+    said = [f"study {index} (fresh test): picked {top1(base):.2%}",
+            f"start (probe) {top1(start):.2%}" if start is not None else "no probe",
+            f"finished draws {finished} of {split['drawn']} drawn, {split['above_start']} at or above the start on test"
+            if start is not None else f"finished draws {finished}"]
+    for label, name in (("greedy", "greedy"), (f"best soup {best}", best), ("ensemble", "ensemble")):
+        d = difference(split[name]["outcome"], base)
+        said.append(f"{label} {d['diff'] * 100:+.2f} [{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}]")
+    print("  " + "; ".join(said), flush=True)
 
 
 def timed_resets() -> None:
@@ -180,7 +283,13 @@ def report(studies: list[dict], split: str) -> None:
           f"({', '.join(s['picked_name'] for s in studies)})")
     print(f"{'method':<32} {'test top-1':>10} {'Δ points':>9} {'95% CI (paired, pooled)':>24}  per study"
           f"{'':>14} {'time s':>7} {'members':>7} {'scored':>6}")
-    names = [n for n in studies[0] if n not in ("picked", "picked_name")]
+    names = [n for n in studies[0] if isinstance(studies[0][n], dict) and "outcome" in studies[0][n]
+             and n != "picked"]
+    if all(s.get("start") is not None for s in studies):
+        d = difference(pooled([s["start"] for s in studies]), base)
+        print(f"probed start: test top-1 {top1(pooled([s['start'] for s in studies])):.2%}, "
+              f"{d['diff'] * 100:+.2f} points from the picked ingredient; finished draws at or above it on test: "
+              + ", ".join(f"{s['above_start']}" for s in studies))
     for name in names:
         if not all(name in s and s[name]["outcome"] is not None for s in studies):
             continue
@@ -195,6 +304,13 @@ def report(studies: list[dict], split: str) -> None:
               f"{' '.join(format(p * 100, '+.2f') for p in per):<22} {seconds:>7.2f} "
               f"{'/'.join(str(m) for m in members if m is not None):>7} "
               f"{'/'.join(str(x) for x in scored if x is not None):>6}  (p={d['p']:.3f})")
+    if "protocols" in studies[0]:
+        print("\nchoosing the soup (issue 33 section 5): the pick of each protocol, test minus the val-picked ingredient")
+        for protocol in studies[0]["protocols"]:
+            chosen = [s["protocols"][protocol] for s in studies]
+            d = difference(pooled([o for _, o in chosen]), base)
+            print(f"  {protocol:<20} {d['diff'] * 100:>+6.2f} points [{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}]"
+                  f"  picks {', '.join(m for m, _ in chosen)}")
     # The issue's targets compare methods with greedy itself: the same test images, paired.
     greedy = pooled([s["greedy"]["outcome"] for s in studies])
     print("\nagainst greedy (paired, pooled over the studies' test images):")
@@ -206,7 +322,7 @@ def report(studies: list[dict], split: str) -> None:
               f"(p={d['p']:.3f})")
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", type=int, default=3)
     parser.add_argument("--classes", type=int, default=16)
@@ -221,20 +337,33 @@ def main() -> None:
     # timm's norm-free test network: no BatchNorm statistics to average (the paper's soups are ViTs with
     # LayerNorm), and unlike timm's tiny test ViT and ConvNeXt it learns sketch shapes from scratch in a few
     # CPU epochs: 74% on clean pages after 8 (test_vit and test_convnext stayed near chance in that budget).
-    parser.add_argument("--backbone", default="timm:test_nfnet")
-    parser.add_argument("--lr", type=float, nargs=2, default=[5.0e-4, 2.0e-3])
+    parser.add_argument("--backbone", default="timm:test_nfnet",
+                        help=f"a timm spec, pretrained here on clean pages; or {GLYPH_VIT!r}: the shipped start")
+    parser.add_argument("--lr", type=float, nargs=2, default=None,
+                        help="the search's lr band (default 5e-4 2e-3; at glyph-vit 1.5e-3 6e-3, around 3e-3)")
+    parser.add_argument("--prune-at", type=int, nargs="*", default=[],
+                        help="glyph-vit: rung epochs of the start rule (it also judges the final epoch)")
+    parser.add_argument("--refills", type=int, default=4, help="with --prune-at: draws beyond --trials")
+    parser.add_argument("--best-folds", type=int, nargs="*", default=[],
+                        help="also report `soup cook --best` cross-fitted on these K, and the same-split pick")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--page", type=int, default=64, help="smallest side of the generated pages (px)")
     parser.add_argument("--work", type=Path, default=None,
                         help="work folder, kept: a rerun with the same settings reuses its data and ingredients "
                              "and cooks again (default: a temporary folder, removed)")
     parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.lr is None:
+        args.lr = [1.5e-3, 6.0e-3] if args.backbone == GLYPH_VIT else [5.0e-4, 2.0e-3]
     torch.set_num_threads(max(1, torch.get_num_threads()))
     console = Console(quiet=not args.verbose, highlight=False)
     print(f"CPU: {cpu_flags_line()}; torch {torch.__version__}; {args.studies} studies x {args.trials} "
           f"ingredients; {args.classes} classes, {args.train_per_class} train / {args.val_per_class} val / "
-          f"{args.test_per_class} test images per class at {args.image_size} px", flush=True)
+          f"{args.test_per_class} test images per class; regime: "
+          + (f"the shipped start {glyph_start().weights.name} (sha256 {glyph_start().sha256[:12]}) at "
+             f"{glyph_start().image_size} px, freeze {args.freeze}" if args.backbone == GLYPH_VIT else
+             f"{args.backbone} pretrained here on clean pages at {args.image_size} px, freeze {args.freeze}"),
+          flush=True)
     timed_resets()
     work = args.work or Path(tempfile.mkdtemp(prefix="soup_gain_"))
     started = time.perf_counter()
@@ -256,6 +385,7 @@ def main() -> None:
     else:
         print("\nBatchNorm reset: no weight set needed one (a model without BatchNorm)")
     print(f"total: {math.ceil(time.perf_counter() - started)} s")
+    return studies
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from soup.cli import cli
 from soup.errors import SoupError
+from soup.models.starts import glyph_start
 from soup.recipe.search import MAX_INGREDIENTS, draw_trials
 from soup.recipe.spec import expand_sweep, load_recipe, recipe_from_dict
 
@@ -151,13 +152,22 @@ def test_cli_list_and_one_ingredient_of_a_search(tmp_path):
 
 
 @pytest.mark.parametrize("name,trials", [("dinov2_search.yaml", 16), ("tiny_search.yaml", 16)])
-def test_shipped_search_recipes_load_and_list(name, trials):
+def test_shipped_search_recipes_load_and_list(name, trials, monkeypatch):
+    monkeypatch.chdir(RECIPES.parent)  # tiny_search's start is named from soup's source tree
     recipe = load_recipe(RECIPES / name)
     assert recipe.search.trials == trials and recipe.model.probe is not None
-    assert set(recipe.search.space) >= {"train.lr", "train.weight_decay", "train.label_smoothing", "data.augment",
-                                        "train.seed"}
+    assert set(recipe.search.space) >= {"train.lr", "train.weight_decay", "train.label_smoothing", "train.seed"}
     ingredients = expand_sweep(recipe)
     drawn = recipe.search.max_trials or trials  # a pruned search lists every draw it may try
-    assert len(ingredients) == drawn and len({i.recipe.data.augment for i in ingredients}) > 1
+    assert len(ingredients) == drawn and len({i.recipe.train.lr for i in ingredients}) > drawn // 2
+    assert recipe.search.prune is not None and recipe.search.prune.rule == "start"
     result = CliRunner().invoke(cli, ["train", str(RECIPES / name), "--list"])
     assert result.exit_code == 0 and len(result.output.splitlines()) == drawn
+
+
+def test_tiny_search_starts_from_the_shipped_start(monkeypatch):
+    """The CPU search recipe fine-tunes the start soup ships, with the architecture its weights fit."""
+    monkeypatch.chdir(RECIPES.parent)
+    recipe, start = load_recipe(RECIPES / "tiny_search.yaml"), glyph_start()
+    assert Path(recipe.model.weights).resolve() == start.weights and recipe.model.kwargs == start.kwargs
+    assert f"{recipe.model.backbone}" == start.backbone and recipe.data.image_size == start.image_size
