@@ -3,7 +3,7 @@
     python benchmarks/whole_study.py                 # on a GPU: the reference recipe's shape (below)
     python benchmarks/whole_study.py --arch tiny --image-size 28 --classes 4 --train-per-class 6 \\
         --val-per-class 3 --test-images 5 --epochs 1 --ingredients 2 --batch-size 8 --amp off
-                                                     # CPU, seconds: what tests/test_whole_study.py runs
+                                                     # CPU, seconds: what tests/benchmarks/test_whole_study.py runs
 
 The reference recipe's shape (recipes/dinov2_f75.yaml): DinoV2's ViT-B/14 architecture at 224 px (timm's
 port, random weights: none can be downloaded here), freeze 0.75, SGD lr 5e-3 momentum 0.9 dropping tenfold

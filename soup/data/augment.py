@@ -30,7 +30,7 @@ one `torch.where`; the crops are torchvision's RandomResizedCrop boxes resampled
 that drew it (RandAugment: at most 2 x 23 batched calls whatever the batch size). The draws use the
 global CPU RNG, so each batch makes them inside `fork_rng` seeded from `generator`: reproducible, and
 training's own RNG stream (dropout, ...) is left where it was. The policies' replay relies on
-torchvision's `_apply_image_or_video_transform` (tests/test_augment.py checks it against the public
+torchvision's `_apply_image_or_video_transform` (tests/data/test_augment.py checks it against the public
 transforms, image by image).
 """
 

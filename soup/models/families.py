@@ -13,7 +13,7 @@ soup.ship.export about timm names and `soup train` about the data keys a recipe 
             a cut falls between blocks or between stages, before or after a merging
   blocks    any other backbone with one stack named `blocks`: layer decay only (no known stem to cut at)
 
-Adding a family: one `Family` subclass here, listed in FAMILIES, plus a test (tests/test_families.py).
+Adding a family: one `Family` subclass here, listed in FAMILIES, plus a test (tests/models/test_families.py).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ _AT_FDCWD = -100
 
 
 def _reached(point: str) -> None:
-    """A point of the swap; tests/test_hostile_ship.py kills the process here to check what a kill leaves."""
+    """A point of the swap; tests/ship/test_hostile_ship.py kills the process here to check what a kill leaves."""
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -15,7 +15,7 @@ from soup.train import logs
 
 from conftest import tiny_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OFF = "logs: TensorBoard is not installed"
 
 

@@ -16,7 +16,7 @@ from soup.recipe.spec import expand_sweep, load_recipe, recipe_from_dict
 
 from conftest import tiny_recipe
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 SPACE = {
     "train.lr": {"loguniform": [1.0e-4, 1.0e-2]},

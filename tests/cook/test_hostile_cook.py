@@ -18,7 +18,7 @@ from soup.models.checkpoint import read_checkpoint, rewrite_metadata, save_check
 
 from conftest import ingredient_path, one_error_line, run_study, tiny_recipe
 
-DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
+DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs")
 
 
 @pytest.fixture(scope="module")

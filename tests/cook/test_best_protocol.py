@@ -169,7 +169,7 @@ def test_best_refuses_a_split_too_small_to_cut(tmp_path):
 
 
 def test_best_protocol_benchmark_at_a_tiny_size(tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import best_protocol
     tiny = ["--studies", "1", "--classes", "4", "--train-per-class", "6", "--test-per-class", "4", "--trials", "3",
             "--epochs", "2", "--pretrain-epochs", "1", "--pretrain-per-class", "6", "--image-size", "32", "--page",

@@ -24,7 +24,7 @@ from soup.train.loop import train_ingredient
 
 from conftest import run_files, tiny_recipe, tiny_vit_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _env() -> dict:

@@ -30,7 +30,7 @@ from soup.train.state import ingredient_lock
 
 from conftest import state_close, tiny_recipe, tiny_vit_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def vit_recipe(root, epochs=6, **train):

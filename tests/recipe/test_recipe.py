@@ -11,7 +11,7 @@ from soup.train.sweep import select_ingredients
 
 from conftest import tiny_recipe
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 @pytest.mark.parametrize("name", ["dinov2_f75.yaml", "swinv2_base.yaml", "tiny_cpu.yaml"])

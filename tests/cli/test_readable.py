@@ -1,7 +1,7 @@
 """Issue 33, "what a newcomer reads": at 80 columns `soup train`, `cook` and `eval` of a 12-ingredient search
 fit a screen or so, name the ingredients by short ids with their settings in a legend, and never wrap a
 long name over two lines; a loop prints one line when it ends, not one per step. (The demo's own budget is
-checked in tests/test_cli_flow.py.)"""
+checked in tests/cli/test_cli_flow.py.)"""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from soup.train.state import METRICS_KEYS, ingredient_lock, save_state
 
 from conftest import run_files, tiny_recipe
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 META = {"kind": "ingredient", "recipe": {}, "backbone": "b", "classes": ["a"], "start_fingerprint": "f"}
 
 

@@ -10,7 +10,7 @@ from soup.models.starts import glyph_start
 from soup.score.compare import difference
 from soup.score.evaluator import Evaluator
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def test_soup_gain_at_the_shipped_start(tmp_path, capsys, monkeypatch):

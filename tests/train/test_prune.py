@@ -29,7 +29,7 @@ from conftest import one_error_line, plain_top1, run_study, state_close, tiny_re
 
 # An lr band from fine (1e-4) to far too high for AdamW on this model (0.3): the high draws fall below the
 # probed start in their first epoch, the low ones end above it.
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SPACE = {"train.lr": {"loguniform": [1.0e-4, 0.3]}}
 PROBE = {"backbone": "timm:test_resnet", "pretrained": False, "probe": {"epochs": 2, "lr": 0.01}}
 
@@ -314,7 +314,7 @@ def test_a_real_kill_9_right_after_a_rung_decision_resumes_to_the_same_sweep(ske
     work.mkdir()
     (work / "r.yaml").write_text(yaml.safe_dump(recipe))
     decision_file = rung_file(work / "checkpoints" / "tiny", expected[target]["pruned"]["epoch"], target)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     killed = subprocess.run([sys.executable, "-c", KILL_AT_RUNG, str(decision_file)], cwd=work, env=env,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from soup.cli import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_command_help_ends_with_an_existing_page():

@@ -24,7 +24,7 @@ from soup.train.logs import write_summary
 
 from conftest import ingredient_path, invoke_with_console, one_error_line, run_study, tiny_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

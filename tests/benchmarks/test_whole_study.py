@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--arch", "tiny", "--image-size", "28", "--classes", "4", "--train-per-class", "6", "--val-per-class", "3",
         "--test-images", "5", "--page", "32", "--epochs", "1", "--batch-size", "8", "--amp", "off",
         "--workers", "0", "--ingredients", "2", "--device", "cpu"]

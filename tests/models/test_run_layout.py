@@ -10,7 +10,7 @@ from pathlib import Path
 
 from soup.models import runs
 
-PACKAGE = Path(__file__).resolve().parents[1] / "soup"
+PACKAGE = Path(__file__).resolve().parents[2] / "soup"
 # Names only a run folder uses ("model.safetensors" is also timm's and the Hub's weights file: not checked).
 RUN_NAMES = {runs.STATE_FILE, runs.LOCK_FILE, runs.METRICS_FILE, runs.SUMMARY_FILE, runs.SOUPS_FILE,
              runs.LOGS_LOCK, runs.RUNGS_DIR}

@@ -15,7 +15,7 @@ import textwrap
 import tokenize
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "soup"
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
@@ -319,3 +319,15 @@ def test_models_names_no_soup_method():
              for mention in _method_mentions(path.read_text(encoding="utf-8"), names)]
     assert not found, "soup/models/ names soup methods (declare a method's fields beside it in soup/cook): " + \
         "; ".join(found)
+
+
+# Tests live by the stage they test (tests/<stage>/), beside the entry points' (cli/), the package's own shape
+# and docs (package/) and the benchmark scripts' (benchmarks/): a newcomer finds a stage's tests by its name.
+TEST_FOLDERS = set(STAGES) | {"cli", "package", "benchmarks"}
+
+
+def test_tests_are_arranged_by_stage():
+    tests = ROOT / "tests"
+    misplaced = [str(p.relative_to(ROOT)) for p in sorted(tests.rglob("test_*.py"))
+                 if p.parent == tests or p.parent.name not in TEST_FOLDERS or p.parent.parent != tests]
+    assert not misplaced, "tests outside tests/<stage>/: " + ", ".join(misplaced)

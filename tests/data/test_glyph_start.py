@@ -22,7 +22,7 @@ from soup.errors import SoupError
 from soup.models.checkpoint import find_checkpoints
 from soup.models.starts import GLYPH_START, glyph_start
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ASSET = ROOT / "soup" / "assets" / "glyph_vit.safetensors"
 assert GLYPH_START == ASSET
 TINY = ["--classes", "6", "--per-class", "8", "--val-per-class", "2", "--image-size", "16", "--patch-size", "4",

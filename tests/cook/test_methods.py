@@ -55,7 +55,7 @@ def test_learned_soup_of_one_ingredient_returns_it(ingredients, tmp_path):
 
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_learned_coefficients_sum_to_one_and_make_the_soup(ingredients, tmp_path, per_layer):
-    # The mix itself, every tensor Σ cᵢθᵢ: the BatchNorm reset after it is tests/test_batchnorm.py's.
+    # The mix itself, every tensor Σ cᵢθᵢ: the BatchNorm reset after it is tests/cook/test_batchnorm.py's.
     path = cook("learned", ingredients, tmp_path / "l.safetensors", "val", console=quiet,
                 options={"per_layer": per_layer, "epochs": 2, "lr": 0.5}, bn_images=None)
     soup = read_checkpoint(path)
