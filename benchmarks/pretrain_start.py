@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soup.data.glyphs import generate_glyphs  # noqa: E402
-from soup.models.checkpoint import atomic_path, write_text_atomic  # noqa: E402
+from soup.models.files import atomic_path, write_text_atomic  # noqa: E402
 
 ARCH = "vit_small_patch14_dinov2"
 ASSET = Path(__file__).resolve().parents[1] / "soup" / "assets" / "glyph_vit.safetensors"
