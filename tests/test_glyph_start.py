@@ -82,7 +82,7 @@ def test_the_pretraining_script_rebuilds_the_same_weights_from_its_seed(script, 
     record = json.loads((tmp_path / "a.json").read_text())
     assert record["sha256"] == hashlib.sha256((tmp_path / "a.safetensors").read_bytes()).hexdigest()
     assert record["arguments"]["seed"] == 0 and record["torch"] == torch.__version__
-    assert len(record["history"]) == 2 and record["seconds"] > 0
+    assert len(record["history"]) == 2 and record["seconds"] >= 0  # rounded: a tiny run may take under 0.05 s
     assert "wrote" in capsys.readouterr().out
 
 
