@@ -182,7 +182,14 @@ def provenance(args, weights: Path, reached: dict) -> dict:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    state, reached = pretrain(args)
+    # Called in-process (the tests), the run leaves torch's threads, determinism and RNG as it found them.
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            state, reached = pretrain(args)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     with atomic_path(args.out) as tmp:
         save_file(state, str(tmp))
     record = provenance(args, args.out, reached)

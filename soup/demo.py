@@ -181,7 +181,7 @@ def _stranger(ingredient, target_root: Path, size: Size, ckpts: Path, console: C
     [(_, stranger)] = train_recipe(recipe_from_dict(recipe), ckpts, console=Console(quiet=True), resume=True)
     pair = [ingredient, read_checkpoint(stranger)]
     console.print(f"stranger/00: the same ViT from a random init, fine-tuned {recipe['train']['epochs']} epochs on "
-                  f"the same pages: val {pair[1].meta['val_acc']:.2%}")
+                  f"the same pages: val {pair[1].record.val_acc:.2%}")
     print_inspection(pair_geometry(pair), console)
     try:
         cook("uniform", pair, ckpts / "stranger" / "refused.safetensors", None, console=console)
@@ -202,16 +202,17 @@ def _soup_table(soups: dict[str, Path], console: Console) -> None:
     """Every soup in one table: its members (with their weights where they differ) and its score on the
     selection set that chose it; `soup inspect SOUP` prints any soup's steps."""
     checkpoints = {method: read_checkpoint(path) for method, path in soups.items()}
-    labels = short_names(member["name"] for c in checkpoints.values() for member in c.meta["members"])
+    labels = short_names(member.name for c in checkpoints.values() for member in c.record.method.members)
     table = Table(title="the soups", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for column in ("soup", "holdout *", "members (weights where they differ)"):
         table.add_column(column, justify="right" if column == "holdout *" else "left")
     for method, checkpoint in checkpoints.items():
-        meta, members = checkpoint.meta, checkpoint.meta["members"]
-        same = max(m["weight"] for m in members) - min(m["weight"] for m in members) < 1e-6 and "start_weight" not in meta
-        said = ", ".join(labels[m["name"]] + ("" if same else f" {m['weight']:.2f}") for m in members)
-        said += f", start {meta['start_weight']:.2f}" if "start_weight" in meta else ""
-        table.add_row(method, f"{meta['selection']['top1']:.2%}", escape(said))
+        record = checkpoint.record
+        members, start = record.method.members, record.method.get("start_weight")
+        same = max(m.weight for m in members) - min(m.weight for m in members) < 1e-6 and start is None
+        said = ", ".join(labels[m.name] + ("" if same else f" {m.weight:.2f}") for m in members)
+        said += f", start {start:.2f}" if start is not None else ""
+        table.add_row(method, f"{record.selection.top1:.2%}", escape(said))
     console.print(table)
     console.print(f"* on the held-out slice that chose them: optimistic. Written to {soups['greedy'].parent}/.")
 

@@ -74,6 +74,7 @@ def test_a_bad_glyph_request_is_one_error():
 
 
 def test_the_pretraining_script_rebuilds_the_same_weights_from_its_seed(script, tmp_path, capsys):
+    threads = torch.get_num_threads()
     first = script.main(TINY + ["--out", str(tmp_path / "a.safetensors")])
     again = script.main(TINY + ["--out", str(tmp_path / "b.safetensors")])
     other = script.main(TINY + ["--out", str(tmp_path / "c.safetensors"), "--seed", "1"])
@@ -84,6 +85,8 @@ def test_the_pretraining_script_rebuilds_the_same_weights_from_its_seed(script, 
     assert record["arguments"]["seed"] == 0 and record["torch"] == torch.__version__
     assert len(record["history"]) == 2 and record["seconds"] >= 0  # rounded: a tiny run may take under 0.05 s
     assert "wrote" in capsys.readouterr().out
+    # The rest of the session keeps its torch settings.
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
 
 
 def _shipped():
