@@ -3,6 +3,12 @@
 
     python benchmarks/prune_gain.py                  # 2 studies, rung 5, CPU, about 10 minutes alone on 2 cores
     python benchmarks/prune_gain.py --studies 1      # one study, a quick look
+    python benchmarks/prune_gain.py --backbone glyph-vit --train-per-class 40 --epochs 20 --freeze 0.5 \
+        --page 40 --at 10 --lr 3e-4 3e-2       # the shipped start (issue 33): soup_gain.py's glyph-vit search
+
+With `--backbone glyph-vit` there is no start pretrained here: the start is the file soup ships
+(docs/start.md), fine-tuned with soup_gain.py's glyph-vit recipe (LP-FT, crop_hflip, a cosine; the space
+over lr, weight decay, label smoothing and seed) at its own 28 px.
 
 Each study, seeded by its index, is soup_gain.py's (distorted sketch pages, a start pretrained on clean
 pages, a probed start, a quarter of the backbone frozen), with an lr band wide enough to hold draws that
@@ -34,12 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rich.console import Console  # noqa: E402
 
-from soup_gain import SPACE, model_section, pooled, train_section  # noqa: E402
+from soup_gain import GLYPH_VIT, SPACE, glyph_recipe, model_section, pooled, train_section  # noqa: E402
 from soup.cook.cooking import cook  # noqa: E402
 from soup.data.sketches import generate_sketches  # noqa: E402
 from soup.judge.evaluate import ensemble_logits  # noqa: E402
 from soup.models.checkpoint import find_checkpoints, read_checkpoint  # noqa: E402
 from soup.models.precision import cpu_flags_line  # noqa: E402
+from soup.models.starts import glyph_start  # noqa: E402
 from soup.recipe.spec import recipe_from_dict  # noqa: E402
 from soup.score.compare import difference  # noqa: E402
 from soup.score.evaluator import Evaluator, predictions  # noqa: E402
@@ -50,35 +57,39 @@ MODES = ("unpruned", "pruned")
 
 def make_data(args, index: int, work: Path) -> tuple[Path, Path, Path]:
     root, test_root, pre_root = work / "data", work / "test", work / "pretrain"
-    if not (pre_root / "val_images").is_dir():  # a kept --work folder already holds them
+    if not (test_root / "val_images").is_dir():  # a kept --work folder already holds them
         generate_sketches(root, args.classes, args.train_per_class, args.val_per_class, 1, args.page,
                           seed=100 + index, distorted=True)
         generate_sketches(test_root, args.classes, 1, args.test_per_class, 1, args.page, seed=300 + index,
                           distorted=True)
-        generate_sketches(pre_root, args.classes, args.pretrain_per_class, 5, 0, args.page, seed=200 + index)
+        if args.backbone != GLYPH_VIT:  # the shipped start needs no pages of its own
+            generate_sketches(pre_root, args.classes, args.pretrain_per_class, 5, 0, args.page, seed=200 + index)
     return root, test_root, pre_root
 
 
-def sweep_recipe(args, index: int, root: Path, start: Path, mode: str) -> dict:
-    search = {"trials": args.trials, "seed": index, "space": {"train.lr": {"loguniform": list(args.lr)}, **SPACE}}
+def sweep_recipe(args, index: int, root: Path, start: Path | None, mode: str) -> dict:
+    search = {"trials": args.trials, "seed": index}
     if mode == "pruned":
         search |= {"max_trials": args.max_trials, "prune": {"rule": args.rule, "at": args.at}}
     # The pruned sweep's folder names its rule and rungs: a kept --work folder holds one per setting.
     name = mode if mode == "unpruned" else f"pruned-{args.rule}-at{'-'.join(map(str, args.at))}"
+    if args.backbone == GLYPH_VIT:
+        return glyph_recipe(args, root, name, search)
     return {"name": name, "data": {"root": str(root), "image_size": args.image_size},
             "model": model_section(args, weights=str(start), freeze=args.freeze,
                                    probe={"epochs": 4, "lr": 1e-2, "optimizer": "adamw"}),
-            "train": train_section(args.epochs, 1e-3), "search": search}
+            "train": train_section(args.epochs, 1e-3),
+            "search": {"space": {"train.lr": {"loguniform": list(args.lr)}, **SPACE}, **search}}
 
 
 def measure(name: str, out: Path, root: Path, test_root: Path, console: Console) -> dict:
     """One sweep's figures: finished draws, those at or above the start, epochs, and test outcomes."""
     everything = find_checkpoints([out / name], kinds={"ingredient"})
-    finished = [c for c in everything if not c.meta.get("pruned")]
-    start = everything[0].meta["probe"]["val_acc"]
+    finished = [c for c in everything if c.record.pruned is None]
+    start = everything[0].record.probe.val_acc
     counts = {"draws": len(everything), "finished": len(finished), "start": start,
-              "above": sum(c.meta["val_acc"] >= start for c in finished),
-              "epochs": sum(len(c.meta["val_history"]) for c in everything)}
+              "above": sum(c.record.val_acc >= start for c in finished),
+              "epochs": sum(len(c.record.history) for c in everything)}
     if not finished:  # the start rule judges the final epoch too: every draw may end pruned
         return {**counts, "picked": None, "greedy": None, "greedy_members": 0, "ensemble": None}
     val, test = Evaluator("val", root), Evaluator("val", test_root)
@@ -93,16 +104,17 @@ def measure(name: str, out: Path, root: Path, test_root: Path, console: Console)
     return {**counts,
             "picked": predictions(*test_logits[best], classes),
             "greedy": predictions(*test.logits(soup), soup.classes),
-            "greedy_members": len(soup.meta["members"]),
+            "greedy_members": len(soup.record.members),
             "ensemble": predictions(logits, test_logits[0][1], classes)}
 
 
 def study(args, index: int, work: Path, console: Console) -> dict:
     root, test_root, pre_root = make_data(args, index, work)
-    out = work / "checkpoints"
-    pretrain = {"name": "pretrain", "data": {"root": str(pre_root), "image_size": args.image_size},
-                "model": model_section(args), "train": train_section(args.pretrain_epochs, 2e-3)}
-    [(_, start)] = train_recipe(recipe_from_dict(pretrain), out, console=console, resume=True)
+    out, start = work / "checkpoints", None
+    if args.backbone != GLYPH_VIT:  # a start pretrained here on clean pages of the same shapes
+        pretrain = {"name": "pretrain", "data": {"root": str(pre_root), "image_size": args.image_size},
+                    "model": model_section(args), "train": train_section(args.pretrain_epochs, 2e-3)}
+        [(_, start)] = train_recipe(recipe_from_dict(pretrain), out, console=console, resume=True)
     results = {}
     for mode in MODES:
         recipe = recipe_from_dict(sweep_recipe(args, index, root, start, mode))
@@ -157,7 +169,8 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--pretrain-epochs", type=int, default=8)
     parser.add_argument("--pretrain-per-class", type=int, default=60)
-    parser.add_argument("--backbone", default="timm:test_nfnet")
+    parser.add_argument("--backbone", default="timm:test_nfnet",
+                        help=f"a timm spec, pretrained here on clean pages; or {GLYPH_VIT!r}: the shipped start")
     # soup_gain's band (5e-4..2e-3) widened on both sides: draws too cold to leave the start and too hot to stay.
     parser.add_argument("--lr", type=float, nargs=2, default=[1.0e-4, 2.0e-2])
     parser.add_argument("--image-size", type=int, default=64)
@@ -175,7 +188,10 @@ def main(argv=None) -> list[dict]:
     print(f"CPU: {cpu_flags_line()}; torch {torch.__version__}; {args.studies} studies; search.trials "
           f"{args.trials}, max_trials {args.max_trials}, prune {args.rule} at {args.at}; lr {args.lr[0]:g}..{args.lr[1]:g}; "
           f"{args.classes} classes, {args.train_per_class} train / {args.val_per_class} val / {args.test_per_class} "
-          f"test images per class at {args.image_size} px", flush=True)
+          f"test images per class; regime: "
+          + (f"the shipped start {glyph_start().weights.name} (sha256 {glyph_start().sha256[:12]}) at "
+             f"{glyph_start().image_size} px" if args.backbone == GLYPH_VIT else
+             f"{args.backbone} pretrained here on clean pages at {args.image_size} px"), flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="prune_gain_"))
     started = time.perf_counter()
     studies = []

@@ -102,31 +102,36 @@ def train_section(epochs: int, lr: float) -> dict:
             "lr_drop_epoch": max(2, epochs - 1), "amp": "off", "num_workers": 0}
 
 
+def glyph_recipe(args, root: Path, name: str, search: dict) -> dict:
+    """A search from the shipped glyph ViT, with the fine-tuning recipe benchmarks/start_worth.py chose on
+    another draw of the sketches (LP-FT, cosine, crop_hflip, label smoothing); `search` adds trials, seed
+    and pruning to the space (lr band, weight decay, label smoothing, seed)."""
+    start = glyph_start()
+    model = start.model_section(freeze=args.freeze, probe={"epochs": 50, "lr": 3e-3, "optimizer": "adamw"})
+    train = {**train_section(args.epochs, 3e-3), "schedule": "cosine", "warmup_epochs": 1, "label_smoothing": 0.1}
+    del train["lr_drop_epoch"]
+    return {"name": name, "data": {"root": str(root), "image_size": start.image_size, "augment": "crop_hflip"},
+            "model": model, "train": train,
+            "search": {"space": {"train.lr": {"loguniform": list(args.lr)}, **GLYPH_SPACE}, **search}}
+
+
 def study_recipe(args, index: int, root: Path, pre_root: Path, out: Path, console: Console):
     """The study's search recipe. From today's weak start: a start pretrained here on clean pages of the
-    same shapes. From the shipped glyph ViT (`--backbone glyph-vit`): that file, with the fine-tuning recipe
-    benchmarks/start_worth.py chose on another draw of the sketches (LP-FT, cosine, crop_hflip, label
-    smoothing), and the start rule pruning draws that end below the probed start."""
+    same shapes. From the shipped glyph ViT (`--backbone glyph-vit`): glyph_recipe, with the start rule
+    pruning draws that end below the probed start."""
     if args.backbone == GLYPH_VIT:
-        start = glyph_start()
-        model = start.model_section(freeze=args.freeze, probe={"epochs": 50, "lr": 3e-3, "optimizer": "adamw"})
-        train = {**train_section(args.epochs, 3e-3), "schedule": "cosine", "warmup_epochs": 1,
-                 "label_smoothing": 0.1}
-        del train["lr_drop_epoch"]
-        search = {"space": {"train.lr": {"loguniform": list(args.lr)}, **GLYPH_SPACE}}
+        search = {"trials": args.trials, "seed": index}
         if args.prune_at:
             search |= {"prune": {"rule": "start", "at": args.prune_at}, "max_trials": args.trials + args.refills}
-        data = {"root": str(root), "image_size": start.image_size, "augment": "crop_hflip"}
-    else:
-        pretrain = {"name": "pretrain", "data": {"root": str(pre_root), "image_size": args.image_size},
-                    "model": model_section(args), "train": train_section(args.pretrain_epochs, 2e-3)}
-        [(_, weights)] = train_recipe(recipe_from_dict(pretrain), out, console=console, resume=True)
-        model = model_section(args, weights=str(weights), freeze=args.freeze,
-                              probe={"epochs": 4, "lr": 1e-2, "optimizer": "adamw"})
-        train = train_section(args.epochs, 1e-3)
-        search = {"space": {"train.lr": {"loguniform": list(args.lr)}, **SPACE}}
-        data = {"root": str(root), "image_size": args.image_size}
-    return recipe_from_dict({"name": "study", "data": data, "model": model, "train": train,
+        return recipe_from_dict(glyph_recipe(args, root, "study", search))
+    pretrain = {"name": "pretrain", "data": {"root": str(pre_root), "image_size": args.image_size},
+                "model": model_section(args), "train": train_section(args.pretrain_epochs, 2e-3)}
+    [(_, weights)] = train_recipe(recipe_from_dict(pretrain), out, console=console, resume=True)
+    model = model_section(args, weights=str(weights), freeze=args.freeze,
+                          probe={"epochs": 4, "lr": 1e-2, "optimizer": "adamw"})
+    search = {"space": {"train.lr": {"loguniform": list(args.lr)}, **SPACE}}
+    data = {"root": str(root), "image_size": args.image_size}
+    return recipe_from_dict({"name": "study", "data": data, "model": model, "train": train_section(args.epochs, 1e-3),
                              "search": {"trials": args.trials, "seed": index, **search}})
 
 
