@@ -127,9 +127,10 @@ def _run_demo(out: Path, console: Console, small: bool) -> dict:
     size = SMALL if small else FULL
 
     # A rerun reuses what an earlier run of the same size finished (--resume); another size, or a demo
-    # from before the shipped start (its ingredients have other ids and another start), would mix.
+    # from before the shipped start or from another version of it (its ingredients have another start), would mix.
     marker = out / "demo.json"
-    version = {"small": small, "ingredients": "search", "data": "distorted16", "start": "glyph vit"}
+    version = {"small": small, "ingredients": "search", "data": "distorted16",
+               "start": f"glyph vit {glyph_start().sha256[:12]}"}
     if marker.exists() and json.loads(marker.read_text()) != version:
         raise SoupError(f"{out} holds a demo of another size or version; remove it or choose another --out")
     write_text_atomic(marker, json.dumps(version) + "\n")

@@ -173,3 +173,14 @@ def test_demo_end_to_end_small(tmp_path, monkeypatch):
     p = re.search(r"McNemar p=(\S+):", match.group(0)).group(1)
     noise = float(match.group(2)) <= 0 <= float(match.group(3)) or p != "<0.001" and float(p) >= 0.05
     assert match.group(4).startswith("a tie within noise") == noise
+
+
+def test_a_demo_folder_from_another_start_is_refused(tmp_path):
+    """Ingredients fine-tuned from an earlier shipped start must not mix with this one's on a rerun."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.json").write_text(json.dumps({"small": True, "ingredients": "search", "data": "distorted16",
+                                               "start": "glyph vit"}) + "\n")
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--small"])
+    assert result.exit_code == 2 and "holds a demo of another size or version" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (out / "checkpoints").exists()
