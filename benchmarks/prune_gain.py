@@ -47,7 +47,7 @@ from soup.judge.evaluate import ensemble_logits  # noqa: E402
 from soup.models.checkpoint import find_checkpoints, read_checkpoint  # noqa: E402
 from soup.models.precision import cpu_flags_line  # noqa: E402
 from soup.models.starts import glyph_start  # noqa: E402
-from soup.recipe.spec import recipe_from_dict  # noqa: E402
+from soup.recipe.spec import AUGMENTS, recipe_from_dict  # noqa: E402
 from soup.score.compare import difference  # noqa: E402
 from soup.score.evaluator import Evaluator, predictions  # noqa: E402
 from soup.train.sweep import train_recipe  # noqa: E402
@@ -169,6 +169,8 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--pretrain-epochs", type=int, default=8)
     parser.add_argument("--pretrain-per-class", type=int, default=60)
+    parser.add_argument("--augments", nargs="+", choices=AUGMENTS, default=["crop_hflip"],
+                        help="glyph-vit: data.augment, or the search's choices when several")
     parser.add_argument("--backbone", default="timm:test_nfnet",
                         help=f"a timm spec, pretrained here on clean pages; or {GLYPH_VIT!r}: the shipped start")
     # soup_gain's band (5e-4..2e-3) widened on both sides: draws too cold to leave the start and too hot to stay.

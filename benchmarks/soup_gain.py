@@ -62,7 +62,7 @@ from soup.data.sketches import generate_sketches  # noqa: E402
 from soup.judge.evaluate import ensemble_logits  # noqa: E402
 from soup.models.checkpoint import find_checkpoints, read_checkpoint  # noqa: E402
 from soup.models.precision import cpu_flags_line  # noqa: E402
-from soup.recipe.spec import recipe_from_dict  # noqa: E402
+from soup.recipe.spec import AUGMENTS, recipe_from_dict  # noqa: E402
 from soup.score.compare import difference  # noqa: E402
 from soup.score.evaluator import Evaluator, predictions  # noqa: E402
 from soup.models.starts import glyph_start  # noqa: E402
@@ -110,9 +110,11 @@ def glyph_recipe(args, root: Path, name: str, search: dict) -> dict:
     model = start.model_section(freeze=args.freeze, probe={"epochs": 50, "lr": 3e-3, "optimizer": "adamw"})
     train = {**train_section(args.epochs, 3e-3), "schedule": "cosine", "warmup_epochs": 1, "label_smoothing": 0.1}
     del train["lr_drop_epoch"]
-    return {"name": name, "data": {"root": str(root), "image_size": start.image_size, "augment": "crop_hflip"},
-            "model": model, "train": train,
-            "search": {"space": {"train.lr": {"loguniform": list(args.lr)}, **GLYPH_SPACE}, **search}}
+    space = {"train.lr": {"loguniform": list(args.lr)}, **GLYPH_SPACE}
+    if len(args.augments) > 1:  # the model-soups paper's ingredients differ in augmentation too
+        space["data.augment"] = {"choice": list(args.augments)}
+    return {"name": name, "data": {"root": str(root), "image_size": start.image_size, "augment": args.augments[0]},
+            "model": model, "train": train, "search": {"space": space, **search}}
 
 
 def study_recipe(args, index: int, root: Path, pre_root: Path, out: Path, console: Console):
@@ -346,6 +348,8 @@ def main(argv=None) -> list[dict]:
                         help=f"a timm spec, pretrained here on clean pages; or {GLYPH_VIT!r}: the shipped start")
     parser.add_argument("--lr", type=float, nargs=2, default=None,
                         help="the search's lr band (default 5e-4 2e-3; at glyph-vit 1.5e-3 6e-3, around 3e-3)")
+    parser.add_argument("--augments", nargs="+", choices=AUGMENTS, default=["crop_hflip"],
+                        help="glyph-vit: data.augment, or the search's choices when several")
     parser.add_argument("--prune-at", type=int, nargs="*", default=[],
                         help="glyph-vit: rung epochs of the start rule (it also judges the final epoch)")
     parser.add_argument("--refills", type=int, default=4, help="with --prune-at: draws beyond --trials")
