@@ -25,12 +25,18 @@ def judged(select, state_dict: dict) -> tuple[dict, Predictions | None]:
     return judge(state_dict) if judge else (select(state_dict), None)
 
 
+# What a candidate must not worsen on the selection set: the paper's accuracy, or the cross-entropy, whose
+# finer steps still tell mixes apart where a small held-out set ties them on accuracy (one image each).
+CRITERIA = ("top1", "loss")
+
+
 @dataclass(eq=False)
 class Ranked:
     top1: float
     checkpoint: Checkpoint
     outcome: Predictions | None
     logits: torch.Tensor | None = None  # selection-set logits, kept only where a method asks (guided)
+    loss: float | None = None
 
 
 def rank(ingredients: list[Checkpoint], select, console: Console, keep_logits: bool = False) -> list[Ranked]:
@@ -46,7 +52,7 @@ def rank(ingredients: list[Checkpoint], select, console: Console, keep_logits: b
                     (result, outcome), logits = judged(select, checkpoint.state_dict()), None
             except NonFiniteLogits as err:  # the selector knows its template, not which ingredient it scored
                 raise err.named(str(checkpoint.path)) from None
-            ranked.append(Ranked(result["top1"], checkpoint, outcome, logits))
+            ranked.append(Ranked(result["top1"], checkpoint, outcome, logits, result.get("loss")))
             advance()
     ranked.sort(key=lambda item: -item.top1)  # stable: ties keep the order given
     labels = short_names(item.checkpoint.name for item in ranked)
@@ -65,6 +71,8 @@ class Greedy:
     top1: float
     outcome: Predictions | None
     scored: int = 0  # weight sets scored on the selection set, the ingredients' own included
+    loss: float | None = None
+    criterion: str = "top1"  # one of CRITERIA
 
     def members(self) -> list[tuple[Checkpoint, float]]:
         return [(c, 1.0 / len(self.kept)) for c in self.kept]
@@ -72,18 +80,21 @@ class Greedy:
 
 def try_candidate(soup: Greedy, candidate: Checkpoint, select, extra: dict | None = None) -> dict:
     """The paper's rule: add `candidate` if the uniform average with it scores at least the soup so far
-    (`>=`, so a soup never falls below its best ingredient on the selection set). Returns the step."""
+    (`>=`, so a soup never falls below its best ingredient on the selection set); by the soup's criterion
+    "loss", if its cross-entropy is at most the soup's so far. Returns the step."""
     trial = weighted_average([(c, 1.0 / (len(soup.kept) + 1)) for c in soup.kept + [candidate]])
     result, outcome = judged(select, trial)
     soup.scored += 1
     acc = result["top1"]
-    keep = acc >= soup.top1
+    by_loss = soup.criterion == "loss"
+    keep = result["loss"] <= soup.loss if by_loss else acc >= soup.top1
     # The gain over the soup so far on the same images: an interval holding 0 means a tie within noise.
     gain = difference(outcome, soup.outcome) if outcome is not None else None
-    step = {"candidate": candidate.name, "top1": acc, "kept": keep, **(extra or {}), **({"gain": gain} if gain else {})}
+    step = {"candidate": candidate.name, "top1": acc, "kept": keep, **({"loss": result["loss"]} if by_loss else {}),
+            **(extra or {}), **({"gain": gain} if gain else {})}
     if keep:
         soup.kept.append(candidate)
-        soup.top1, soup.outcome = acc, outcome
+        soup.top1, soup.outcome, soup.loss = acc, outcome, result.get("loss")
     return step
 
 

@@ -19,14 +19,14 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from soup.cook.batchnorm import StatsReset
-from soup.cook.greedy import Greedy, guided_order, rank, say_path, try_candidate
+from soup.cook.greedy import CRITERIA, Greedy, guided_order, rank, say_path, try_candidate
 from soup.cook.learned import DEFAULT_BOUND, check_epochs, check_options, fit_hyperplane, fit_softmax
 from soup.cook.registry import METHODS, Option, SoupMethod, settle_options, soup_method
 from soup.cook.selector import Selector
 from soup.cook.weights import starting_weights, weighted_average
 from soup.errors import SoupError
 from soup.models.checkpoint import Checkpoint, tensors_across
-from soup.models.metadata import INTEGER, MAPPING, NUMBER, NUMBER_MAP, declare_method_field
+from soup.models.metadata import INTEGER, MAPPING, NUMBER, NUMBER_MAP, TEXT, declare_method_field
 from soup.text import progress_bar, short_names, shown
 
 __all__ = ["METHODS", "Kitchen", "Option", "Soup", "SoupMethod", "soup_method"]
@@ -78,20 +78,34 @@ def uniform_soup(ingredients: list[Checkpoint], select: Selector | None, console
     return Soup(weighted_average(members), members)
 
 
-@soup_method("greedy", needs_selection=True, starts_from_best=True)
+def check_criterion(value) -> None:
+    if value not in CRITERIA:
+        raise SoupError(f"--criterion {value!r}: expected {' or '.join(CRITERIA)}")
+
+
+declare_method_field("greedy", {"criterion": TEXT}, ("criterion",))
+
+
+@soup_method("greedy", needs_selection=True, starts_from_best=True, options=[
+    Option("criterion", str, "top1", "what each added ingredient must not worsen on held-out data: top1 (the "
+           "paper's accuracy) or loss (cross-entropy, which still moves where a small held-out set ties on accuracy).",
+           metavar="top1|loss", check=check_criterion)])
 def greedy_soup(ingredients: list[Checkpoint], select: Selector, console: Console,
                 kitchen: Kitchen | None = None) -> Soup:
     """The paper's recipe: rank ingredients by held-out accuracy, start from the best, and add each next
-    one if the average with it does not lower held-out accuracy."""
+    one if the average with it does not lower held-out accuracy (--criterion loss: raise held-out loss)."""
+    criterion = _kitchen(kitchen, ingredients, "greedy").options["criterion"]
     ranked = rank(ingredients, select, console)
-    soup = Greedy([ranked[0].checkpoint], ranked[0].top1, ranked[0].outcome)
-    steps = [{"candidate": ranked[0].checkpoint.name, "top1": ranked[0].top1, "kept": True}]
+    soup = Greedy([ranked[0].checkpoint], ranked[0].top1, ranked[0].outcome, loss=ranked[0].loss, criterion=criterion)
+    by_loss = {"loss": ranked[0].loss} if criterion == "loss" else {}
+    steps = [{"candidate": ranked[0].checkpoint.name, "top1": ranked[0].top1, "kept": True, **by_loss}]
     with progress_bar(console, "greedy: trying candidates", len(ranked) - 1) as advance:
         for item in ranked[1:]:
             steps.append(try_candidate(soup, item.checkpoint, select))
             advance()
-    say_path("greedy", soup, ranked[0], steps, select.split, console)
-    return Soup(weighted_average(soup.members()), soup.members(), steps)
+    say_path("greedy" if criterion == "top1" else "greedy (by loss)", soup, ranked[0], steps, select.split, console)
+    extra = {"greedy": {"criterion": criterion}} if criterion != "top1" else {}
+    return Soup(weighted_average(soup.members()), soup.members(), steps, extra)
 
 
 declare_method_field("topk", {"k": INTEGER}, ("k",))

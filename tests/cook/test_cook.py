@@ -8,7 +8,7 @@ from torch.optim.swa_utils import AveragedModel
 
 import soup.cook.weights
 from soup.cook.cooking import cook
-from soup.cook.methods import METHODS, greedy_soup
+from soup.cook.methods import METHODS, Kitchen, greedy_soup
 from soup.cook.weights import weighted_average
 from soup.errors import SoupError
 from soup.models.backbones import build_model, model_from_checkpoint
@@ -102,6 +102,52 @@ def test_greedy_follows_the_paper(tmp_path, values):
     assert score(soup.state_dict["w"].item()) == pytest.approx(expected_acc)
     assert score(soup.state_dict["w"].item()) >= max(score(v) for v in values)
     assert soup.state_dict["steps"].item() == expected[0]  # integers come from the first member
+
+
+def test_greedy_by_loss_keeps_what_lowers_held_out_loss(tmp_path):
+    """--criterion loss, by hand: rank by accuracy, start from the best, keep a candidate where the mix's
+    held-out loss does not rise, even where accuracy ties it at a lower step (the small-val case)."""
+    values = [1.3, 0.6, 1.05, 2.5]
+
+    def accuracy(w):  # coarse, as on a small held-out set: it steps in tenths, best at 1.3
+        return round(1.0 - abs(w - 1.3), 1)
+
+    def loss(w):  # smooth, lowest at w = 1.0
+        return (w - 1.0) ** 2
+
+    ingredients = make_scalar_ingredients(tmp_path, values)
+
+    def select(state):
+        w = state["w"].item()
+        return {"top1": accuracy(w), "loss": loss(w)}
+
+    select.split = "val"
+    kitchen = Kitchen(ingredients[0], {"criterion": "loss"})
+    soup = greedy_soup(ingredients, select, quiet, kitchen)
+    # By hand: accuracies 1.0, 0.3, 0.8, -0.2 rank 0, 2, 1, 3; the soup starts at 1.3 (loss 0.09).
+    # + 1.05 -> mean 1.175, loss 0.0306: kept (its accuracy, 0.9, is below the start's 1.0);
+    # + 0.6 -> mean 0.983, loss 0.0003: kept; + 2.5 -> mean 1.3625, loss 0.131: left out.
+    assert [c.meta["id"] for c, _ in soup.members] == ["00", "02", "01"]
+    assert soup.state_dict["w"].item() == pytest.approx((1.3 + 1.05 + 0.6) / 3)
+    assert [step["kept"] for step in soup.steps] == [True, True, True, False]
+    assert [step["loss"] for step in soup.steps] == pytest.approx([0.09, 0.175 ** 2, (2.95 / 3 - 1) ** 2,
+                                                                   (5.45 / 4 - 1) ** 2], abs=1e-6)
+    assert soup.extra == {"greedy": {"criterion": "loss"}}
+    # The paper's rule on the same selection set keeps the best alone: every mix lowers accuracy.
+    paper = greedy_soup(ingredients, select, quiet)
+    assert [c.meta["id"] for c, _ in paper.members] == ["00"] and paper.extra == {}
+
+
+def test_greedy_by_loss_through_cook_records_its_criterion(ingredients, tmp_path):
+    path = cook("greedy", ingredients, tmp_path / "g.safetensors", "val", console=quiet,
+                options={"criterion": "loss"})
+    soup = read_checkpoint(path)
+    assert soup.meta["greedy"] == {"criterion": "loss"} and all("loss" in step for step in soup.meta["steps"])
+    losses = [step["loss"] for step in soup.meta["steps"] if step["kept"]]
+    assert losses == sorted(losses, reverse=True)  # each kept step lowered (or held) the held-out loss
+    assert soup.meta["selection"]["loss"] == pytest.approx(losses[-1], abs=1e-6)
+    with pytest.raises(SoupError, match="--criterion 'accuracy': expected top1 or loss"):
+        cook("greedy", ingredients, tmp_path / "h.safetensors", "val", console=quiet, options={"criterion": "accuracy"})
 
 
 def test_greedy_on_real_ingredients_never_below_best(ingredients, tmp_path):

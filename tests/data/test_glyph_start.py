@@ -135,3 +135,12 @@ def test_soup_fine_tunes_from_the_shipped_start(small_sketch_root, tmp_path):
     _, state = _shipped()
     trained = load_file(str(ingredient.path))
     assert torch.equal(trained["backbone.blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
+
+
+def test_the_script_with_no_arguments_rebuilds_the_shipped_file(script):
+    """docs/start.md says `python benchmarks/pretrain_start.py` rebuilds the file: its defaults are the
+    arguments the shipped provenance records."""
+    record, _ = _shipped()
+    defaults = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(script.parse([])).items() if k != "out"}
+    assert defaults == record["arguments"]
+    assert script.parse([]).out == ASSET
