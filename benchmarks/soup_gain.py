@@ -335,6 +335,8 @@ def report(studies: list[dict], split: str) -> None:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", type=int, default=3)
+    parser.add_argument("--first", type=int, default=0,
+                        help="index (and seed) of the first study: studies no earlier report used start at 3")
     parser.add_argument("--classes", type=int, default=16)
     parser.add_argument("--train-per-class", type=int, default=20)
     parser.add_argument("--val-per-class", type=int, default=10)
@@ -381,10 +383,10 @@ def main(argv=None) -> list[dict]:
     started = time.perf_counter()
     studies = []
     try:
-        for index in range(args.studies):
+        for index in range(args.first, args.first + args.studies):
             folder = work / f"study{index}"
             studies.append(study(args, index, folder, console))
-            print(f"study {index + 1}/{args.studies} done at {time.perf_counter() - started:.0f} s", flush=True)
+            print(f"study {index + 1 - args.first}/{args.studies} done at {time.perf_counter() - started:.0f} s", flush=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
