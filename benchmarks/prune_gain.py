@@ -40,14 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rich.console import Console  # noqa: E402
 
-from soup_gain import GLYPH_VIT, SPACE, glyph_recipe, model_section, pooled, train_section  # noqa: E402
+from soup_gain import GLYPH_VIT, SPACE, add_glyph_options, glyph_recipe, model_section, pooled, train_section  # noqa: E402
 from soup.cook.cooking import cook  # noqa: E402
 from soup.data.sketches import generate_sketches  # noqa: E402
 from soup.judge.evaluate import ensemble_logits  # noqa: E402
 from soup.models.checkpoint import find_checkpoints, read_checkpoint  # noqa: E402
 from soup.models.precision import cpu_flags_line  # noqa: E402
 from soup.models.starts import glyph_start  # noqa: E402
-from soup.recipe.spec import AUGMENTS, recipe_from_dict  # noqa: E402
+from soup.recipe.spec import recipe_from_dict  # noqa: E402
 from soup.score.compare import difference  # noqa: E402
 from soup.score.evaluator import Evaluator, predictions  # noqa: E402
 from soup.train.sweep import train_recipe  # noqa: E402
@@ -169,8 +169,7 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--pretrain-epochs", type=int, default=8)
     parser.add_argument("--pretrain-per-class", type=int, default=60)
-    parser.add_argument("--augments", nargs="+", choices=AUGMENTS, default=["crop_hflip"],
-                        help="glyph-vit: data.augment, or the search's choices when several")
+    add_glyph_options(parser)
     parser.add_argument("--backbone", default="timm:test_nfnet",
                         help=f"a timm spec, pretrained here on clean pages; or {GLYPH_VIT!r}: the shipped start")
     # soup_gain's band (5e-4..2e-3) widened on both sides: draws too cold to leave the start and too hot to stay.

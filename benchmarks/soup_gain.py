@@ -41,6 +41,7 @@ sets they scored; and the BatchNorm reset's time per weight set. Everything runs
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import sys
@@ -115,8 +116,18 @@ def glyph_recipe(args, root: Path, name: str, search: dict) -> dict:
     space = {"train.lr": {"loguniform": list(args.lr)}, **GLYPH_SPACE}
     if len(args.augments) > 1:  # the model-soups paper's ingredients differ in augmentation too
         space["data.augment"] = {"choice": list(args.augments)}
+    space |= {key: json.loads(text) for key, text in args.space}
     return {"name": name, "data": {"root": str(root), "image_size": start.image_size, "augment": args.augments[0]},
             "model": model, "train": train, "search": {"space": space, **search}}
+
+
+def add_glyph_options(parser: argparse.ArgumentParser) -> None:
+    """The search-space options of glyph_recipe (soup_gain.py and prune_gain.py)."""
+    parser.add_argument("--augments", nargs="+", choices=AUGMENTS, default=["crop_hflip"],
+                        help="glyph-vit: data.augment, or the search's choices when several")
+    parser.add_argument("--space", nargs=2, action="append", default=[], metavar=("KEY", "JSON"),
+                        type=str, help="glyph-vit: one more search-space entry, e.g. train.mixup "
+                                       "'{\"choice\": [0, 0.2]}' (repeatable); the recipe checks it")
 
 
 def study_recipe(args, index: int, root: Path, pre_root: Path, out: Path, console: Console):
@@ -353,8 +364,7 @@ def main(argv=None) -> list[dict]:
                         help=f"a timm spec, pretrained here on clean pages; or {GLYPH_VIT!r}: the shipped start")
     parser.add_argument("--lr", type=float, nargs=2, default=None,
                         help="the search's lr band (default 5e-4 2e-3; at glyph-vit 1.5e-3 6e-3, around 3e-3)")
-    parser.add_argument("--augments", nargs="+", choices=AUGMENTS, default=["crop_hflip"],
-                        help="glyph-vit: data.augment, or the search's choices when several")
+    add_glyph_options(parser)
     parser.add_argument("--prune-at", type=int, nargs="*", default=[],
                         help="glyph-vit: rung epochs of the start rule (it also judges the final epoch)")
     parser.add_argument("--refills", type=int, default=4, help="with --prune-at: draws beyond --trials")
