@@ -84,6 +84,8 @@ def compute_line(records: list[Record], wanted: int, drawn: int) -> str:
     saved = sum(r.recipe["train"]["epochs"] - len(r.history) for r in pruned)
     short = (f"; only {len(finished)} of the {wanted} wanted: every one of search.max_trials ({drawn}) was tried, "
              "raise it or narrow the space") if len(finished) < wanted else ""
+    if not pruned and not short:  # nothing to weigh against an unpruned sweep: one short line
+        return f"search: {len(finished)} finished, none pruned; {trained} epochs trained"
     ratio = f", {trained / unpruned:.2f}x the {unpruned}" if unpruned else ""
     # The start rule judges the final epoch too (soup.train.prune): such a draw trained to the end, saving nothing.
     at_end = sum(r.pruned.epoch == r.recipe["train"]["epochs"] for r in pruned)

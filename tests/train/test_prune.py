@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -23,6 +24,7 @@ from soup.cli import cli
 from soup.models.checkpoint import read_checkpoint
 from soup.recipe.spec import expand_sweep, recipe_from_dict
 from soup.train import logs
+from soup.train.sweep import compute_line
 from soup.models.runs import rung_file
 
 from conftest import one_error_line, plain_top1, run_study, state_close, tiny_recipe
@@ -410,3 +412,16 @@ def test_peer_rung_files_edited_upward_are_checked_against_their_checkpoints(sma
     first = new[min(new)]
     assert first["peers"] == 3 and first["threshold"] == real[1]  # the median of what the checkpoints record
     assert all(rung["threshold"] < 0.99 for rung in new.values())
+
+
+def test_a_search_that_pruned_nothing_says_so_in_one_short_line():
+    """Nothing to compare with an unpruned sweep: no ratio, no zero saved (the demo's case at a strong start)."""
+    def record(epochs_run, pruned=None):
+        return SimpleNamespace(pruned=pruned, history=[{}] * epochs_run, recipe={"train": {"epochs": 4}})
+    assert compute_line([record(4), record(4)], wanted=2, drawn=4) == "search: 2 finished, none pruned; 8 epochs trained"
+    # One pruned at its rung: the long line with the ratio and the epochs saved.
+    line = compute_line([record(4), record(2, SimpleNamespace(epoch=2)), record(4)], wanted=2, drawn=4)
+    assert line == ("search: 2 finished, 1 pruned of 3 draws tried; compute: 10 epochs trained, 1.25x the 8 that 2 "
+                    "finished draws take unpruned; stopping the 1 pruned draws at their rung saved 2 epochs")
+    # Too few finished: the long line, which says what to raise.
+    assert "raise it or narrow the space" in compute_line([record(4)], wanted=2, drawn=1)
