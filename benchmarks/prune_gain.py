@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rich.console import Console  # noqa: E402
 
-from soup_gain import GLYPH_VIT, SPACE, add_glyph_options, glyph_recipe, model_section, pooled, train_section  # noqa: E402
+from glyph_search import GLYPH_VIT, add_glyph_options, glyph_recipe  # noqa: E402
+from soup_gain import SPACE, model_section, pooled, train_section  # noqa: E402
 from soup.cook.cooking import cook  # noqa: E402
 from soup.data.sketches import generate_sketches  # noqa: E402
 from soup.judge.evaluate import ensemble_logits  # noqa: E402

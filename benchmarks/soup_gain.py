@@ -41,7 +41,6 @@ sets they scored; and the BatchNorm reset's time per weight set. Everything runs
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -52,32 +51,25 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rich.console import Console  # noqa: E402
 
 import soup.cook.batchnorm  # noqa: E402
 from soup.cook.batchnorm import DEFAULT_IMAGES  # noqa: E402
+from glyph_search import GLYPH_VIT, add_glyph_options, glyph_recipe  # noqa: E402
 from soup.cook.best import candidate_methods, cook_best  # noqa: E402
 from soup.cook.cooking import cook  # noqa: E402
 from soup.data.sketches import generate_sketches  # noqa: E402
 from soup.judge.evaluate import ensemble_logits  # noqa: E402
 from soup.models.checkpoint import find_checkpoints, read_checkpoint  # noqa: E402
 from soup.models.precision import cpu_flags_line  # noqa: E402
-from soup.recipe.spec import AUGMENTS, recipe_from_dict  # noqa: E402
+from soup.recipe.spec import recipe_from_dict  # noqa: E402
 from soup.score.compare import difference  # noqa: E402
 from soup.score.evaluator import Evaluator, predictions  # noqa: E402
 from soup.models.starts import glyph_start  # noqa: E402
 from soup.train.probe import probe_file  # noqa: E402
 from soup.train.sweep import train_recipe  # noqa: E402
-
-GLYPH_VIT = "glyph-vit"  # the shipped start (soup/assets/glyph_vit.safetensors, docs/start.md)
-# At the shipped start the augmentation is start_worth.py's choice (crop_hflip); the draws differ in lr,
-# weight decay, label smoothing and seed.
-GLYPH_SPACE = {
-    "train.weight_decay": {"choice": [0.0, 0.01, 0.05]},
-    "train.label_smoothing": {"uniform": [0.0, 0.2]},
-    "train.seed": {"randint": [0, 999]},
-}
 
 # Method variants beside each registered method's defaults: name -> (method, options).
 VARIANTS: dict[str, tuple[str, dict]] = {"hyperplane": ("learned", {"hyperplane": True}),
@@ -103,31 +95,6 @@ def model_section(args, **extra) -> dict:
 def train_section(epochs: int, lr: float) -> dict:
     return {"epochs": epochs, "batch_size": 32, "optimizer": "adamw", "lr": lr, "weight_decay": 0.05,
             "lr_drop_epoch": max(2, epochs - 1), "amp": "off", "num_workers": 0}
-
-
-def glyph_recipe(args, root: Path, name: str, search: dict) -> dict:
-    """A search from the shipped glyph ViT, with the fine-tuning recipe benchmarks/start_worth.py chose on
-    another draw of the sketches (LP-FT, cosine, crop_hflip, label smoothing); `search` adds trials, seed
-    and pruning to the space (lr band, weight decay, label smoothing, seed)."""
-    start = glyph_start()
-    model = start.model_section(freeze=args.freeze, probe={"epochs": 50, "lr": 3e-3, "optimizer": "adamw"})
-    train = {**train_section(args.epochs, 3e-3), "schedule": "cosine", "warmup_epochs": 1, "label_smoothing": 0.1}
-    del train["lr_drop_epoch"]
-    space = {"train.lr": {"loguniform": list(args.lr)}, **GLYPH_SPACE}
-    if len(args.augments) > 1:  # the model-soups paper's ingredients differ in augmentation too
-        space["data.augment"] = {"choice": list(args.augments)}
-    space |= {key: json.loads(text) for key, text in args.space}
-    return {"name": name, "data": {"root": str(root), "image_size": start.image_size, "augment": args.augments[0]},
-            "model": model, "train": train, "search": {"space": space, **search}}
-
-
-def add_glyph_options(parser: argparse.ArgumentParser) -> None:
-    """The search-space options of glyph_recipe (soup_gain.py and prune_gain.py)."""
-    parser.add_argument("--augments", nargs="+", choices=AUGMENTS, default=["crop_hflip"],
-                        help="glyph-vit: data.augment, or the search's choices when several")
-    parser.add_argument("--space", nargs=2, action="append", default=[], metavar=("KEY", "JSON"),
-                        type=str, help="glyph-vit: one more search-space entry, e.g. train.mixup "
-                                       "'{\"choice\": [0, 0.2]}' (repeatable); the recipe checks it")
 
 
 def study_recipe(args, index: int, root: Path, pre_root: Path, out: Path, console: Console):

@@ -18,7 +18,7 @@ def test_soup_gain_at_the_shipped_start(tmp_path, capsys, monkeypatch):
     import soup_gain
     tiny = ["--backbone", "glyph-vit", "--studies", "1", "--trials", "2", "--classes", "4", "--train-per-class", "4",
             "--val-per-class", "4", "--test-per-class", "3", "--epochs", "2", "--page", "32", "--best-folds", "2",
-            "--work", str(tmp_path)]
+            "--space", "train.mixup", '{"choice": [0.0]}', "--work", str(tmp_path)]
     [study] = soup_gain.main(tiny)
     printed = capsys.readouterr().out
     start = glyph_start()
@@ -30,6 +30,7 @@ def test_soup_gain_at_the_shipped_start(tmp_path, capsys, monkeypatch):
         assert Path(model["weights"]) == start.weights and model["kwargs"] == start.kwargs
         assert data["image_size"] == 28 and data["augment"] == "crop_hflip"
         assert c.meta["probe"]["val_acc"] is not None
+        assert c.record.settings["train.mixup"] == 0.0  # --space adds to the search's space
     fresh = study["fresh"]
     assert set(candidate_methods()) <= set(fresh) and not any("no BN reset" in n for n in fresh)
     # Finished draws at or above the probed start on the fresh test split, recomputed by a plain evaluation.
