@@ -17,15 +17,14 @@ The test split is read only for these figures.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from studies import run_studies  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from soup_gain import SPACE, model_section, train_section  # noqa: E402
@@ -129,14 +128,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     print(f"CPU: {cpu_flags_line()}; {args.studies} studies from {args.first}; {args.classes} classes, "
           f"{args.train_per_class} train / {args.val_per_class} val / {args.test_per_class} test a class", flush=True)
-    work, started, rows = args.work or Path(tempfile.mkdtemp(prefix="best_protocol_")), time.perf_counter(), []
     console = Console(quiet=True)
-    try:
-        for index in range(args.first, args.first + args.studies):
-            rows.append(study(args, index, work / f"study{index}", console))
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
+    rows, started = run_studies(args, "best_protocol_", lambda index, folder: study(args, index, folder, console))
     report(rows, args.folds)
     print(f"total: {time.perf_counter() - started:.0f} s")
     return rows

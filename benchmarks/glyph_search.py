@@ -48,3 +48,11 @@ def add_glyph_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space", nargs=2, action="append", default=[], metavar=("KEY", "JSON"),
                         type=str, help="glyph-vit: one more search-space entry, e.g. train.mixup "
                                        "'{\"choice\": [0, 0.2]}' (repeatable); the recipe checks it")
+
+
+def regime(args, freeze: bool = False) -> str:
+    """Which start a benchmark's figures come from: the shipped one, or one pretrained here briefly."""
+    said = (f"the shipped start {glyph_start().weights.name} (sha256 {glyph_start().sha256[:12]}) at "
+            f"{glyph_start().image_size} px" if args.backbone == GLYPH_VIT else
+            f"{args.backbone} pretrained here on clean pages at {args.image_size} px")
+    return said + (f", freeze {args.freeze}" if freeze else "")

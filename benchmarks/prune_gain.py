@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,14 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rich.console import Console  # noqa: E402
 
-from glyph_search import GLYPH_VIT, add_glyph_options, glyph_recipe  # noqa: E402
+from glyph_search import GLYPH_VIT, add_glyph_options, glyph_recipe, regime  # noqa: E402
+from studies import run_studies  # noqa: E402
 from soup_gain import SPACE, model_section, pooled, train_section  # noqa: E402
 from soup.cook.cooking import cook  # noqa: E402
 from soup.data.sketches import generate_sketches  # noqa: E402
 from soup.judge.evaluate import ensemble_logits  # noqa: E402
 from soup.models.checkpoint import find_checkpoints, read_checkpoint  # noqa: E402
 from soup.models.precision import cpu_flags_line  # noqa: E402
-from soup.models.starts import glyph_start  # noqa: E402
 from soup.recipe.spec import recipe_from_dict  # noqa: E402
 from soup.score.compare import difference  # noqa: E402
 from soup.score.evaluator import Evaluator, predictions  # noqa: E402
@@ -190,20 +188,9 @@ def main(argv=None) -> list[dict]:
     print(f"CPU: {cpu_flags_line()}; torch {torch.__version__}; {args.studies} studies; search.trials "
           f"{args.trials}, max_trials {args.max_trials}, prune {args.rule} at {args.at}; lr {args.lr[0]:g}..{args.lr[1]:g}; "
           f"{args.classes} classes, {args.train_per_class} train / {args.val_per_class} val / {args.test_per_class} "
-          f"test images per class; regime: "
-          + (f"the shipped start {glyph_start().weights.name} (sha256 {glyph_start().sha256[:12]}) at "
-             f"{glyph_start().image_size} px" if args.backbone == GLYPH_VIT else
-             f"{args.backbone} pretrained here on clean pages at {args.image_size} px"), flush=True)
-    work = args.work or Path(tempfile.mkdtemp(prefix="prune_gain_"))
-    started = time.perf_counter()
-    studies = []
-    try:
-        for index in range(args.first, args.first + args.studies):
-            studies.append(study(args, index, work / f"study{index}", console))
-            print(f"study {index} done at {time.perf_counter() - started:.0f} s", flush=True)
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
+          f"test images per class; regime: {regime(args)}", flush=True)
+    studies, started = run_studies(args, "prune_gain_", lambda index, folder: study(args, index, folder, console),
+                                   lambda index, seconds: f"study {index} done at {seconds:.0f} s")
     report(studies, args.epochs)
     print(f"total: {math.ceil(time.perf_counter() - started)} s")
     return studies

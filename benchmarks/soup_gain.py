@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,7 +55,8 @@ from rich.console import Console  # noqa: E402
 
 import soup.cook.batchnorm  # noqa: E402
 from soup.cook.batchnorm import DEFAULT_IMAGES  # noqa: E402
-from glyph_search import GLYPH_VIT, add_glyph_options, glyph_recipe  # noqa: E402
+from glyph_search import GLYPH_VIT, add_glyph_options, glyph_recipe, regime  # noqa: E402
+from studies import run_studies  # noqa: E402
 from soup.cook.best import candidate_methods, cook_best  # noqa: E402
 from soup.cook.cooking import cook  # noqa: E402
 from soup.data.sketches import generate_sketches  # noqa: E402
@@ -67,7 +66,6 @@ from soup.models.precision import cpu_flags_line  # noqa: E402
 from soup.recipe.spec import recipe_from_dict  # noqa: E402
 from soup.score.compare import difference  # noqa: E402
 from soup.score.evaluator import Evaluator, predictions  # noqa: E402
-from soup.models.starts import glyph_start  # noqa: E402
 from soup.train.probe import probe_file  # noqa: E402
 from soup.train.sweep import train_recipe  # noqa: E402
 
@@ -350,23 +348,11 @@ def main(argv=None) -> list[dict]:
     console = Console(quiet=not args.verbose, highlight=False)
     print(f"CPU: {cpu_flags_line()}; torch {torch.__version__}; {args.studies} studies x {args.trials} "
           f"ingredients; {args.classes} classes, {args.train_per_class} train / {args.val_per_class} val / "
-          f"{args.test_per_class} test images per class; regime: "
-          + (f"the shipped start {glyph_start().weights.name} (sha256 {glyph_start().sha256[:12]}) at "
-             f"{glyph_start().image_size} px, freeze {args.freeze}" if args.backbone == GLYPH_VIT else
-             f"{args.backbone} pretrained here on clean pages at {args.image_size} px, freeze {args.freeze}"),
-          flush=True)
+          f"{args.test_per_class} test images per class; regime: {regime(args, freeze=True)}", flush=True)
     timed_resets()
-    work = args.work or Path(tempfile.mkdtemp(prefix="soup_gain_"))
-    started = time.perf_counter()
-    studies = []
-    try:
-        for index in range(args.first, args.first + args.studies):
-            folder = work / f"study{index}"
-            studies.append(study(args, index, folder, console))
-            print(f"study {index + 1 - args.first}/{args.studies} done at {time.perf_counter() - started:.0f} s", flush=True)
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
+    studies, started = run_studies(
+        args, "soup_gain_", lambda index, folder: study(args, index, folder, console),
+        lambda index, seconds: f"study {index + 1 - args.first}/{args.studies} done at {seconds:.0f} s")
     for split in TEST_SEEDS:
         report(studies, split)
     if RESET_SECONDS:
